@@ -1,0 +1,48 @@
+"""Shared models for the tests: a Flax linen CNN and a Flax NNX MLP."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+
+class LinenCNN(nn.Module):
+  """Two convolutions, a norm and two dense layers (the linen test model)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+    x = nn.relu(nn.Conv(16, (3, 3), name="conv2")(x))
+    x = nn.LayerNorm(name="norm")(x)
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(32, name="dense")(x))
+    return nn.Dense(10, name="head")(x)
+
+
+class NNXMLP(nnx.Module):
+  """A list of hidden layers, a norm and a head (the NNX test model)."""
+
+  def __init__(self, sizes, rngs):
+    # nnx.List is required from flax 0.12 on; older releases take a list.
+    self.layers = getattr(nnx, "List", list)([
+        nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-2], sizes[1:-1])
+    ])
+    self.norm = nnx.LayerNorm(sizes[-2], rngs=rngs)
+    self.head = nnx.Linear(sizes[-2], sizes[-1], rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = nnx.relu(layer(x))
+    return self.head(self.norm(x))
+
+
+@pytest.fixture(scope="session")
+def linen_variables():
+  """``{"params": ...}`` of the linen CNN on 8x8x1 inputs."""
+  return jax.jit(LinenCNN().init)(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 1)))
+
+
+@pytest.fixture
+def nnx_model():
+  return NNXMLP((4, 16, 16, 3), nnx.Rngs(0))
