@@ -1,0 +1,754 @@
+"""The rule language: selectors, matching, resolution and its error messages.
+
+A rule set is an ordered mapping ``{selector: value}`` (a dict, or a list of
+``(selector, value)`` pairs). A selector is
+
+* a glob string over the '/'-joined parameter path: ``*`` matches within one
+  segment, ``**`` any number of whole segments (none included), ``?`` and
+  ``[...]`` as in :mod:`fnmatch`; a leading ``'/'`` is ignored;
+* a compiled regular expression (``re.compile(...)``), matched in full;
+* a callable ``(path, leaf) -> bool``, called with a ``jax.ShapeDtypeStruct``
+  as ``leaf`` (selectors see shapes and dtypes, never values), such as
+  :func:`ndim_at_most` or combinations made by :func:`any_of`,
+  :func:`all_of` and :func:`not_` (or ``|``, ``&`` and ``~`` on them).
+
+Each leaf takes the value of the first rule that matches it. Matching runs in
+Python on the tree's structure, once per structure (it is cached), so under
+``jax.jit`` it runs at trace time only.
+
+A rule set is checked when it is resolved against a tree: a leaf no rule
+matches, a selector that matches no leaf (a typo) and a rule that matches
+leaves but never wins them (shadowed by earlier rules) are errors that name
+the paths and the closest selectors or paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layerwise import _paths
+
+__all__ = [
+    "RuleError",
+    "Selector",
+    "all_of",
+    "any_of",
+    "labels",
+    "ndim_at_least",
+    "ndim_at_most",
+    "not_",
+    "resolve",
+]
+
+SelectorLike = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
+Rules = Union[Mapping[Any, Any], Sequence[tuple[Any, Any]], "RuleSet"]
+
+
+class _Missing:
+
+  def __repr__(self) -> str:
+    return "<no default>"
+
+
+MISSING: Any = _Missing()
+
+# How many offending paths an error message lists before it says "and N more".
+_MAX_LISTED = 10
+_CACHE_SIZE = 32
+
+
+# ----------------------------------------------------------------- selectors
+
+
+def _segment_regex(seg: str, pattern: str) -> str:
+  """Regex for one glob segment (no '/' inside)."""
+  out, i, n = [], 0, len(seg)
+  while i < n:
+    c = seg[i]
+    if c == "*":
+      out.append("[^/]*")
+    elif c == "?":
+      out.append("[^/]")
+    elif c == "[":
+      j = i + 1
+      if j < n and seg[j] in "!^":
+        j += 1
+      if j < n and seg[j] == "]":
+        j += 1
+      while j < n and seg[j] != "]":
+        j += 1
+      if j >= n:
+        raise ValueError(
+            f"Glob selector {pattern!r} has an unclosed '['. Close the "
+            "character class, or write '[[]' for a literal '['.")
+      body = seg[i + 1:j]
+      if body[:1] in ("!", "^"):
+        body = "^" + body[1:]
+      body = body.replace("\\", "\\\\")
+      out.append(f"(?!/)[{body}]")
+      i = j
+    else:
+      out.append(re.escape(c))
+    i += 1
+  return "".join(out)
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+  """Compiles a path glob to a regex matched against ``'/' + path``.
+
+  Examples:
+    >>> bool(glob_to_regex("a/**/k*").fullmatch("/a/k1"))
+    True
+    >>> bool(glob_to_regex("a/*").fullmatch("/a/b/c"))
+    False
+  """
+  body = pattern[1:] if pattern.startswith("/") else pattern
+  if not body:
+    raise ValueError(
+        f"Glob selector {pattern!r} is empty. Use '**' to select every "
+        "parameter.")
+  parts = []
+  for seg in body.split("/"):
+    if seg == "**":
+      parts.append("(?:/[^/]+)*")
+    elif not seg:
+      raise ValueError(
+          f"Glob selector {pattern!r} has an empty path segment ('//' or a "
+          "trailing '/'). Remove it; '**' stands for any number of segments.")
+    elif "**" in seg:
+      raise ValueError(
+          f"Glob selector {pattern!r}: '**' must be a whole path segment "
+          f"(as in 'a/**/b'), but segment {seg!r} has more around it. Use "
+          "'*' to match part of one segment.")
+    else:
+      parts.append("/" + _segment_regex(seg, pattern))
+  return re.compile("".join(parts), re.DOTALL)
+
+
+def _check_bool(result: Any, selector: Any, path: str) -> bool:
+  if isinstance(result, (bool, np.bool_)):
+    return bool(result)
+  raise TypeError(
+      f"Selector {_text_of(selector)} returned {type(result).__name__} for "
+      f"parameter {path!r}; a callable selector must return a Python bool "
+      "computed from the path, shape and dtype (it is never given values).")
+
+
+def _text_of(selector: Any) -> str:
+  if isinstance(selector, str):
+    return repr(selector)
+  if isinstance(selector, re.Pattern):
+    return f"re.compile({selector.pattern!r})"
+  if isinstance(selector, Selector):
+    return selector.text
+  name = getattr(selector, "__qualname__", None) or getattr(
+      selector, "__name__", None)
+  return name if name else repr(selector)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+  """A selector compiled to ``match(path, spec) -> bool``."""
+  source: Any
+  text: str
+  match: Callable[[str, Any], bool]
+  needs_spec: bool
+
+  @property
+  def is_text(self) -> bool:
+    """Whether the selector is a glob or regex (comparable to paths)."""
+    return isinstance(self.source, (str, re.Pattern))
+
+  @property
+  def pattern(self) -> str:
+    """Glob or regex source, for similarity suggestions."""
+    src = self.source
+    return src if isinstance(src, str) else getattr(src, "pattern", self.text)
+
+
+def compile_selector(selector: SelectorLike) -> _Compiled:
+  """Compiles any selector form; raises ``TypeError`` for anything else."""
+  if isinstance(selector, _Compiled):
+    return selector
+  if isinstance(selector, str):
+    regex = glob_to_regex(selector)
+    return _Compiled(
+        selector, repr(selector),
+        lambda path, spec: regex.fullmatch("/" + path if path else "")
+        is not None, False)
+  if isinstance(selector, re.Pattern):
+    return _Compiled(
+        selector, _text_of(selector),
+        lambda path, spec: selector.fullmatch(path) is not None, False)
+  if callable(selector):
+    return _Compiled(
+        selector, _text_of(selector),
+        lambda path, spec: _check_bool(selector(path, spec), selector, path),
+        True)
+  raise TypeError(
+      f"{selector!r} ({type(selector).__name__}) is not a selector. A "
+      "selector is a glob string ('encoder/**'), a compiled regex "
+      "(re.compile(r'.*/bias')) or a callable (path, leaf) -> bool.")
+
+
+class Selector:
+  """A callable selector ``(path, leaf) -> bool`` with a readable name.
+
+  Selectors made by :func:`ndim_at_most`, :func:`any_of`, ... are
+  ``Selector``\\ s; they combine with ``|`` (any of), ``&`` (all of) and ``~``
+  (not), also with glob strings and regexes on the other side. ``leaf`` is a
+  ``jax.ShapeDtypeStruct`` (or anything with ``shape``, ``ndim`` and
+  ``dtype``).
+
+  Args:
+    fn: the predicate ``(path: str, leaf) -> bool``.
+    text: how the selector is shown in tables and error messages.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> is_vector = lw.Selector(lambda path, leaf: leaf.ndim == 1, "vector")
+    >>> sel = is_vector & ~lw.any_of("head/**")
+    >>> sel
+    all_of(vector, not_(any_of('head/**')))
+    >>> sel("encoder/bias", jax.ShapeDtypeStruct((3,), "float32"))
+    True
+    >>> sel("head/bias", jax.ShapeDtypeStruct((3,), "float32"))
+    False
+  """
+
+  def __init__(self, fn: Callable[[str, Any], bool], text: str):
+    self._fn = fn
+    self.text = text
+
+  def __call__(self, path: str, leaf: Any) -> bool:
+    return self._fn(path, leaf)
+
+  def __repr__(self) -> str:
+    return self.text
+
+  def __or__(self, other: SelectorLike) -> "Selector":
+    return any_of(self, other)
+
+  def __ror__(self, other: SelectorLike) -> "Selector":
+    return any_of(other, self)
+
+  def __and__(self, other: SelectorLike) -> "Selector":
+    return all_of(self, other)
+
+  def __rand__(self, other: SelectorLike) -> "Selector":
+    return all_of(other, self)
+
+  def __invert__(self) -> "Selector":
+    return not_(self)
+
+
+def _combine(name: str, selectors: Sequence[SelectorLike],
+             reduce: Callable[[Any], bool]) -> Selector:
+  if not selectors:
+    raise ValueError(f"{name}() needs at least one selector.")
+  compiled = [compile_selector(s) for s in selectors]
+  text = f"{name}({', '.join(c.text for c in compiled)})"
+  return Selector(
+      lambda path, leaf: reduce(c.match(path, leaf) for c in compiled), text)
+
+
+def any_of(*selectors: SelectorLike) -> Selector:
+  """Selects a leaf that any of ``selectors`` selects.
+
+  Args:
+    *selectors: globs, regexes or callables.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import re, jax
+    >>> import layerwise as lw
+    >>> sel = lw.any_of("**/bias", re.compile(r".*norm.*"))
+    >>> leaf = jax.ShapeDtypeStruct((4,), "float32")
+    >>> sel("encoder/ln_norm/scale", leaf), sel("encoder/kernel", leaf)
+    (True, False)
+  """
+  return _combine("any_of", selectors, any)
+
+
+def all_of(*selectors: SelectorLike) -> Selector:
+  """Selects a leaf that every one of ``selectors`` selects.
+
+  Args:
+    *selectors: globs, regexes or callables.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.all_of("encoder/**", lw.ndim_at_least(2))
+    >>> sel("encoder/kernel", jax.ShapeDtypeStruct((4, 4), "float32"))
+    True
+    >>> sel("encoder/bias", jax.ShapeDtypeStruct((4,), "float32"))
+    False
+  """
+  return _combine("all_of", selectors, all)
+
+
+def not_(selector: SelectorLike) -> Selector:
+  """Selects a leaf that ``selector`` does not select.
+
+  This replaces negative-lookahead regexes: "everything but the head" is
+  ``lw.not_("head/**")``.
+
+  Args:
+    selector: a glob, regex or callable.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.not_("head/**")
+    >>> leaf = jax.ShapeDtypeStruct((4,), "float32")
+    >>> sel("encoder/bias", leaf), sel("head/bias", leaf)
+    (True, False)
+  """
+  c = compile_selector(selector)
+  return Selector(lambda path, leaf: not c.match(path, leaf),
+                  f"not_({c.text})")
+
+
+def _check_ndim(name: str, k: Any) -> int:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(f"{name}(k) needs a non-negative int k, got {k!r}.")
+  return int(k)
+
+
+def ndim_at_most(k: int) -> Selector:
+  """Selects leaves with at most ``k`` dimensions.
+
+  ``ndim_at_most(1)`` is the usual "biases, norm scales and other vectors"
+  selector (scalars included).
+
+  Args:
+    k: the largest number of dimensions selected.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.ndim_at_most(1)
+    >>> sel("dense/bias", jax.ShapeDtypeStruct((8,), "float32"))
+    True
+    >>> sel("dense/kernel", jax.ShapeDtypeStruct((8, 8), "float32"))
+    False
+  """
+  k = _check_ndim("ndim_at_most", k)
+  return Selector(lambda path, leaf: len(leaf.shape) <= k,
+                  f"ndim_at_most({k})")
+
+
+def ndim_at_least(k: int) -> Selector:
+  """Selects leaves with at least ``k`` dimensions (matrices: ``k=2``).
+
+  Args:
+    k: the smallest number of dimensions selected.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.ndim_at_least(2)
+    >>> sel("conv/kernel", jax.ShapeDtypeStruct((3, 3, 1, 8), "float32"))
+    True
+    >>> sel("conv/bias", jax.ShapeDtypeStruct((8,), "float32"))
+    False
+  """
+  k = _check_ndim("ndim_at_least", k)
+  return Selector(lambda path, leaf: len(leaf.shape) >= k,
+                  f"ndim_at_least({k})")
+
+
+# -------------------------------------------------------------- resolution
+
+
+def _leaf_spec(leaf: Any, path: str) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of a leaf, without reading its values."""
+  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+  if shape is not None and dtype is not None:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+  try:
+    return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+  except TypeError as e:
+    raise TypeError(
+        f"Parameter {path!r} is a {type(leaf).__name__}, not an array. "
+        "Rules apply to array leaves; keep other values out of the tree "
+        "(or mark them static).") from e
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Match:
+  """Which rules match which leaves of one tree structure (cached)."""
+  treedef: Any
+  paths: tuple[str, ...]
+  specs: tuple[jax.ShapeDtypeStruct, ...]
+  winner: tuple[int, ...]          # first matching rule per leaf, -1 if none
+  matches: tuple[tuple[int, ...], ...]  # per rule: indices of leaves matched
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+  """The outcome of resolving a rule set against one tree structure.
+
+  Attributes:
+    treedef: the tree's structure.
+    paths: each leaf's path, in flattening order.
+    specs: each leaf's shape and dtype.
+    rule_index: the index of the rule each leaf took, -1 for the default
+      (or, with ``strict=False``, for no rule).
+    values: the value each leaf took.
+    rule_texts: every rule's selector as shown to users.
+  """
+  treedef: Any
+  paths: tuple[str, ...]
+  specs: tuple[jax.ShapeDtypeStruct, ...]
+  rule_index: tuple[int, ...]
+  values: tuple[Any, ...]
+  rule_texts: tuple[str, ...]
+
+  def tree(self) -> Any:
+    """The values as a tree with the resolved tree's structure."""
+    return jax.tree_util.tree_unflatten(self.treedef, list(self.values))
+
+  def rule_text(self, i: int) -> str:
+    """How leaf ``i``'s rule is shown."""
+    r = self.rule_index[i]
+    return self.rule_texts[r] if r >= 0 else "(default)"
+
+
+class RuleError(ValueError):
+  """A rule set does not fit a tree: unmatched leaves, unused or shadowed rules.
+
+  Attributes:
+    unmatched: paths of the leaves that no rule matches.
+    unused: texts of the selectors that match no leaf.
+    shadowed: texts of the rules that match leaves but never win one.
+  """
+
+  def __init__(self, message: str, unmatched: Sequence[str] = (),
+               unused: Sequence[str] = (), shadowed: Sequence[str] = ()):
+    super().__init__(message)
+    self.unmatched = tuple(unmatched)
+    self.unused = tuple(unused)
+    self.shadowed = tuple(shadowed)
+
+
+def _listed(lines: Sequence[str]) -> list[str]:
+  shown = [f"  {line}" for line in lines[:_MAX_LISTED]]
+  if len(lines) > _MAX_LISTED:
+    shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
+  return shown
+
+
+def _close(word: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+  return difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=n,
+                                   cutoff=0.5)
+
+
+def _path_candidates(paths: Sequence[str]) -> list[str]:
+  """Real paths, and globs for their ancestors and leaf names."""
+  out = []
+  for p in paths:
+    segs = p.split("/")
+    out.append(p)
+    out.extend("/".join(segs[:i]) + "/**" for i in range(1, len(segs)))
+    out.append("**/" + segs[-1])
+  return out
+
+
+def _closest_selectors(path: str, patterns: Sequence[str],
+                       n: int = 2) -> list[str]:
+  """Selector patterns most like ``path`` or one of its ancestor globs."""
+  candidates = _path_candidates([path])
+  scored = []
+  for pat in dict.fromkeys(patterns):
+    score = max(difflib.SequenceMatcher(None, pat, c).ratio()
+                for c in candidates)
+    if score >= 0.6:
+      scored.append((-score, pat))
+  return [pat for _, pat in sorted(scored)[:n]]
+
+
+def _quote_all(items: Sequence[str]) -> str:
+  return ", ".join(repr(s) for s in items)
+
+
+class RuleSet:
+  """A compiled rule set: its selectors, values, and a cache of matches.
+
+  Transformations compile their rules once, at construction; resolving the
+  same tree structure again (as ``update`` does at every trace) is a lookup.
+
+  Args:
+    rules: a mapping or a sequence of ``(selector, value)`` pairs, or a
+      ``RuleSet``.
+    what: what the values are, for error messages (``"value"``, ``"label"``).
+  """
+
+  def __init__(self, rules: Rules, *, what: str = "value"):
+    if isinstance(rules, RuleSet):
+      items = list(zip(rules.selectors, rules.values))
+    elif isinstance(rules, Mapping):
+      items = list(rules.items())
+    elif (isinstance(rules, Sequence)
+          and not isinstance(rules, (str, bytes))
+          and not hasattr(rules, "_fields")):  # NamedTuples are not rule sets
+      items = []
+      for i, item in enumerate(rules):
+        if not (isinstance(item, tuple) and len(item) == 2):
+          raise TypeError(
+              f"Rule {i} is {item!r}; a rule set given as a sequence holds "
+              "(selector, value) pairs.")
+        items.append(item)
+    else:
+      raise TypeError(
+          f"Rules must be a mapping {{selector: {what}}} or a list of "
+          f"(selector, {what}) pairs, got {type(rules).__name__}: {rules!r}.")
+    self.selectors = tuple(compile_selector(s) for s, _ in items)
+    self.values = tuple(v for _, v in items)
+    self.what = what
+    self._cache: dict[Any, _Match] = {}
+    self._checked: set[tuple[_Match, bool]] = set()
+
+  def __len__(self) -> int:
+    return len(self.selectors)
+
+  def __repr__(self) -> str:
+    body = ", ".join(f"{c.text}: {v!r}"
+                     for c, v in zip(self.selectors, self.values))
+    return f"RuleSet({{{body}}})"
+
+  # Matching ------------------------------------------------------------
+
+  def match(self, tree: Any) -> _Match:
+    """Matches every selector against every leaf; cached per structure.
+
+    A cache hit costs one ``tree_flatten`` and a dict lookup: paths are only
+    built, and selectors only run, for a structure not seen before.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+      key = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
+      hit = self._cache.get(key)
+    except (AttributeError, TypeError):  # non-array leaf, unhashable treedef
+      key, hit = None, None
+    if hit is not None:
+      return hit
+    path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
+    specs = tuple(_leaf_spec(x, p) for x, p in zip(leaves, path_strs))
+    matches = tuple(
+        tuple(i for i, (p, s) in enumerate(zip(path_strs, specs))
+              if c.match(p, s))
+        for c in self.selectors)
+    winner = [-1] * len(path_strs)
+    for r in reversed(range(len(matches))):
+      for i in matches[r]:
+        winner[i] = r
+    result = _Match(treedef, tuple(path_strs), specs, tuple(winner), matches)
+    if key is not None:
+      if len(self._cache) >= _CACHE_SIZE:
+        evicted = self._cache.pop(next(iter(self._cache)))
+        self._checked = {c for c in self._checked if c[0] is not evicted}
+      self._cache[key] = result
+    return result
+
+  def resolve(self, tree: Any, *, default: Any = MISSING,
+              strict: bool = True) -> Resolution:
+    """Resolves the rules against ``tree``; see :func:`resolve`."""
+    m = self.match(tree)
+    if strict:
+      # The checks depend only on the match and on whether there is a
+      # default; a structure that passed them once passes them again.
+      check_key = (m, default is MISSING)
+      if check_key not in self._checked:
+        self._check(m, default)
+        self._checked.add(check_key)
+    fallback = None if default is MISSING else default
+    values = tuple(self.values[r] if r >= 0 else fallback for r in m.winner)
+    return Resolution(m.treedef, m.paths, m.specs, m.winner, values,
+                      tuple(c.text for c in self.selectors))
+
+  # Errors --------------------------------------------------------------
+
+  def _check(self, m: _Match, default: Any) -> None:
+    sections: list[str] = []
+    unmatched = ([p for p, r in zip(m.paths, m.winner) if r < 0]
+                 if default is MISSING else [])
+    unused = [r for r, leaves in enumerate(m.matches) if not leaves]
+    shadowed = [r for r, leaves in enumerate(m.matches)
+                if leaves and all(m.winner[i] != r for i in leaves)]
+
+    if unmatched:
+      patterns = [c.pattern for c in self.selectors if c.is_text]
+      lines = []
+      for p in unmatched[:_MAX_LISTED]:
+        near = _closest_selectors(p, patterns)
+        lines.append(f"{p!r}" + (f"  (closest selector: {_quote_all(near)})"
+                                  if near else ""))
+      sections.append(
+          f"{len(unmatched)} parameter(s) match no rule:\n"
+          + "\n".join(_listed(lines + unmatched[_MAX_LISTED:]))
+          + "\nAdd rules for them, end the rule set with a catch-all '**', "
+          f"or pass default=<{self.what}>.")
+
+    if unused:
+      candidates = _path_candidates(m.paths)
+      lines = []
+      for r in unused:
+        c = self.selectors[r]
+        near = []
+        if isinstance(c.source, str):
+          near = _close(c.pattern, candidates)
+        elif isinstance(c.source, re.Pattern):
+          near = _close(c.pattern, m.paths)
+        lines.append(f"rule {r}: {c.text}" + (
+            f"  (closest: {_quote_all(near)})" if near else ""))
+      sections.append(
+          f"{len(unused)} selector(s) match no parameter (a typo?):\n"
+          + "\n".join(_listed(lines))
+          + "\nFix the pattern (lw.paths(params) lists the real paths), "
+          "remove the rule, or pass strict=False if the rule set is shared "
+          "across models.")
+
+    if shadowed:
+      lines = []
+      for r in shadowed:
+        takers = sorted({m.winner[i] for i in m.matches[r]})
+        lines.append(
+            f"rule {r}: {self.selectors[r].text} never applies: all "
+            f"{len(m.matches[r])} parameter(s) it matches are taken by "
+            + ", ".join(f"rule {t} ({self.selectors[t].text})"
+                        for t in takers))
+      sections.append(
+          f"{len(shadowed)} rule(s) are shadowed by earlier rules:\n"
+          + "\n".join(_listed(lines))
+          + "\nThe first matching rule wins: put more specific rules first, "
+          "or remove the dead rule.")
+
+    if sections:
+      raise RuleError(
+          "\n\n".join(sections),
+          unmatched=unmatched,
+          unused=[self.selectors[r].text for r in unused],
+          shadowed=[self.selectors[r].text for r in shadowed])
+
+
+# ------------------------------------------------------------ public API
+
+
+def resolve(rules: Rules, tree: Any, *, default: Any = MISSING,
+            strict: bool = True) -> Any:
+  """Returns a tree like ``tree`` holding, at each leaf, its rule's value.
+
+  Each leaf takes the value of the first rule whose selector matches its path
+  (see :func:`layerwise.paths`). Only the tree's structure, shapes and dtypes
+  are read, never its values, so ``tree`` may hold arrays, tracers or
+  ``jax.ShapeDtypeStruct``\\ s.
+
+  Args:
+    rules: an ordered mapping ``{selector: value}`` or a list of
+      ``(selector, value)`` pairs. Values may be anything; a value that is a
+      pytree (a tuple, say) is placed as a subtree.
+    tree: the parameters (or updates) to resolve against.
+    default: the value of leaves that no rule matches. Without it, such
+      leaves are an error.
+    strict: if True (the default), raise :class:`RuleError` when a leaf
+      matches no rule (and there is no ``default``), when a selector
+      matches no leaf, or when a rule is shadowed by earlier ones. If False,
+      none of these is an error and unmatched leaves get ``default`` or
+      ``None``.
+
+  Returns:
+    A pytree with the structure of ``tree``.
+
+  Raises:
+    RuleError: (a ``ValueError``) as described under ``strict``; the message
+      lists the offending paths and the closest selectors or paths.
+    TypeError: for something that is not a rule set or a selector.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"embed": jnp.ones((10, 4)),
+    ...           "layers": [{"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}] * 2}
+    >>> lw.resolve({"embed": 0.1, "layers/*/b": 0.0, "**": 1.0}, params)
+    {'embed': 0.1, 'layers': [{'b': 0.0, 'w': 1.0}, {'b': 0.0, 'w': 1.0}]}
+    >>> lw.resolve({"layer/**": 0.5}, params, default=1.0)
+    Traceback (most recent call last):
+      ...
+    layerwise._rules.RuleError: 1 selector(s) match no parameter (a typo?):
+      rule 0: 'layer/**'  (closest: 'layers/**', ...)
+    ...
+  """
+  return RuleSet(rules).resolve(tree, default=default, strict=strict).tree()
+
+
+def labels(rules: Rules, *, default: Hashable = MISSING,
+           strict: bool = True) -> Callable[[Any], Any]:
+  """Returns a label function for ``optax.partition`` from a rule set.
+
+  The rule values are the labels. The returned function maps a tree of
+  params or updates (arrays or tracers, inside or outside ``jax.jit``) to a
+  tree of labels; matching is done once per tree structure and cached, and
+  it reads only paths, shapes and dtypes, so labels are the same for the
+  params at ``init`` and the updates at every ``update``.
+
+  Args:
+    rules: an ordered mapping ``{selector: label}`` (or list of pairs).
+      Labels must be hashable (strings, usually).
+    default: the label of leaves that no rule matches.
+    strict: as in :func:`resolve`.
+
+  Returns:
+    A function ``tree -> tree of labels``, usable as ``param_labels``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"backbone": {"w": jnp.ones((3, 3))}, "head": {"w": jnp.ones(3)}}
+    >>> label_fn = lw.labels({"backbone/**": "frozen", "head/**": "train"})
+    >>> label_fn(params)
+    {'backbone': {'w': 'frozen'}, 'head': {'w': 'train'}}
+    >>> tx = optax.partition(
+    ...     {"frozen": optax.set_to_zero(), "train": optax.sgd(0.1)}, label_fn)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["head"]["w"], updates["backbone"]["w"].sum()
+    (Array([-0.1, -0.1, -0.1], dtype=float32), Array(0., dtype=float32))
+  """
+  rule_set = RuleSet(rules, what="label")
+  for c, v in zip(rule_set.selectors, rule_set.values):
+    if not isinstance(v, Hashable) or v is None:
+      raise TypeError(
+          f"Label {v!r} of rule {c.text} is not usable as an optax.partition "
+          "label: labels must be hashable and not None (use strings).")
+  if default is not MISSING and (not isinstance(default, Hashable)
+                                 or default is None):
+    raise TypeError(f"default label {default!r} must be hashable, not None.")
+
+  def label_fn(tree: Any) -> Any:
+    return rule_set.resolve(tree, default=default, strict=strict).tree()
+
+  return label_fn
