@@ -1,0 +1,44 @@
+"""layerwise: per-parameter optimizer rules for JAX, as pure Optax transformations.
+
+Rules are ordered mappings ``{selector: value}`` over parameter paths
+(``"encoder/layers/3/attn/kernel"``); see :mod:`layerwise._rules` for the rule
+language and :func:`describe` to see which rule each parameter got.
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> import layerwise as lw
+  >>> params = {"encoder": {"kernel": jnp.ones((4, 4))}, "head": {"bias": jnp.zeros(2)}}
+  >>> lw.resolve({"encoder/**": 0.1, "**": 1.0}, params)
+  {'encoder': {'kernel': 0.1}, 'head': {'bias': 1.0}}
+"""
+
+from layerwise._paths import paths
+from layerwise._rules import (
+    RuleError,
+    Selector,
+    all_of,
+    any_of,
+    labels,
+    ndim_at_least,
+    ndim_at_most,
+    not_,
+    resolve,
+)
+from layerwise.inspect import Description, describe
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Description",
+    "RuleError",
+    "Selector",
+    "all_of",
+    "any_of",
+    "describe",
+    "labels",
+    "ndim_at_least",
+    "ndim_at_most",
+    "not_",
+    "paths",
+    "resolve",
+]
