@@ -25,20 +25,32 @@ from layerwise._rules import (
     resolve,
 )
 from layerwise.inspect import Description, describe
+from layerwise.scaling import (
+    ScaleByRulesState,
+    discriminative,
+    layer_decay,
+    scale_by_rules,
+    set_scale,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "Description",
     "RuleError",
+    "ScaleByRulesState",
     "Selector",
     "all_of",
     "any_of",
     "describe",
+    "discriminative",
     "labels",
+    "layer_decay",
     "ndim_at_least",
     "ndim_at_most",
     "not_",
     "paths",
     "resolve",
+    "scale_by_rules",
+    "set_scale",
 ]

@@ -752,3 +752,98 @@ def labels(rules: Rules, *, default: Hashable = MISSING,
     return rule_set.resolve(tree, default=default, strict=strict).tree()
 
   return label_fn
+
+
+# ------------------------------------------------- static metadata in states
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticRules:
+  """What a layerwise state knows about its rules, as static pytree metadata.
+
+  It is a pytree node with no children: it travels inside optimizer states
+  (through ``jit``, ``jax.eval_shape``, checkpoints of the arrays) without
+  being an array, so :func:`layerwise.describe` and :func:`layerwise.set_scale`
+  can read which rule each leaf got from the state alone.
+
+  Attributes:
+    kind: what the rules set (``"scale"``, ...); the column name in
+      ``describe``.
+    paths: each leaf's path, in flattening order.
+    shapes: each leaf's shape.
+    dtypes: each leaf's dtype name.
+    rule_texts: the selector each leaf matched, as shown to users.
+    values: the value each leaf got, as given in the rules.
+  """
+  kind: str
+  paths: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+  rule_texts: tuple[str, ...]
+  values: tuple[Any, ...]
+
+  @classmethod
+  def from_resolution(cls, kind: str, res: Resolution) -> "StaticRules":
+    return cls(kind, res.paths, tuple(tuple(s.shape) for s in res.specs),
+               tuple(str(s.dtype) for s in res.specs),
+               tuple(res.rule_text(i) for i in range(len(res.paths))),
+               res.values)
+
+  def _key(self) -> tuple[Any, ...]:
+    values = tuple(v if isinstance(v, (int, float, str, type(None)))
+                   or callable(v) else id(v) for v in self.values)
+    return (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
+            values)
+
+  # jit compares the treedefs of its arguments (hence this metadata) on every
+  # call: hash once, and compare by identity first.
+  def __hash__(self) -> int:
+    h = self.__dict__.get("_hash")
+    if h is None:
+      h = hash(self._key())
+      object.__setattr__(self, "_hash", h)
+    return h
+
+  def __eq__(self, other: Any) -> bool:
+    if self is other:
+      return True
+    if not isinstance(other, StaticRules):
+      return NotImplemented
+    return hash(self) == hash(other) and self._key() == other._key()
+
+  def specs(self) -> list[jax.ShapeDtypeStruct]:
+    return [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes,
+                                                       self.dtypes)]
+
+  def select(self, selector: SelectorLike) -> list[int]:
+    """Indices of the leaves ``selector`` matches."""
+    c = compile_selector(selector)
+    return [i for i, (p, s) in enumerate(zip(self.paths, self.specs()))
+            if c.match(p, s)]
+
+  def __repr__(self) -> str:
+    return f"StaticRules({self.kind!r}, {len(self.paths)} leaves)"
+
+
+jax.tree_util.register_pytree_node(
+    StaticRules, lambda s: ((), s), lambda aux, _: aux)
+
+
+def find_static(tree: Any) -> list[Any]:
+  """Every node of ``tree`` that holds a :class:`StaticRules`, in order.
+
+  Layerwise states are NamedTuples with a ``rules`` field; this finds them in
+  any optax state (chains, ``MultiSteps``, ``inject_hyperparams``,
+  ``partition``, masked states...).
+  """
+  found = []
+
+  def visit(node: Any) -> bool:
+    if isinstance(getattr(node, "rules", None), StaticRules) and hasattr(
+        node, "_fields"):
+      found.append(node)
+      return True
+    return False
+
+  jax.tree_util.tree_flatten(tree, is_leaf=visit)
+  return found

@@ -7,10 +7,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 
-from layerwise import _rules
+from layerwise import _paths, _rules
 
 __all__ = ["Description", "describe"]
 
@@ -34,6 +35,19 @@ def _human(n: int) -> str:
   return f"{n:,}"
 
 
+_NUMERIC = ("size", "state_bytes")
+
+
+def _cell(column: str, value: Any) -> str:
+  if column == "shape":
+    return str(value)
+  if column in _NUMERIC:
+    return _human(value)
+  if column in ("path", "dtype", "rule") or column.endswith("_rule"):
+    return str(value)
+  return format_value(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Description:
   """What :func:`describe` found: one row per parameter, and totals.
@@ -42,27 +56,39 @@ class Description:
   available as data for logging or tests.
 
   Attributes:
-    columns: the row keys, in table order.
-    rows: one ``dict`` per parameter, in flattening order, with keys
-      ``path`` (str), ``shape`` (tuple), ``dtype`` (str), ``size`` (int),
-      ``rule`` (the selector that applied, as text, or ``"(default)"``) and
-      ``value`` (the rule's value itself).
+    columns: the row keys shown in the table, in order.
+    rows: one ``dict`` per parameter, in flattening order. Every row has
+      ``path`` (str), ``shape`` (tuple), ``dtype`` (str) and ``size`` (int);
+      for a rule set, ``rule`` (the selector that applied, as text, or
+      ``"(default)"``) and ``value`` (the rule's value itself); for an
+      optax transformation, one value column per layerwise rule set in it
+      (``scale``, ...) with its selector under ``<column>_rule``, and
+      ``state_bytes``, the optimizer-state bytes the parameter holds.
+    group_by: the column whose values the totals are grouped by.
+    shared_state_bytes: optimizer-state bytes not attributable to one
+      parameter (step counts, ...); ``None`` for a rule set.
   """
   columns: tuple[str, ...]
   rows: tuple[dict[str, Any], ...]
+  group_by: str = "value"
+  shared_state_bytes: int | None = None
 
   def totals(self) -> list[dict[str, Any]]:
-    """Parameters per value: ``[{"value", "leaves", "size", "fraction"}]``.
+    """Parameters per value of ``group_by``: ``[{"value", "leaves", "size",
+    "fraction"}]`` (and ``"state_bytes"`` for a transformation).
 
     Values are grouped by how they print, in order of first appearance.
     """
     groups: dict[str, dict[str, Any]] = {}
     total = sum(r["size"] for r in self.rows)
     for r in self.rows:
-      key = format_value(r["value"])
-      g = groups.setdefault(key, {"value": r["value"], "leaves": 0, "size": 0})
+      value = r.get(self.group_by)
+      g = groups.setdefault(format_value(value),
+                            {"value": value, "leaves": 0, "size": 0})
       g["leaves"] += 1
       g["size"] += r["size"]
+      if "state_bytes" in r:
+        g["state_bytes"] = g.get("state_bytes", 0) + r["state_bytes"]
     for g in groups.values():
       g["fraction"] = g["size"] / total if total else 0.0
     return list(groups.values())
@@ -70,15 +96,11 @@ class Description:
   def table(self) -> str:
     """The table as text."""
     cells = [list(self.columns)]
-    for r in self.rows:
-      cells.append([
-          r["path"], str(r["shape"]), r["dtype"], _human(r["size"]),
-          r["rule"], format_value(r["value"])
-      ])
-    right = {self.columns.index("size")}
+    cells += [[_cell(c, r[c]) for c in self.columns] for r in self.rows]
+    right = {j for j, c in enumerate(self.columns) if c in _NUMERIC}
     widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
 
-    def line(row: Sequence[str]) -> str:
+    def line(row: Sequence[str], right: set[int] = right) -> str:
       return "  ".join(
           (c.rjust(w) if j in right else c.ljust(w))
           for j, (c, w) in enumerate(zip(row, widths))).rstrip()
@@ -86,18 +108,28 @@ class Description:
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in cells[1:]]
 
-    totals = self.totals()
-    vw = max([len("value")] + [len(format_value(g["value"])) for g in totals])
-    total_size = sum(r["size"] for r in self.rows)
-    sw = max(len("params"), len(_human(total_size)))
+    with_bytes = self.shared_state_bytes is not None
+    head = [self.group_by, "leaves", "params", "share"]
+    foot = [[format_value(g["value"]), str(g["leaves"]), _human(g["size"]),
+             f"{g['fraction']:.1%}"] for g in self.totals()]
+    size = sum(r["size"] for r in self.rows)
+    foot.append(["total", str(len(self.rows)), _human(size),
+                 f"{1.0 if self.rows else 0.0:.1%}"])
+    if with_bytes:
+      head.append("state bytes")
+      for row, g in zip(foot, self.totals()):
+        row.append(_human(g.get("state_bytes", 0)))
+      foot[-1].append(_human(sum(r["state_bytes"] for r in self.rows)
+                             + self.shared_state_bytes))
+    widths = [max(len(row[j]) for row in [head] + foot)
+              for j in range(len(head))]
+    widths[1] = max(widths[1], 6)
     out.append("")
-    out.append(f"{'value'.ljust(vw)}  {'leaves':>6}  {'params'.rjust(sw)}  "
-               f"{'share':>6}")
-    for g in totals:
-      out.append(f"{format_value(g['value']).ljust(vw)}  {g['leaves']:>6}  "
-                 f"{_human(g['size']).rjust(sw)}  {g['fraction']:>6.1%}")
-    out.append(f"{'total'.ljust(vw)}  {len(self.rows):>6}  "
-               f"{_human(total_size).rjust(sw)}  {1.0 if self.rows else 0.0:>6.1%}")
+    out += [line(row, right=set(range(1, len(head)))) for row in [head] + foot]
+    if with_bytes:
+      out.append(f"(total state bytes include "
+                 f"{_human(self.shared_state_bytes)} not held by one "
+                 "parameter, such as step counts)")
     return "\n".join(out)
 
   def __str__(self) -> str:
@@ -105,6 +137,51 @@ class Description:
 
   def __repr__(self) -> str:
     return self.table()
+
+
+def _state_bytes(state: Any, param_paths: Sequence[str]) -> tuple[list[int], int]:
+  """Optimizer-state bytes per parameter (by path suffix), and the rest."""
+  index = {p: i for i, p in enumerate(param_paths)}
+  per_param = [0] * len(param_paths)
+  shared = 0
+  state_paths, leaves, _ = _paths.flatten_with_paths(state)
+  for path, leaf in zip(state_paths, leaves):
+    nbytes = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+    segs = path.split("/")
+    owner = next((index[s] for s in ("/".join(segs[k:])
+                                     for k in range(len(segs)))
+                  if s in index), None)
+    if owner is None:
+      shared += nbytes
+    else:
+      per_param[owner] += nbytes
+  return per_param, shared
+
+
+def _describe_transformation(tx: Any, params: Any) -> Description:
+  state = jax.eval_shape(tx.init, params)
+  statics = [s.rules for s in _rules.find_static(state)]
+  path_strs, leaves, _ = _paths.flatten_with_paths(params)
+  specs = [_rules._leaf_spec(x, p) for x, p in zip(leaves, path_strs)]
+  per_param, shared = _state_bytes(state, path_strs)
+  rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
+           "size": math.prod(s.shape)} for p, s in zip(path_strs, specs)]
+  columns = ["path", "shape", "dtype", "size"]
+  seen: dict[str, int] = {}
+  for info in statics:
+    seen[info.kind] = seen.get(info.kind, 0) + 1
+    name = info.kind if seen[info.kind] == 1 else f"{info.kind}{seen[info.kind]}"
+    columns.append(name)
+    by_path = dict(zip(info.paths, zip(info.values, info.rule_texts)))
+    for row in rows:
+      value, text = by_path.get(row["path"], (None, "(not covered)"))
+      row[name], row[name + "_rule"] = value, text
+  for row, nbytes in zip(rows, per_param):
+    row["state_bytes"] = nbytes
+  columns.append("state_bytes")
+  return Description(tuple(columns), tuple(rows),
+                     group_by=columns[4] if statics else "dtype",
+                     shared_state_bytes=shared)
 
 
 def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
@@ -116,18 +193,28 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
   shapes and dtypes are read, so ``params`` may be abstract
   (``jax.eval_shape(model.init, ...)``).
 
+  ``obj`` may also be an optax transformation (a chain, say) containing
+  layerwise transformations: their rules are read from
+  ``jax.eval_shape(obj.init, params)``, so no optimizer state is allocated.
+  Each layerwise transformation adds a column (``scale`` for
+  :func:`layerwise.scale_by_rules`), and ``state_bytes`` tells the
+  optimizer-state bytes each parameter holds (state leaves are attributed to
+  the parameter whose path they end with).
+
   Args:
-    obj: a rule set (``{selector: value}`` or a list of pairs).
+    obj: a rule set (``{selector: value}`` or a list of pairs), or an optax
+      transformation.
     params: the parameters the rules are for.
-    default: as in :func:`layerwise.resolve`.
-    strict: as in :func:`layerwise.resolve`; the same errors are raised.
+    default: as in :func:`layerwise.resolve` (rule sets only).
+    strict: as in :func:`layerwise.resolve` (rule sets only); the same
+      errors are raised.
 
   Returns:
     A :class:`Description`; print it for the table, or read ``.rows`` and
     ``.totals()``.
 
   Raises:
-    TypeError: if ``obj`` is not a rule set.
+    TypeError: if ``obj`` is neither a rule set nor a transformation.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -152,16 +239,35 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
     >>> d.rows[0]
     {'path': 'embed', 'shape': (10, 4), 'dtype': 'float32', 'size': 40,
     'rule': "'embed'", 'value': 0.1}
+
+    A chain: each parameter's multiplier and the bytes of Adam's state:
+
+    >>> import optax
+    >>> tx = optax.chain(optax.adam(1e-3),
+    ...                  lw.scale_by_rules({"embed": 0.1, "**": 1.0}))
+    >>> print(lw.describe(tx, params))
+    path        shape    dtype    size  scale  state_bytes
+    ----------  -------  -------  ----  -----  -----------
+    embed       (10, 4)  float32    40  0.1            324
+    layers/0/b  (4,)     float32     4  1.0             36
+    layers/0/w  (4, 4)   float32    16  1.0            132
+    layers/1/b  (4,)     float32     4  1.0             36
+    layers/1/w  (4, 4)   float32    16  1.0            132
+    <BLANKLINE>
+    scale  leaves  params   share  state bytes
+    0.1         1      40   50.0%          324
+    1.0         4      40   50.0%          336
+    total       5      80  100.0%          668
+    (total state bytes include 8 not held by one parameter, such as step counts)
   """
   if isinstance(obj, optax.GradientTransformation):
-    raise TypeError(
-        "describe() takes a rule set; this optax transformation holds no "
-        "layerwise rules to read. Pass the rule set you built it from.")
+    return _describe_transformation(obj, params)
   if (not isinstance(obj, (Mapping, Sequence, _rules.RuleSet))
       or isinstance(obj, (str, bytes)) or hasattr(obj, "_fields")):
     raise TypeError(
         f"describe() takes a rule set ({{selector: value}} or a list of "
-        f"(selector, value) pairs), got {type(obj).__name__}.")
+        f"(selector, value) pairs) or an optax transformation, got "
+        f"{type(obj).__name__}.")
   res = _rules.RuleSet(obj).resolve(params, default=default, strict=strict)
   rows = tuple({
       "path": path,

@@ -102,10 +102,21 @@ def test_describe_raises_rule_errors():
     lw.describe({"haed/**": 1.0, "**": 0.0}, {"head": {"w": jnp.ones(2)}})
 
 
-@pytest.mark.parametrize("obj", [optax.sgd(0.1), optax.identity(), "**", 1.0])
+@pytest.mark.parametrize("obj", ["**", 1.0, None])
 def test_describe_rejects_non_rule_sets(obj):
   with pytest.raises(TypeError, match="describe\\(\\) takes a rule set"):
     lw.describe(obj, {"w": jnp.ones(2)})
+
+
+def test_describe_plain_optax_counts_state_bytes():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2, jnp.bfloat16)}
+  d = lw.describe(optax.sgd(0.1, momentum=0.9), params)
+  assert d.columns == ("path", "shape", "dtype", "size", "state_bytes")
+  # The momentum trace is shaped (and typed) like each parameter.
+  assert [(r["path"], r["state_bytes"]) for r in d.rows] == [("b", 4), ("w", 24)]
+  assert d.shared_state_bytes == 0
+  assert [(t["value"], t["state_bytes"]) for t in d.totals()] == [
+      ("bfloat16", 4), ("float32", 24)]
 
 
 def test_empty_tree():

@@ -1,0 +1,723 @@
+"""Per-layer learning rates: multipliers, layer-wise decay, discriminative rates.
+
+One inner optimizer, many rules: ``scale_by_rules`` multiplies each leaf's
+update by its rule's multiplier, placed after the inner optimizer in an
+``optax.chain``. The helpers below build rule sets of multipliers
+(layer-wise learning-rate decay as in BEiT/ELECTRA and timm, and fastai's
+discriminative rates) for it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from layerwise import _paths, _rules
+
+# ---------------------------------------------------------------- scale_by_rules
+
+
+class ScaleByRulesState(NamedTuple):
+  """State of :func:`scale_by_rules`.
+
+  Attributes:
+    count: the number of updates made so far (schedules are evaluated at it).
+    multipliers: one float32 scalar per parameter leaf, shaped like the
+      params: the constant factor of each leaf's multiplier (the rule's value,
+      or 1.0 for a schedule). :func:`set_scale` changes it between steps.
+    rules: static metadata: each leaf's path, rule and value as given.
+  """
+  count: jax.Array
+  multipliers: Any
+  rules: _rules.StaticRules
+
+
+def _check_multiplier(value: Any, text: str) -> Any:
+  """A multiplier is a finite number >= 0 or a schedule ``count -> number``."""
+  if callable(value):
+    return value
+  if isinstance(value, bool) or not isinstance(value,
+                                               (int, float, np.number)):
+    raise TypeError(
+        f"Rule {text} has multiplier {value!r} ({type(value).__name__}); a "
+        "multiplier is a number or a schedule (count -> number), such as "
+        "optax.linear_schedule(0.0, 1.0, 1000).")
+  if not math.isfinite(value) or value < 0:
+    raise ValueError(
+        f"Rule {text} has multiplier {value!r}; multipliers must be finite "
+        "and >= 0 (0 gives a zero update; to freeze leaves without optimizer "
+        "state, use lw.freeze).")
+  return float(value)
+
+
+def _schedule_value(schedule: Callable[[Any], Any], count: jax.Array,
+                    text: str) -> jax.Array:
+  value = jnp.asarray(schedule(count))
+  if value.shape != ():
+    raise ValueError(
+        f"The schedule of rule {text} returned shape {value.shape} at step "
+        "count; a multiplier schedule must return a scalar.")
+  return value
+
+
+def scale_by_rules(
+    rules: _rules.Rules,
+    *,
+    default: Any = _rules.MISSING,
+    strict: bool = True,
+) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its rule's multiplier.
+
+  Placed after the inner optimizer in an ``optax.chain``, this gives every
+  parameter group its own learning rate with a single optimizer: for any
+  optax optimizer whose learning rate is its last scale (sgd, momentum,
+  nesterov, adam, adamw, rmsprop, lion, ...), ``chain(opt(lr),
+  scale_by_rules(r))`` updates group ``g`` exactly as ``opt(lr * r_g)``
+  would, which is what PyTorch param groups with ``lr_g = lr * r_g`` do.
+  Coupled weight decay (``add_decayed_weights`` before the optimizer) is
+  scaled along with the learning rate, as in PyTorch.
+
+  A multiplier is a number or a schedule ``count -> number`` (any optax
+  schedule), evaluated at the number of updates made so far (0 at the first
+  update, as ``optax.scale_by_schedule``), so a group can warm up, decay or
+  unfreeze on its own clock while the optimizer keeps the global schedule.
+  A multiplier of 0 gives a zero update; the inner optimizer still keeps
+  (and updates) its state for that group, which is what gradual unfreezing
+  needs: moments are warm when the multiplier becomes positive.
+
+  The multipliers live in the state as one float32 scalar per leaf, so
+  :func:`set_scale` can change them between jitted steps without
+  recompiling. The scaled update keeps its dtype (bf16 stays bf16).
+
+  Args:
+    rules: ``{selector: multiplier}``; see :func:`layerwise.resolve`.
+    default: the multiplier of leaves no rule matches (``1.0`` keeps them
+      as they are). Without it, unmatched leaves are an error.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Raises:
+    TypeError, ValueError: for a multiplier that is not a finite number
+      >= 0 or a schedule; :class:`layerwise.RuleError` at ``init`` for
+      rules that do not fit the params.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> tx = optax.chain(optax.sgd(0.1),
+    ...                  lw.scale_by_rules({"backbone/**": 0.1, "head/**": 1.0}))
+    >>> state = tx.init(params)
+    >>> grads = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["backbone"]["w"], updates["head"]["w"]
+    (Array([-0.01, -0.01], dtype=float32), Array([-0.1, -0.1], dtype=float32))
+
+    A group that warms up over 100 steps on its own clock:
+
+    >>> tx = lw.scale_by_rules(
+    ...     {"head/**": optax.linear_schedule(0.0, 1.0, 100), "**": 1.0})
+    >>> updates, _ = tx.update(grads, tx.init(params))
+    >>> updates["head"]["w"], updates["backbone"]["w"]
+    (Array([0., 0.], dtype=float32), Array([1., 1.], dtype=float32))
+  """
+  given = _rules.RuleSet(rules, what="multiplier")
+  rule_set = _rules.RuleSet(
+      [(c, _check_multiplier(v, c.text))
+       for c, v in zip(given.selectors, given.values)], what="multiplier")
+  if default is not _rules.MISSING:
+    default = _check_multiplier(default, "default")
+
+  def init_fn(params):
+    res = rule_set.resolve(params, default=default, strict=strict)
+    constants = [1.0 if callable(v) else v for v in res.values]
+    multipliers = jax.tree_util.tree_unflatten(
+        res.treedef, [jnp.asarray(c, jnp.float32) for c in constants])
+    return ScaleByRulesState(
+        count=jnp.zeros([], jnp.int32),
+        multipliers=multipliers,
+        rules=_rules.StaticRules.from_resolution("scale", res))
+
+  def update_fn(updates, state, params=None):
+    del params
+    info = state.rules
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    factors, mtreedef = jax.tree_util.tree_flatten(state.multipliers)
+    if treedef != mtreedef:
+      raise ValueError(
+          "scale_by_rules: the updates do not have the structure of the "
+          f"params given to init ({len(leaves)} leaves now, "
+          f"{len(info.paths)} at init: {list(info.paths[:5])}...). Pass "
+          "updates shaped like the params.")
+    out = []
+    for u, factor, value, text in zip(leaves, factors, info.values,
+                                      info.rule_texts):
+      m = factor
+      if callable(value):
+        m = m * _schedule_value(value, state.count, text)
+      out.append(u * m.astype(u.dtype))
+    new_state = state._replace(count=optax.safe_int32_increment(state.count))
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def set_scale(opt_state: Any, selector: _rules.SelectorLike,
+              value: Any) -> Any:
+  """Returns ``opt_state`` with new multipliers for the leaves ``selector`` picks.
+
+  ``opt_state`` may be the state of :func:`scale_by_rules` itself or of any
+  optax transformation containing it (``optax.chain``, ``MultiSteps``,
+  ``inject_hyperparams``, ``partition``, ...); every ``scale_by_rules`` state
+  inside is updated. The new state has the same structure, shapes and dtypes,
+  so a jitted step takes it without recompiling. For a leaf whose rule is a
+  schedule, ``value`` multiplies the schedule.
+
+  Args:
+    opt_state: an optimizer state.
+    selector: any selector (glob, regex, callable), matched against the
+      paths of the params the state was initialised with.
+    value: the new multiplier, a finite number >= 0 (or a scalar array).
+
+  Returns:
+    The new state.
+
+  Raises:
+    ValueError: if the state holds no ``scale_by_rules`` state, or the
+      selector matches no parameter in any of them (with the closest paths).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"backbone": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+    >>> tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0}))
+    >>> state = lw.set_scale(tx.init(params), "backbone/**", 0.0)
+    >>> updates, _ = tx.update(params, state)
+    >>> updates["backbone"]["w"], updates["head"]["w"]
+    (Array([0., 0.], dtype=float32), Array([-1., -1.], dtype=float32))
+  """
+  if callable(value):
+    raise TypeError(
+        "set_scale takes a number, not a schedule: schedules are part of the "
+        "transformation's structure. Build scale_by_rules with the schedule "
+        "instead.")
+  if not isinstance(value, jax.Array):
+    value = _check_multiplier(value, "set_scale")
+  states = [s for s in _rules.find_static(opt_state)
+            if isinstance(s, ScaleByRulesState)]
+  if not states:
+    raise ValueError(
+        "set_scale: this optimizer state holds no lw.scale_by_rules state; "
+        "chain lw.scale_by_rules(...) into the optimizer to set multipliers.")
+  matched = {id(s): s.rules.select(selector) for s in states}
+  if not any(matched.values()):
+    paths = [p for s in states for p in s.rules.paths]
+    near = _rules._close(_rules.compile_selector(selector).pattern,
+                         _rules._path_candidates(paths))
+    raise ValueError(
+        f"set_scale: selector {_rules.compile_selector(selector).text} "
+        "matches no parameter" + (f" (closest: {_rules._quote_all(near)})"
+                                  if near else "") + ".")
+
+  def replace(node):
+    if not isinstance(node, ScaleByRulesState):
+      return node
+    factors, treedef = jax.tree_util.tree_flatten(node.multipliers)
+    for i in matched[id(node)]:
+      factors[i] = jnp.asarray(value, factors[i].dtype)
+    return node._replace(
+        multipliers=jax.tree_util.tree_unflatten(treedef, factors))
+
+  return jax.tree_util.tree_map(
+      replace, opt_state, is_leaf=lambda x: isinstance(x, ScaleByRulesState))
+
+# ------------------------------------------------- layer_decay / discriminative
+#: The default ``block`` of :func:`layer_decay`: a path segment ``layers_3``,
+#: ``blocks_3``, ``layer_3``, ``block_3``, ``h_3`` (linen submodule names), or
+#: the same names followed by an index segment, ``layers/3`` (NNX lists,
+#: Equinox, HF Flax ``h/3``). The capture group is the block index.
+DEFAULT_BLOCK = r"(?:^|/)(?:layers|blocks|layer|block|h)[_/](\d+)(?:/|$)"
+
+#: Module names that :data:`DEFAULT_HEAD` treats as the head, at any depth.
+HEAD_NAMES = ("head", "heads", "classifier", "pooler", "pre_logits",
+              "fc_norm", "attn_pool", "lm_head")
+
+#: The default ``head`` of :func:`layer_decay`: any parameter inside a module
+#: named in :data:`HEAD_NAMES`. It is a :class:`~layerwise.Selector`, so it
+#: extends with ``|``: ``head=DEFAULT_HEAD | "out_proj/**"``.
+DEFAULT_HEAD = _rules.any_of(*(f"**/{name}/**" for name in HEAD_NAMES))
+
+#: Module names that the default ``after`` of :func:`layer_decay` treats as a
+#: final norm when they sit beside the blocks.
+FINAL_NORM_NAMES = ("norm", "final_norm", "encoder_norm", "final_layer_norm",
+                    "final_layernorm", "norm_f", "ln_f", "layernorm",
+                    "post_layernorm", "post_norm")
+
+
+class _FinalNorms:
+  """The default ``after`` of :func:`layer_decay`: final norms by name."""
+
+  def __repr__(self) -> str:
+    return "<final norms beside the blocks>"
+
+
+#: The default ``after`` of :func:`layer_decay`: a module named in
+#: :data:`FINAL_NORM_NAMES` that sits beside the blocks' container (``norm``
+#: beside ``blocks_*``, ``model/norm`` beside ``model/layers/*``).
+FINAL_NORMS: Any = _FinalNorms()
+
+
+def _real(fn: str, name: str, x: Any) -> float:
+  """``x`` as a Python float; a ``TypeError`` for what is not a number."""
+  if isinstance(x, (bool, str, bytes)) or x is None:
+    raise TypeError(f"{fn}: {name} must be a number, got "
+                    f"{type(x).__name__} {x!r}.")
+  try:
+    return float(x)
+  except (TypeError, ValueError) as e:
+    raise TypeError(
+        f"{fn}: {name} must be a concrete number (a Python float, not a "
+        f"traced or multi-element array), got {type(x).__name__}.") from e
+
+
+def _pattern(regex: re.Pattern[str]) -> str:
+  """A regex as the user would write it: r'...'."""
+  p = regex.pattern
+  return f"r'{p}'" if "'" not in p and not p.endswith("\\") else repr(p)
+
+
+def _block_regex(block: Any) -> re.Pattern[str]:
+  if isinstance(block, str):
+    try:
+      regex = re.compile(block)
+    except re.error as e:
+      raise ValueError(
+          f"layer_decay: block={block!r} is not a valid regular expression "
+          f"({e}). Pass a regex with one capture group around the block "
+          r"index, such as r'(?:^|/)layers_(\d+)(?:/|$)'.") from e
+  elif isinstance(block, re.Pattern):
+    regex = block
+  else:
+    raise TypeError(
+        f"layer_decay: block must be a regex (a string or re.compile(...)) "
+        f"with one capture group around the block index, got "
+        f"{type(block).__name__} {block!r}.")
+  if regex.groups != 1:
+    raise ValueError(
+        f"layer_decay: the block pattern {_pattern(regex)} has "
+        f"{regex.groups} capture groups; it needs exactly one, around the "
+        r"block index, as in r'(?:^|/)layers_(\d+)(?:/|$)'. Write any other "
+        "group as (?:...).")
+  return regex
+
+
+class _Block(NamedTuple):
+  """Where a path's block is: its index, stack, parent and name."""
+  index: int
+  container: str  # the stack, with the index as '*': 'encoder/layers_*'
+  parent: str     # the path holding the stack: 'encoder', or ''
+  label: str      # the block's own name: 'layers_3', 'layers/3'
+
+
+class _Depths:
+  """Classifies a path into its depth: embeddings 0, block i i+1, head L+1."""
+
+  def __init__(self, regex: re.Pattern[str], head: Any, after: Any,
+               final_norms: bool):
+    self.regex = regex
+    self.head = head              # a compiled selector, or None
+    self.after = after            # a compiled selector, or None
+    self.final_norms = final_norms
+    self.num_blocks = 0
+    self.parent = ""
+    self._memo: dict[Any, int] = {}
+
+  def block(self, path: str) -> _Block | None:
+    m = self.regex.search(path)
+    if m is None:
+      return None
+    index = m.group(1)
+    if index is None or not re.fullmatch("[0-9]+", index):
+      raise ValueError(
+          f"layer_decay: the block pattern {_pattern(self.regex)} captured "
+          f"{index!r} from {path!r}, which is not a block index. Its capture "
+          r"group must match the index's digits only, as (\d+) does.")
+    start, end = m.span(1)
+    seg_start = path.rfind("/", 0, start) + 1
+    seg_end = path.find("/", end)
+    seg_end = len(path) if seg_end < 0 else seg_end
+    if start == seg_start and end == seg_end and seg_start > 0:
+      # The index is a segment of its own ('layers/3'): the stack is the
+      # segment before it.
+      owner = path.rfind("/", 0, seg_start - 1) + 1
+    else:
+      owner = seg_start
+    return _Block(int(index), path[:start] + "*" + path[end:seg_end],
+                  path[:max(owner - 1, 0)], path[owner:seg_end])
+
+  def is_head(self, path: str, spec: Any) -> bool:
+    return self.head is not None and self.head.match(path, spec)
+
+  def is_after(self, path: str, spec: Any) -> bool:
+    if self.after is not None:
+      return self.after.match(path, spec)
+    if not self.final_norms:
+      return False
+    if self.parent:
+      if not path.startswith(self.parent + "/"):
+        return False
+      path = path[len(self.parent) + 1:]
+    return path.split("/", 1)[0] in FINAL_NORM_NAMES
+
+  def depth(self, path: str, spec: Any) -> int:
+    key = (path, tuple(spec.shape), str(spec.dtype))
+    depth = self._memo.get(key)
+    if depth is None:
+      if self.is_head(path, spec):
+        depth = self.num_blocks + 1
+      elif (b := self.block(path)) is not None:
+        depth = b.index + 1
+      elif self.is_after(path, spec):
+        depth = self.num_blocks
+      else:
+        depth = 0
+      self._memo[key] = depth
+    return depth
+
+
+def _names(paths: Sequence[str], n: int = 2) -> str:
+  """The modules holding ``paths`` (a leaf's path without its last name)."""
+  modules = list(dict.fromkeys(p.rsplit("/", 1)[0] for p in paths))
+  text = ", ".join(modules[:n])
+  return text + (f" and {len(modules) - n} more" if len(modules) > n else "")
+
+
+def layer_decay(
+    decay: float,
+    params: Any,
+    *,
+    block: str | re.Pattern[str] = DEFAULT_BLOCK,
+    head: _rules.SelectorLike | None = DEFAULT_HEAD,
+    after: _rules.SelectorLike | None = FINAL_NORMS,
+    min_scale: float = 0.0,
+    freeze_below: float | None = None,
+) -> list[tuple[_rules.Selector, float]]:
+  r"""Layer-wise learning-rate decay: a rule set of multipliers per depth.
+
+  Layer-wise learning-rate decay (LLRD) fine-tunes a pretrained transformer
+  with rates that shrink geometrically from the head down to the embeddings,
+  so the layers that hold the most general features move least (ELECTRA,
+  BEiT, and timm's ``param_groups_layer_decay``). For a model of ``L``
+  blocks each parameter gets a depth:
+
+  * the head (``head``): ``L + 1``;
+  * block ``i`` (its index found in the path by ``block``): ``i + 1``;
+  * parameters after the last block that are not the head, such as a final
+    norm (``after``): ``L``, the last block's depth, as timm's ViT
+    ``group_matcher`` puts ``norm`` with the last block;
+  * everything else, the embeddings and whatever comes before the first
+    block: ``0``;
+
+  and the multiplier ``max(min_scale, decay ** (L + 1 - depth))``: 1.0 for
+  the head, ``decay`` for the last block, ``decay ** (L + 1)`` for the
+  embeddings. These are timm's ``lr_scale``\ s; multiply by the base rate of
+  the inner optimizer (``optax.chain(optax.adamw(lr), lw.scale_by_rules(
+  rules))``) to get its per-group rates.
+
+  The head is found by name, not by position: paths are ordered by name, not
+  by the order of the forward pass, so "after the last block" cannot be read
+  from them. Check the outcome with ``lw.describe(rules, params)``.
+
+  Args:
+    decay: the ratio between the rates of a layer and the layer above it, in
+      ``(0, 1]``; 0.65 to 0.9 are usual, 1.0 gives every leaf 1.0.
+    params: the parameters the rule set is for (arrays, an ``nnx.State`` or
+      ``jax.ShapeDtypeStruct``\ s; only paths, shapes and dtypes are read).
+      ``L`` is the largest block index found in them, plus one.
+    block: a regex (a string or ``re.compile(...)``) searched in each path
+      (``re.search``), whose one capture group is the block index. The
+      default, :data:`DEFAULT_BLOCK`, finds ``layers_3``, ``blocks_3``,
+      ``layer_3``, ``block_3``, ``h_3`` and ``layers/3`` (an NNX list) as a
+      whole path segment. Every block must belong to one stack (one
+      ``encoder/layers_*``): to decay one stack of several, anchor the
+      pattern to it (``r"^encoder/layers_(\d+)/"``).
+    head: a selector (glob, compiled regex or callable ``(path, leaf) ->
+      bool``) for the head, which gets multiplier 1.0; it takes precedence
+      over ``block``. The default, :data:`DEFAULT_HEAD`, is any parameter
+      inside a module named ``head``, ``heads``, ``classifier``, ``pooler``,
+      ``pre_logits``, ``fc_norm``, ``attn_pool`` or ``lm_head``, the modules
+      timm leaves to the head's group. ``None``: the model has no head (the
+      last block still gets ``decay``).
+    after: a selector for the parameters after the last block that are not
+      the head, which share the last block's depth ``L``. The default,
+      :data:`FINAL_NORMS`, takes a module named in
+      :data:`FINAL_NORM_NAMES` (``norm``, ``encoder_norm``, ``ln_f``,
+      ``layernorm``, ...) that sits beside the blocks' stack: ``norm`` beside
+      ``blocks_*``, ``model/norm`` beside ``model/layers/*``, but not
+      ``patch_embed/norm``. ``None``: nothing comes after the blocks. To put
+      a final norm with the head instead (as BEiT does), add it to ``head``.
+    min_scale: a floor on every multiplier, in ``[0, 1]`` (timm's
+      ``min_scale``: ``max(min_scale, decay ** k)``).
+    freeze_below: if given, a depth whose multiplier (after ``min_scale``)
+      is below it gets 0.0: its parameters are frozen (timm's
+      ``no_opt_scale``). In ``[0, 1]``; the head is never frozen. A
+      multiplier of 0.0 gives a zero update (weight decay included, when
+      ``scale_by_rules`` comes last in the chain) but the inner optimizer
+      still holds state for those leaves.
+
+  Returns:
+    A rule set: a list of ``(selector, multiplier)`` pairs, one per depth
+    that has parameters, from the head down, with Python float
+    multipliers. Each selector is a :class:`~layerwise.Selector` named
+    ``depth d (what)``, such as ``depth 3 (layers_2)``. The last rule also
+    takes any leaf that the others do not, so the rule set covers every
+    leaf, and it passes strict resolution on ``params``.
+
+  Raises:
+    ValueError: for ``decay``, ``min_scale`` or ``freeze_below`` out of
+      range; a ``block`` pattern without exactly one capture group, one that
+      captures something other than digits, one that matches no path, or
+      one that matches blocks in two stacks; a ``head`` that matches no
+      parameter (name it, or pass ``head=None``); an ``after`` selector that
+      matches no parameter.
+    TypeError: for a value of the wrong type, or a ``head`` or ``after``
+      that is not a selector.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"embed": jnp.ones((10, 4)),
+    ...           "layers_0": {"w": jnp.ones((4, 4))},
+    ...           "layers_1": {"w": jnp.ones((4, 4))},
+    ...           "norm": {"scale": jnp.ones(4)},
+    ...           "head": {"w": jnp.ones((4, 2))}}
+    >>> rules = lw.layer_decay(0.5, params)
+    >>> rules
+    [(depth 3 (head), 1.0), (depth 2 (layers_1, norm), 0.5),
+    (depth 1 (layers_0), 0.25), (depth 0 (embeddings), 0.125)]
+    >>> lw.resolve(rules, params)
+    {'embed': 0.125, 'head': {'w': 1.0}, 'layers_0': {'w': 0.25},
+    'layers_1': {'w': 0.5}, 'norm': {'scale': 0.5}}
+    >>> lw.resolve(lw.layer_decay(0.5, params, min_scale=0.2,
+    ...                           freeze_below=0.25), params)["embed"]
+    0.0
+
+  References:
+    Clark et al., `ELECTRA: Pre-training Text Encoders as Discriminators
+    Rather Than Generators <https://arxiv.org/abs/2003.10555>`_, 2020.
+
+    Bao et al., `BEiT: BERT Pre-Training of Image Transformers
+    <https://arxiv.org/abs/2106.08254>`_, 2021.
+
+    timm, ``timm/optim/_param_groups.py`` (``param_groups_layer_decay``)
+    and ``timm/models/_manipulate.py`` (``group_with_matcher``).
+  """
+  fn = "layer_decay"
+  decay = _real(fn, "decay", decay)
+  if not (math.isfinite(decay) and 0.0 < decay <= 1.0):
+    raise ValueError(
+        f"layer_decay: decay must be in (0, 1], got {decay!r}. Each layer "
+        "learns at decay times the rate of the layer above it: 0.65 to 0.9 "
+        "are usual, 1.0 turns the decay off.")
+  min_scale = _real(fn, "min_scale", min_scale)
+  if not (math.isfinite(min_scale) and 0.0 <= min_scale <= 1.0):
+    raise ValueError(
+        f"layer_decay: min_scale must be in [0, 1], got {min_scale!r}. It is "
+        "a floor on the multipliers (0.0, the default, sets none).")
+  if freeze_below is not None:
+    freeze_below = _real(fn, "freeze_below", freeze_below)
+    if not (math.isfinite(freeze_below) and 0.0 <= freeze_below <= 1.0):
+      raise ValueError(
+          f"layer_decay: freeze_below must be in [0, 1] or None, got "
+          f"{freeze_below!r}. Depths whose multiplier is below it are "
+          "frozen (multiplier 0.0).")
+  regex = _block_regex(block)
+  head_c = None if head is None else _rules.compile_selector(head)
+  explicit_after = after is not None and after is not FINAL_NORMS
+  after_c = _rules.compile_selector(after) if explicit_after else None
+  depths = _Depths(regex, head_c, after_c, final_norms=after is FINAL_NORMS)
+
+  path_strs, leaves, _ = _paths.flatten_with_paths(params)
+  specs = [_rules._leaf_spec(x, p)
+           for x, p in zip(leaves, path_strs)]
+
+  # The blocks: every leaf outside the head that the pattern finds.
+  in_head = [depths.is_head(p, s) for p, s in zip(path_strs, specs)]
+  blocks: dict[str, _Block] = {}
+  for p, h in zip(path_strs, in_head):
+    if not h and (b := depths.block(p)) is not None:
+      blocks[p] = b
+  if not blocks:
+    shown = ", ".join(repr(p) for p in path_strs[:4])
+    more = ", ..." if len(path_strs) > 4 else ""
+    raise ValueError(
+        f"layer_decay found no block: the block pattern {_pattern(regex)} "
+        f"matches none of the {len(path_strs)} parameter paths "
+        f"{'outside the head ' if any(in_head) else ''}({shown}{more}). Pass "
+        "block=<regex> whose one capture group is the block index, e.g. "
+        r"block=r'(?:^|/)encoderblock_(\d+)(?:/|$)' for paths like "
+        "'Transformer/encoderblock_3/...' (lw.paths(params) lists the "
+        "paths).")
+  stacks: dict[str, list[str]] = {}
+  for p, b in blocks.items():
+    stacks.setdefault(b.container, []).append(p)
+  if len(stacks) > 1:
+    counts = {c: len({blocks[p].index for p in ps}) for c, ps in stacks.items()}
+    listed = "; ".join(
+        f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {stacks[c][0]!r})"
+        for c, k in counts.items())
+    raise ValueError(
+        f"layer_decay needs one stack of blocks, but the block pattern "
+        f"{_pattern(regex)} finds {len(stacks)}: {listed}. Anchor the "
+        "pattern to the stack whose depth should decay (e.g. "
+        r"block=r'^encoder/layers_(\d+)/'); the others then count as "
+        "embeddings, or as head or after if you name them so.")
+  first = next(iter(blocks.values()))
+  depths.num_blocks = max(b.index for b in blocks.values()) + 1
+  depths.parent = first.parent
+  num_blocks = depths.num_blocks
+
+  leaf_depths = [depths.depth(p, s) for p, s in zip(path_strs, specs)]
+  if head_c is not None and not any(in_head):
+    raise ValueError(
+        f"layer_decay found no head: no parameter matches head={head_c.text}. "
+        "Name the head's parameters with any selector (e.g. "
+        "head='classifier/**'; lw.paths(params) lists the paths), or pass "
+        "head=None for a model without a head.")
+  after_paths = [p for p, s, d in zip(path_strs, specs, leaf_depths)
+                 if d == num_blocks and p not in blocks]
+  if explicit_after and not after_paths:
+    raise ValueError(
+        f"layer_decay: after={after_c.text} matches no parameter outside "
+        "the head and the blocks. Fix the selector (lw.paths(params) lists "
+        "the paths), or leave after at its default.")
+
+  labels = {0: "embeddings", num_blocks + 1: "head"}
+  for b in blocks.values():
+    labels.setdefault(b.index + 1, b.label)
+  if after_paths:
+    labels[num_blocks] += ", " + _names(after_paths)
+
+  def multiplier(depth: int) -> float:
+    scale = max(min_scale, decay ** (num_blocks + 1 - depth))
+    if freeze_below and scale < freeze_below:
+      return 0.0
+    return float(scale)
+
+  present = sorted(set(leaf_depths), reverse=True)
+  rules = []
+  for k, d in enumerate(present):
+    text = f"depth {d} ({labels[d]})"
+    if k == len(present) - 1:  # the last rule takes every leaf left
+      selector = _rules.Selector(lambda path, leaf: True, text)
+    else:
+      selector = _rules.Selector(
+          lambda path, leaf, d=d: depths.depth(path, leaf) == d, text)
+    rules.append((selector, multiplier(d)))
+  return rules
+
+
+def discriminative(groups: Sequence[_rules.SelectorLike], lo: float,
+                   hi: float | None = None) -> list[tuple[Any, float]]:
+  r"""Discriminative rates as in fastai: multipliers spaced evenly in log.
+
+  fastai trains a model split into parameter groups (lowest layers first,
+  head last) with ``lr=slice(lo, hi)``: the groups' rates are spaced
+  geometrically from ``lo`` to ``hi`` (``even_mults``); with
+  ``lr=slice(hi)`` the last group gets ``hi`` and every other group
+  ``hi / 10``. ``discriminative(groups, lo, hi)`` and
+  ``discriminative(groups, hi)`` give the same numbers, as multipliers for
+  ``scale_by_rules``: group ``k`` of ``n`` gets ``lo * step ** k`` with
+  ``step = (hi / lo) ** (1 / (n - 1))``, computed as fastai's
+  ``even_mults`` does, so the values are fastai's to the last bit (a single
+  group gets ``hi``).
+
+  The name is ULMFiT's ("discriminative fine-tuning"); the single value
+  means the top rate, as in ``slice(hi)`` and ``range(stop)``.
+
+  The multipliers scale the inner optimizer's rate, so a group's rate is
+  ``lr_base * multiplier``. To train with fastai's absolute rates, pass them
+  here and give the inner optimizer a rate of 1.0 (its schedule, if any,
+  then multiplies them as fastai's ``fit_one_cycle`` does); or pass ratios
+  to a base rate, ``discriminative(groups, lo / lr, hi / lr)`` with the
+  optimizer at ``lr`` (equal up to rounding).
+
+  Args:
+    groups: selectors (globs, compiled regexes or callables), one per
+      group, lowest layers first. A leaf takes the first group that matches
+      it, as in any rule set, so put a catch-all (``"**"``) last if the
+      rest should get the top rate.
+    lo: the first group's multiplier, or, when ``hi`` is not given, the
+      last group's (the others get ``lo / 10``). Finite and > 0.
+    hi: the last group's multiplier. Finite and > 0.
+
+  Returns:
+    A rule set: a list of ``(selector, multiplier)`` pairs in group order,
+    with the selectors as given and Python float multipliers.
+
+  Raises:
+    ValueError: for no groups, or ``lo`` or ``hi`` not finite and > 0.
+    TypeError: for ``groups`` that is not a sequence of selectors.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> lw.discriminative(["embed/**", "encoder/**", "**"], 0.01, 1.0)
+    [('embed/**', 0.01), ('encoder/**', 0.1), ('**', 1.0)]
+    >>> lw.discriminative(["embed/**", "encoder/**", "**"], 1.0)  # slice(1.0)
+    [('embed/**', 0.1), ('encoder/**', 0.1), ('**', 1.0)]
+    >>> params = {"embed": jnp.ones(3), "encoder": {"w": jnp.ones(3)},
+    ...           "head": jnp.ones(3)}
+    >>> lw.resolve(lw.discriminative(["embed", "encoder/**", "head"], 0.25, 1.0),
+    ...            params)
+    {'embed': 0.25, 'encoder': {'w': 0.5}, 'head': 1.0}
+
+  References:
+    Howard and Ruder, `Universal Language Model Fine-tuning for Text
+    Classification <https://arxiv.org/abs/1801.06146>`_, 2018.
+
+    fastai, ``fastai/optimizer.py`` (``_BaseOptimizer.set_hyper``) and
+    fastcore, ``fastcore/basics.py`` (``even_mults``).
+  """
+  fn = "discriminative"
+  if (isinstance(groups, (str, bytes, re.Pattern, Mapping))
+      or callable(groups) or not isinstance(groups, Sequence)):
+    raise TypeError(
+        "discriminative: groups must be a list of selectors, one per group "
+        f"(lowest layers first), got {type(groups).__name__} {groups!r}. "
+        "For one group, write [selector].")
+  groups = list(groups)
+  if not groups:
+    raise ValueError(
+        "discriminative needs at least one group: pass a list of selectors, "
+        "lowest layers first, such as ['embed/**', 'encoder/**', '**'].")
+  for selector in groups:
+    _rules.compile_selector(selector)  # a TypeError for a non-selector
+  lo = _real(fn, "lo", lo)
+  if hi is not None:
+    hi = _real(fn, "hi", hi)
+  for name, value in (("lo", lo), ("hi", hi)):
+    if value is not None and not (math.isfinite(value) and value > 0.0):
+      raise ValueError(
+          f"discriminative: {name} must be finite and > 0, got {value!r}. "
+          "The multipliers are spaced geometrically, which needs positive "
+          "ends; to freeze a group, give it multiplier 0.0 in a rule of its "
+          "own.")
+  n = len(groups)
+  if hi is None:  # fastai's slice(hi): the last group hi, the others hi / 10
+    multipliers = [lo / 10] * (n - 1) + [lo]
+  elif n == 1:  # fastcore's even_mults(lo, hi, 1) is hi
+    multipliers = [hi]
+  else:  # fastcore's even_mults(lo, hi, n), operation for operation
+    step = (hi / lo)**(1 / (n - 1))
+    multipliers = [lo * (step**k) for k in range(n)]
+  return list(zip(groups, multipliers))

@@ -1,0 +1,319 @@
+"""Tests for scale_by_rules and set_scale: per-group learning rates.
+
+References: PyTorch's AdamW and SGD update rules, written out in NumPy
+(torch/optim/adamw.py, torch/optim/sgd.py, single-tensor path), with param
+groups ``lr_g = lr * r_g``; and optax's own transformations.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerwise as lw
+
+RNG = np.random.default_rng(0)
+PARAMS = {
+    "embed": RNG.normal(size=(6, 3)).astype(np.float32),
+    "block": {"w": RNG.normal(size=(3, 3)).astype(np.float32),
+              "b": RNG.normal(size=(3,)).astype(np.float32)},
+    "head": {"w": RNG.normal(size=(3, 2)).astype(np.float32)},
+}
+RULES = {"embed": 0.1, "block/**": 0.5, "head/**": 1.0}
+GROUP_OF = {"embed": 0.1, "block/w": 0.5, "block/b": 0.5, "head/w": 1.0}
+TARGET = jax.tree_util.tree_map(lambda p: 0.5 * np.ones_like(p), PARAMS)
+
+
+def grad_fn(params, xp=jnp):
+  """Gradient of sum((p - t)**2 * (1 + |p|)): depends on the trajectory."""
+  return jax.tree_util.tree_map(
+      lambda p, t: 2 * (p - t) * (1 + xp.abs(p)) + (p - t)**2 * xp.sign(p),
+      params, TARGET)
+
+
+def run_optax(tx, steps=10):
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(grad_fn(p), s, p)))
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params
+
+
+def flat(tree):
+  return dict(zip(jax.tree_util.tree_leaves(lw.paths(tree)),
+                  jax.tree_util.tree_leaves(tree)))
+
+
+def torch_adamw(lr, wd, b1=0.9, b2=0.999, eps=1e-8, steps=10):
+  """PyTorch AdamW with one param group per multiplier: lr_g = lr * r_g."""
+  params = {k: v.astype(np.float64) for k, v in flat(PARAMS).items()}
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(x) for k, x in params.items()}
+  for t in range(1, steps + 1):
+    grads = flat(grad_fn(lw_unflat(params), xp=np))
+    for k in params:
+      lr_g = lr * GROUP_OF[k]
+      params[k] = params[k] * (1 - lr_g * wd)          # decoupled decay
+      m[k] = b1 * m[k] + (1 - b1) * grads[k]
+      v[k] = b2 * v[k] + (1 - b2) * grads[k]**2
+      m_hat, v_hat = m[k] / (1 - b1**t), v[k] / (1 - b2**t)
+      params[k] = params[k] - lr_g * m_hat / (np.sqrt(v_hat) + eps)
+  return params
+
+
+def torch_sgd(lr, momentum, nesterov, wd, steps=10):
+  """PyTorch SGD (dampening 0, coupled weight decay), lr_g = lr * r_g."""
+  params = {k: v.astype(np.float64) for k, v in flat(PARAMS).items()}
+  buf = {}
+  for _ in range(steps):
+    grads = flat(grad_fn(lw_unflat(params), xp=np))
+    for k in params:
+      d_p = grads[k] + wd * params[k]
+      if momentum:
+        buf[k] = d_p.copy() if k not in buf else momentum * buf[k] + d_p
+        d_p = d_p + momentum * buf[k] if nesterov else buf[k]
+      params[k] = params[k] - lr * GROUP_OF[k] * d_p
+  return params
+
+
+def lw_unflat(flat_params):
+  return {"embed": flat_params["embed"],
+          "block": {"w": flat_params["block/w"], "b": flat_params["block/b"]},
+          "head": {"w": flat_params["head/w"]}}
+
+
+def assert_close(ours, reference, rtol=2e-5, atol=2e-6):
+  ours = flat(ours)
+  assert ours.keys() == reference.keys()
+  for k in ours:
+    np.testing.assert_allclose(ours[k], reference[k], rtol=rtol, atol=atol,
+                               err_msg=k)
+
+
+# --------------------------------------------------- PyTorch param groups
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.05])
+def test_adamw_equals_torch_param_groups(wd):
+  tx = optax.chain(optax.adamw(1e-2, weight_decay=wd),
+                   lw.scale_by_rules(RULES))
+  assert_close(run_optax(tx), torch_adamw(1e-2, wd))
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False),
+                                                (0.9, True)])
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_sgd_equals_torch_param_groups(momentum, nesterov, wd):
+  tx = optax.chain(optax.add_decayed_weights(wd),
+                   optax.sgd(1e-2, momentum=momentum or None, nesterov=nesterov),
+                   lw.scale_by_rules(RULES))
+  assert_close(run_optax(tx), torch_sgd(1e-2, momentum, nesterov, wd))
+
+
+def test_groups_equal_separate_optimizers():
+  # Per group, the chain equals optax.adam with the group's learning rate.
+  ours = flat(run_optax(optax.chain(optax.adam(3e-2), lw.scale_by_rules(RULES))))
+  for key, r in GROUP_OF.items():
+    alone = flat(run_optax(optax.adam(3e-2 * r)))
+    np.testing.assert_allclose(ours[key], alone[key], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------- schedules
+
+
+def test_schedule_evaluated_at_count_like_scale_by_schedule():
+  sched = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = lw.scale_by_rules({"a": sched, "b": 0.5})
+  ref = optax.scale_by_schedule(sched)
+  state, ref_state = tx.init(params), ref.init(params)
+  for _ in range(6):
+    grads = {"a": jnp.full(2, 2.0), "b": jnp.full(2, 2.0)}
+    updates, state = jax.jit(tx.update)(grads, state)
+    expected, ref_state = ref.update(grads, ref_state)
+    np.testing.assert_array_equal(updates["a"], expected["a"])
+    np.testing.assert_array_equal(updates["b"], np.full(2, 1.0))
+  assert int(state.count) == 6
+
+
+def test_gradual_unfreezing_keeps_inner_state_warm():
+  # A group whose multiplier is 0 until step 3 (ULMFiT): its update is zero,
+  # but Adam keeps accumulating its moments meanwhile.
+  unfreeze = lambda count: jnp.where(count < 3, 0.0, 1.0)
+  params = {"backbone": jnp.ones(2), "head": jnp.ones(2)}
+  tx = optax.chain(optax.adam(0.1),
+                   lw.scale_by_rules({"backbone": unfreeze, "head": 1.0}))
+  state = tx.init(params)
+  for step in range(5):
+    grads = {"backbone": jnp.full(2, step + 1.0), "head": jnp.ones(2)}
+    updates, state = tx.update(grads, state)
+    if step < 3:
+      np.testing.assert_array_equal(updates["backbone"], np.zeros(2))
+    else:
+      assert np.all(updates["backbone"] < 0)
+  adam_state = state[0][0]
+  assert float(adam_state.mu["backbone"][0]) > 0  # moments were kept
+
+
+def test_schedule_must_return_scalar():
+  tx = lw.scale_by_rules({"**": lambda count: jnp.ones(2)})
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"schedule of rule '\*\*' returned shape \(2,\)"):
+    tx.update(params, tx.init(params))
+
+
+# ---------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_update_dtype_is_kept(dtype):
+  params = {"a": jnp.ones(3, dtype), "b": jnp.ones(3, dtype)}
+  tx = lw.scale_by_rules({"a": 0.1, "b": optax.constant_schedule(0.5)})
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(params, state)
+  assert updates["a"].dtype == dtype and updates["b"].dtype == dtype
+  np.testing.assert_array_equal(updates["a"], jnp.full(3, jnp.asarray(0.1, dtype)))
+  np.testing.assert_array_equal(updates["b"], jnp.full(3, 0.5, dtype))
+  chex.assert_trees_all_equal_dtypes(state, tx.init(params))
+
+
+def test_abstract_init_and_state_layout():
+  params = jax.eval_shape(lambda: PARAMS)
+  state = lw.scale_by_rules(RULES).init(params)
+  assert isinstance(state, lw.ScaleByRulesState)
+  assert flat(state.multipliers) == pytest.approx(
+      {"embed": 0.1, "block/b": 0.5, "block/w": 0.5, "head/w": 1.0})
+  assert state.rules.paths == ("block/b", "block/w", "embed", "head/w")
+  assert state.rules.rule_texts == ("'block/**'", "'block/**'", "'embed'",
+                                    "'head/**'")
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (-0.1, ValueError, "finite and >= 0"),
+    (float("nan"), ValueError, "finite and >= 0"),
+    (float("inf"), ValueError, "finite and >= 0"),
+    ("0.1", TypeError, "is a number or a schedule"),
+    (True, TypeError, "is a number or a schedule"),
+    (None, TypeError, "is a number or a schedule"),
+])
+def test_bad_multipliers(value, error, message):
+  with pytest.raises(error, match=re.escape(f"Rule 'head/**' has multiplier")
+                     + ".*" + re.escape(message)):
+    lw.scale_by_rules({"head/**": value, "**": 1.0})
+
+
+def test_rule_errors_at_init():
+  tx = lw.scale_by_rules({"haed/**": 0.1, "**": 1.0})
+  with pytest.raises(lw.RuleError, match="'haed/\\*\\*'  \\(closest: 'head/\\*\\*'"):
+    tx.init(PARAMS)
+
+
+def test_default_multiplier():
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = lw.scale_by_rules({"a": 0.5}, default=1.0)
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_array_equal(updates["b"], np.ones(2))
+  with pytest.raises(ValueError, match="Rule default has multiplier -1"):
+    lw.scale_by_rules({"a": 0.5}, default=-1)
+
+
+def test_structure_change_between_init_and_update():
+  tx = lw.scale_by_rules({"**": 1.0})
+  state = tx.init({"a": jnp.ones(2)})
+  with pytest.raises(ValueError, match="do not have the structure of the params"):
+    tx.update({"a": jnp.ones(2), "b": jnp.ones(2)}, state)
+
+
+# -------------------------------------------------------------- set_scale
+
+
+def test_set_scale_between_jitted_steps_without_retrace():
+  params = {"backbone": jnp.ones(2), "head": jnp.ones(2)}
+  tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0}))
+  traces = []
+
+  @jax.jit
+  def step(grads, state):
+    traces.append(1)
+    return tx.update(grads, state)
+
+  state = tx.init(params)
+  updates, state = step(params, state)
+  np.testing.assert_array_equal(updates["backbone"], -np.ones(2))
+  state = lw.set_scale(state, "backbone", 0.25)
+  updates, state = step(params, state)
+  np.testing.assert_array_equal(updates["backbone"], -0.25 * np.ones(2))
+  np.testing.assert_array_equal(updates["head"], -np.ones(2))
+  state = lw.set_scale(state, lw.ndim_at_most(1), 2.0)
+  updates, state = step(params, state)
+  np.testing.assert_array_equal(updates["head"], -2 * np.ones(2))
+  assert len(traces) == 1
+
+
+def test_set_scale_scales_a_schedule():
+  tx = lw.scale_by_rules({"**": optax.constant_schedule(0.5)})
+  params = {"w": jnp.ones(2)}
+  state = lw.set_scale(tx.init(params), "w", 3.0)
+  updates, _ = tx.update(params, state)
+  np.testing.assert_array_equal(updates["w"], np.full(2, 1.5))
+
+
+def test_set_scale_finds_states_inside_wrappers():
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  inner = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0}))
+  tx = optax.MultiSteps(inner, every_k_schedule=1)
+  state = lw.set_scale(tx.init(params), "a", 0.0)
+  updates, _ = tx.update(params, state, params)
+  np.testing.assert_array_equal(updates["a"], np.zeros(2))
+  np.testing.assert_array_equal(updates["b"], -np.ones(2))
+  # Two scale_by_rules states in one chain: both are updated.
+  tx2 = optax.chain(lw.scale_by_rules({"**": 1.0}), lw.scale_by_rules({"**": 2.0}))
+  state2 = lw.set_scale(tx2.init(params), "b", 0.5)
+  updates, _ = tx2.update(params, state2)
+  np.testing.assert_array_equal(updates["b"], np.full(2, 0.25))
+
+
+def test_set_scale_errors():
+  params = {"encoder": {"w": jnp.ones(2)}}
+  state = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0})).init(params)
+  with pytest.raises(ValueError, match=r"selector 'encodr/\*\*' matches no "
+                     r"parameter \(closest: 'encoder/\*\*'"):
+    lw.set_scale(state, "encodr/**", 0.5)
+  with pytest.raises(ValueError, match="holds no lw.scale_by_rules state"):
+    lw.set_scale(optax.sgd(1.0).init(params), "**", 0.5)
+  with pytest.raises(TypeError, match="takes a number, not a schedule"):
+    lw.set_scale(state, "**", optax.constant_schedule(1.0))
+  with pytest.raises(ValueError, match="finite and >= 0"):
+    lw.set_scale(state, "**", -1.0)
+
+
+# ------------------------------------------------------------- describe
+
+
+def test_describe_chain_reads_rules_without_allocating():
+  sched = optax.linear_schedule(0.0, 1.0, 10)
+  tx = optax.chain(optax.adamw(1e-3),
+                   lw.scale_by_rules({"embed": sched, "block/**": 0.5,
+                                      "head/**": 1.0}))
+  d = lw.describe(tx, jax.eval_shape(lambda: PARAMS))
+  assert d.columns == ("path", "shape", "dtype", "size", "scale", "state_bytes")
+  rows = {r["path"]: r for r in d.rows}
+  assert rows["embed"]["scale"] is sched
+  assert rows["embed"]["scale_rule"] == "'embed'"
+  assert rows["block/w"]["scale"] == 0.5 and rows["head/w"]["scale"] == 1.0
+  # adamw: mu and nu (2 x 4 bytes per entry) plus one float32 multiplier.
+  assert rows["block/w"]["state_bytes"] == 9 * 8 + 4
+  assert rows["embed"]["state_bytes"] == 18 * 8 + 4
+  assert d.shared_state_bytes == 8  # adam's count and scale_by_rules' count
+  assert [(t["value"], t["leaves"]) for t in d.totals()] == [
+      (0.5, 2), (sched, 1), (1.0, 1)]
