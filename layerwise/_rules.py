@@ -399,6 +399,13 @@ def _leaf_spec(leaf: Any, path: str) -> jax.ShapeDtypeStruct:
         "(or mark them static).") from e
 
 
+def paths_and_specs(tree: Any) -> tuple[list[str], list[jax.ShapeDtypeStruct],
+                                         Any]:
+  """Each leaf's path and shape/dtype (never its values), and the treedef."""
+  path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
+  return path_strs, [_leaf_spec(x, p) for x, p in zip(leaves, path_strs)], treedef
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Match:
   """Which rules match which leaves of one tree structure (cached)."""
@@ -557,8 +564,8 @@ class RuleSet:
       key, hit = None, None
     if hit is not None:
       return hit
-    path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
-    specs = tuple(_leaf_spec(x, p) for x, p in zip(leaves, path_strs))
+    path_strs, specs, treedef = paths_and_specs(tree)
+    specs = tuple(specs)
     matches = tuple(
         tuple(i for i, (p, s) in enumerate(zip(path_strs, specs))
               if c.match(p, s))

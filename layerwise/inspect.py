@@ -161,8 +161,7 @@ def _state_bytes(state: Any, param_paths: Sequence[str]) -> tuple[list[int], int
 def _describe_transformation(tx: Any, params: Any) -> Description:
   state = jax.eval_shape(tx.init, params)
   statics = [s.rules for s in _rules.find_static(state)]
-  path_strs, leaves, _ = _paths.flatten_with_paths(params)
-  specs = [_rules._leaf_spec(x, p) for x, p in zip(leaves, path_strs)]
+  path_strs, specs, _ = _rules.paths_and_specs(params)
   per_param, shared = _state_bytes(state, path_strs)
   rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
            "size": math.prod(s.shape)} for p, s in zip(path_strs, specs)]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise import _paths, _rules
+from layerwise import _rules
 
 # ---------------------------------------------------------------- scale_by_rules
 
@@ -546,9 +546,7 @@ def layer_decay(
   after_c = _rules.compile_selector(after) if explicit_after else None
   depths = _Depths(regex, head_c, after_c, final_norms=after is FINAL_NORMS)
 
-  path_strs, leaves, _ = _paths.flatten_with_paths(params)
-  specs = [_rules._leaf_spec(x, p)
-           for x, p in zip(leaves, path_strs)]
+  path_strs, specs, _ = _rules.paths_and_specs(params)
 
   # The blocks: every leaf outside the head that the pattern finds.
   in_head = [depths.is_head(p, s) for p, s in zip(path_strs, specs)]
