@@ -25,8 +25,18 @@ from layerwise._rules import (
     resolve,
 )
 from layerwise.inspect import Description, describe
+from layerwise.partition import (
+    FreezeState,
+    PartitionState,
+    freeze,
+    partition,
+    stop_gradient,
+)
 from layerwise.scaling import (
+    NO_DECAY,
+    AddDecayedWeightsState,
     ScaleByRulesState,
+    add_decayed_weights,
     discriminative,
     layer_decay,
     scale_by_rules,
@@ -36,21 +46,29 @@ from layerwise.scaling import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "NO_DECAY",
+    "AddDecayedWeightsState",
     "Description",
+    "FreezeState",
+    "PartitionState",
     "RuleError",
     "ScaleByRulesState",
     "Selector",
+    "add_decayed_weights",
     "all_of",
     "any_of",
     "describe",
     "discriminative",
+    "freeze",
     "labels",
     "layer_decay",
     "ndim_at_least",
     "ndim_at_most",
     "not_",
+    "partition",
     "paths",
     "resolve",
     "scale_by_rules",
     "set_scale",
+    "stop_gradient",
 ]

@@ -841,15 +841,17 @@ def find_static(tree: Any) -> list[Any]:
 
   Layerwise states are NamedTuples with a ``rules`` field; this finds them in
   any optax state (chains, ``MultiSteps``, ``inject_hyperparams``,
-  ``partition``, masked states...).
+  ``partition``, masked states...), also inside one another (a
+  ``scale_by_rules`` state inside an ``lw.partition`` state), outer first.
   """
   found = []
 
   def visit(node: Any) -> bool:
+    # Found states are not leaves: the traversal goes on into them, to the
+    # states of the transformations they wrap (partition, freeze).
     if isinstance(getattr(node, "rules", None), StaticRules) and hasattr(
         node, "_fields"):
       found.append(node)
-      return True
     return False
 
   jax.tree_util.tree_flatten(tree, is_leaf=visit)

@@ -45,6 +45,8 @@ def _cell(column: str, value: Any) -> str:
     return _human(value)
   if column in ("path", "dtype", "rule") or column.endswith("_rule"):
     return str(value)
+  if value is None and column != "value":
+    return "-"  # a transformation's rules do not cover this parameter
   return format_value(value)
 
 
@@ -110,7 +112,7 @@ class Description:
 
     with_bytes = self.shared_state_bytes is not None
     head = [self.group_by, "leaves", "params", "share"]
-    foot = [[format_value(g["value"]), str(g["leaves"]), _human(g["size"]),
+    foot = [[_cell(self.group_by, g["value"]), str(g["leaves"]), _human(g["size"]),
              f"{g['fraction']:.1%}"] for g in self.totals()]
     size = sum(r["size"] for r in self.rows)
     foot.append(["total", str(len(self.rows)), _human(size),
@@ -166,15 +168,25 @@ def _describe_transformation(tx: Any, params: Any) -> Description:
   rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
            "size": math.prod(s.shape)} for p, s in zip(path_strs, specs)]
   columns = ["path", "shape", "dtype", "size"]
-  seen: dict[str, int] = {}
+  # One column per kind of rule; a second rule set of the same kind gets a
+  # column of its own only if it covers a parameter the first one covers
+  # (the groups of lw.partition each have their own scale_by_rules, say).
+  covered: dict[str, set[str]] = {}
   for info in statics:
-    seen[info.kind] = seen.get(info.kind, 0) + 1
-    name = info.kind if seen[info.kind] == 1 else f"{info.kind}{seen[info.kind]}"
-    columns.append(name)
+    k, name = 1, info.kind
+    while name in covered and not covered[name].isdisjoint(info.paths):
+      k += 1
+      name = f"{info.kind}{k}"
+    if name not in covered:
+      covered[name] = set()
+      columns.append(name)
+      for row in rows:
+        row[name], row[name + "_rule"] = None, "(not covered)"
+    covered[name].update(info.paths)
     by_path = dict(zip(info.paths, zip(info.values, info.rule_texts)))
     for row in rows:
-      value, text = by_path.get(row["path"], (None, "(not covered)"))
-      row[name], row[name + "_rule"] = value, text
+      if row["path"] in by_path:
+        row[name], row[name + "_rule"] = by_path[row["path"]]
   for row, nbytes in zip(rows, per_param):
     row["state_bytes"] = nbytes
   columns.append("state_bytes")

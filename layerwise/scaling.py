@@ -39,21 +39,22 @@ class ScaleByRulesState(NamedTuple):
   rules: _rules.StaticRules
 
 
-def _check_multiplier(value: Any, text: str) -> Any:
-  """A multiplier is a finite number >= 0 or a schedule ``count -> number``."""
+def _check_multiplier(value: Any, text: str, what: str = "multiplier") -> Any:
+  """A multiplier (or a weight decay) is a finite number >= 0 or a schedule."""
   if callable(value):
     return value
   if isinstance(value, bool) or not isinstance(value,
                                                (int, float, np.number)):
     raise TypeError(
-        f"Rule {text} has multiplier {value!r} ({type(value).__name__}); a "
-        "multiplier is a number or a schedule (count -> number), such as "
+        f"Rule {text} has {what} {value!r} ({type(value).__name__}); a "
+        f"{what} is a number or a schedule (count -> number), such as "
         "optax.linear_schedule(0.0, 1.0, 1000).")
   if not math.isfinite(value) or value < 0:
+    hint = (" (0 gives a zero update; to freeze leaves without optimizer "
+            "state, use lw.freeze)" if what == "multiplier" else "")
     raise ValueError(
-        f"Rule {text} has multiplier {value!r}; multipliers must be finite "
-        "and >= 0 (0 gives a zero update; to freeze leaves without optimizer "
-        "state, use lw.freeze).")
+        f"Rule {text} has {what} {value!r}; a {what} must be finite and "
+        f">= 0{hint}.")
   return float(value)
 
 
@@ -63,7 +64,7 @@ def _schedule_value(schedule: Callable[[Any], Any], count: jax.Array,
   if value.shape != ():
     raise ValueError(
         f"The schedule of rule {text} returned shape {value.shape} at step "
-        "count; a multiplier schedule must return a scalar.")
+        "count; a schedule in a rule must return a scalar.")
   return value
 
 
@@ -239,6 +240,148 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
 
   return jax.tree_util.tree_map(
       replace, opt_state, is_leaf=lambda x: isinstance(x, ScaleByRulesState))
+
+# ------------------------------------------------------- add_decayed_weights
+
+#: The usual "no weight decay" selector: biases, normalization scales and
+#: every other parameter with at most one dimension (scalars included).
+#: Hugging Face's ``Trainer`` leaves biases and LayerNorm weights undecayed,
+#: timm's ``param_groups_weight_decay`` every 1-D parameter and every
+#: ``.bias``; ``NO_DECAY`` is the union. It is a :class:`~layerwise.Selector`,
+#: so it extends with ``|``: ``lw.NO_DECAY | "**/pos_embed"`` (timm's ViT also
+#: exempts its position embedding and class token).
+NO_DECAY = _rules.Selector(
+    _rules.any_of(_rules.ndim_at_most(1), "**/bias"), "lw.NO_DECAY")
+
+
+class AddDecayedWeightsState(NamedTuple):
+  """State of :func:`add_decayed_weights`.
+
+  Attributes:
+    count: the number of updates made so far (schedules are evaluated at it).
+    rules: static metadata: each leaf's path, rule and weight decay as given.
+  """
+  count: jax.Array
+  rules: _rules.StaticRules
+
+
+def add_decayed_weights(
+    rules: _rules.Rules,
+    *,
+    default: Any = _rules.MISSING,
+    strict: bool = True,
+) -> optax.GradientTransformation:
+  """Adds each parameter times its rule's weight decay to its update.
+
+  Per-group weight decay, as PyTorch param groups give it: the update of
+  leaf ``p`` becomes ``u + wd_g * p``, with ``wd_g`` the coefficient of the
+  first rule that matches ``p`` (0 leaves the update as it is; the leaf
+  costs nothing). With one rule it is ``optax.add_decayed_weights``.
+
+  Where it sits in the chain decides which weight decay it is:
+
+  * before the optimizer, it is L2 regularization, "coupled" weight decay,
+    as in PyTorch ``SGD(weight_decay=...)`` and ``Adam``:
+    ``optax.chain(lw.add_decayed_weights(r), optax.sgd(lr))``;
+  * between the adaptive scaling and the learning rate, it is decoupled
+    weight decay, as in PyTorch ``AdamW`` (the decay is scaled by the
+    learning rate and by any per-group multiplier after it)::
+
+      optax.chain(optax.scale_by_adam(), lw.add_decayed_weights(r),
+                  optax.scale_by_learning_rate(lr), lw.scale_by_rules(m))
+
+  A coefficient is a number >= 0 or a schedule ``count -> number``,
+  evaluated at the number of updates made so far (0 at the first). The
+  coefficients are constants of the compiled step, not state: change them
+  over time with a schedule. :data:`NO_DECAY` selects the parameters that
+  are usually left undecayed (biases, norm scales, 1-D parameters).
+
+  Args:
+    rules: ``{selector: weight_decay}``; see :func:`layerwise.resolve`.
+    default: the weight decay of leaves no rule matches. Without it,
+      unmatched leaves are an error.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+
+  Raises:
+    TypeError, ValueError: for a coefficient that is not a finite number
+      >= 0 or a schedule; :class:`layerwise.RuleError` at ``init`` for rules
+      that do not fit the params; ``ValueError`` at ``update`` without
+      ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    >>> tx = lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.1})
+    >>> grads = {"dense": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates["dense"]["kernel"], updates["dense"]["bias"]
+    (Array([[0.1, 0.1],
+           [0.1, 0.1]], dtype=float32), Array([0., 0.], dtype=float32))
+    >>> print(lw.describe(tx, params))
+    path          shape   dtype    size  weight_decay  state_bytes
+    ------------  ------  -------  ----  ------------  -----------
+    dense/bias    (2,)    float32     2  0.0                     0
+    dense/kernel  (2, 2)  float32     4  0.1                     0
+    <BLANKLINE>
+    weight_decay  leaves  params   share  state bytes
+    0.0                1       2   33.3%            0
+    0.1                1       4   66.7%            0
+    total              2       6  100.0%            4
+    (total state bytes include 4 not held by one parameter, such as step counts)
+
+  References:
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, 2019.
+  """
+  given = _rules.RuleSet(rules, what="weight decay")
+  rule_set = _rules.RuleSet(
+      [(c, _check_multiplier(v, c.text, "weight decay"))
+       for c, v in zip(given.selectors, given.values)], what="weight decay")
+  if default is not _rules.MISSING:
+    default = _check_multiplier(default, "default", "weight decay")
+
+  def init_fn(params):
+    res = rule_set.resolve(params, default=default, strict=strict)
+    return AddDecayedWeightsState(
+        count=jnp.zeros([], jnp.int32),
+        rules=_rules.StaticRules.from_resolution("weight_decay", res))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "lw.add_decayed_weights needs the params: call "
+          "tx.update(updates, state, params).")
+    info = state.rules
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    p_leaves = treedef.flatten_up_to(params)
+    _check_leaves("add_decayed_weights", leaves, info)
+    out = []
+    for u, p, wd, text in zip(leaves, p_leaves, info.values, info.rule_texts):
+      if callable(wd):
+        wd = _schedule_value(wd, state.count, text).astype(u.dtype)
+      elif wd == 0.0:
+        out.append(u)
+        continue
+      out.append(u + wd * p)
+    new_state = state._replace(count=optax.safe_int32_increment(state.count))
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_leaves(fn: str, leaves: Sequence[Any],
+                  info: _rules.StaticRules) -> None:
+  """The updates must have as many leaves as the params given to init."""
+  if len(leaves) != len(info.paths):
+    raise ValueError(
+        f"{fn}: the updates do not have the structure of the params given to "
+        f"init ({len(leaves)} leaves now, {len(info.paths)} at init: "
+        f"{list(info.paths[:5])}...). Pass updates shaped like the params.")
+
 
 # ------------------------------------------------- layer_decay / discriminative
 #: The default ``block`` of :func:`layer_decay`: a path segment ``layers_3``,
