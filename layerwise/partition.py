@@ -73,8 +73,23 @@ class _Routes:
         [x if g == group else optax.MaskedNode()
          for x, g in zip(leaves, self.groups)])
 
-  def init(self, txs: Sequence[Any], params: Any) -> tuple[Any, ...]:
-    return tuple(tx.init(self.mask(params, k)) for k, tx in enumerate(txs))
+  def init(self, txs: Sequence[Any], params: Any,
+           names: Sequence[str]) -> tuple[Any, ...]:
+    states = []
+    for k, tx in enumerate(txs):
+      try:
+        states.append(tx.init(self.mask(params, k)))
+      except _rules.RuleError as e:
+        # A rule set inside sees the group's leaves only: say so.
+        n = sum(g == k for g in self.groups)
+        raise _rules.RuleError(
+            f"{e}\n\n(This rule set belongs to the optimizer of {names[k]}, "
+            f"which sees only its {n} parameter(s); the other parameters are "
+            "hidden from it, so its rules must not name them. Pass "
+            "strict=False to a rule set shared with other groups.)",
+            unmatched=e.unmatched, unused=e.unused,
+            shadowed=e.shadowed) from None
+    return tuple(states)
 
   def update(self, txs: Sequence[Any], updates: Any, states: Sequence[Any],
              params: Any, extra_args: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -227,7 +242,7 @@ def partition(
 
   def init_fn(params):
     res, routes = resolve(params)
-    return PartitionState(routes.init(txs, params), static(res))
+    return PartitionState(routes.init(txs, params, names), static(res))
 
   def update_fn(updates, state, params=None, **extra_args):
     res, routes = resolve(updates)
@@ -242,19 +257,23 @@ def partition(
 # ------------------------------------------------------ freeze / stop_gradient
 
 
-def _frozen_rules(fn: str, frozen: Any) -> _rules.RuleSet:
-  """A selector, or a rule set ``{selector: bool}``, as a rule set of bools."""
+def _frozen_rules(fn: str, frozen: Any) -> tuple[_rules.RuleSet, Any]:
+  """``frozen`` as a rule set of bools, and its default.
+
+  A selector freezes what it matches (the rest trains); a rule set
+  ``{selector: bool}`` must cover every leaf, as any rule set.
+  """
   is_rule_set = (isinstance(frozen, Mapping) or (
       isinstance(frozen, Sequence) and not isinstance(frozen, (str, bytes))))
   if not is_rule_set:
-    return _rules.RuleSet([(frozen, True)], what="frozen flag")
+    return _rules.RuleSet([(frozen, True)], what="frozen flag"), False
   rule_set = _rules.RuleSet(frozen, what="frozen flag")
   for c, v in zip(rule_set.selectors, rule_set.values):
     if not isinstance(v, bool):
       raise TypeError(
           f"{fn}: rule {c.text} has value {v!r}; a frozen rule set maps "
           "selectors to True (frozen) or False (trained).")
-  return rule_set
+  return rule_set, _rules.MISSING
 
 
 def freeze(
@@ -306,20 +325,20 @@ def freeze(
     >>> sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # 2 moments of head/w
     20
   """
-  rule_set = _frozen_rules("lw.freeze", frozen)
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
         f"lw.freeze wraps an optax transformation, got "
         f"{type(inner).__name__}; call lw.freeze(optax.adam(...), frozen).")
+  rule_set, default = _frozen_rules("lw.freeze", frozen)
   txs = [optax.with_extra_args_support(inner)]
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
-    res = rule_set.resolve(tree, default=False, strict=strict)
+    res = rule_set.resolve(tree, default=default, strict=strict)
     return res, _routes(res, [-1 if f else 0 for f in res.values])
 
   def init_fn(params):
     res, routes = resolve(params)
-    (inner_state,) = routes.init(txs, params)
+    (inner_state,) = routes.init(txs, params, ["the trainable leaves"])
     return FreezeState(inner_state,
                        _rules.StaticRules.from_resolution("frozen", res))
 
@@ -362,8 +381,8 @@ def stop_gradient(params: Any, frozen: Any, *, strict: bool = True) -> Any:
     >>> jax.grad(loss)(params)
     {'backbone': Array(0., dtype=float32, weak_type=True), 'head': Array(2., dtype=float32, weak_type=True)}
   """
-  rule_set = _frozen_rules("lw.stop_gradient", frozen)
-  res = rule_set.resolve(params, default=False, strict=strict)
+  rule_set, default = _frozen_rules("lw.stop_gradient", frozen)
+  res = rule_set.resolve(params, default=default, strict=strict)
   leaves = res.treedef.flatten_up_to(params)
   return res.treedef.unflatten(
       [jax.lax.stop_gradient(x) if f else x

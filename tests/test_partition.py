@@ -1,0 +1,331 @@
+"""Tests for partition, freeze and stop_gradient.
+
+References: optax's own transformations run on the group's subtree alone
+(``optax.adam`` on the generator's params), ``optax.partition`` with
+hand-written labels, hand computations of norms and state sizes, and, for
+``stop_gradient``, the XLA cost of a gradient taken only with respect to the
+trainable params.
+"""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import layerwise as lw
+
+RNG = np.random.default_rng(1)
+
+
+def normal(*shape):
+  return jnp.asarray(RNG.normal(size=shape).astype(np.float32))
+
+
+GAN = {
+    "generator": {"dense": {"kernel": normal(4, 8), "bias": normal(8)},
+                  "out": {"kernel": normal(8, 3)}},
+    "discriminator": {"dense": {"kernel": normal(3, 8), "bias": normal(8)},
+                      "out": {"kernel": normal(8, 1)}},
+}
+
+
+def grads_at(params, k):
+  """Deterministic gradients that change with the step and the params."""
+  return jax.tree_util.tree_map(lambda p: jnp.sin(p * (k + 1)) + 0.1 * p,
+                                params)
+
+
+def run(tx, params, steps=5):
+  """``steps`` jitted updates; returns the params and the last state."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, k):
+    updates, state = tx.update(grads_at(params, k), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for k in range(steps):
+    params, state = step(params, state, k)
+  return params, state
+
+
+def nbytes(tree):
+  return sum(x.size * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+# ----------------------------------------------------------------- partition
+
+
+def test_gan_groups_equal_separate_optimizers():
+  tx = lw.partition({"generator/**": optax.adam(1e-2),
+                     "discriminator/**": optax.adam(4e-2, b1=0.5)})
+  ours, _ = run(tx, GAN)
+  for name, ref_tx in (("generator", optax.adam(1e-2)),
+                       ("discriminator", optax.adam(4e-2, b1=0.5))):
+    # The reference sees the group's subtree only; grads_at is elementwise.
+    ref, _ = run(ref_tx, GAN[name])
+    chex.assert_trees_all_equal(ours[name], ref)
+
+
+def test_equals_optax_partition_with_hand_written_labels():
+  adam, sgd = optax.adam(1e-2), optax.sgd(0.1, momentum=0.9)
+  ours, _ = run(lw.partition({"**/bias": sgd, "**": adam}), GAN)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: "sgd" if path[-1].key == "bias" else "adam", GAN)
+  ref, _ = run(optax.partition({"sgd": sgd, "adam": adam}, labels), GAN)
+  chex.assert_trees_all_close(ours, ref, rtol=0, atol=0)
+
+
+def test_muon_style_split_by_ndim():
+  # Matrices to one optimizer (momentum SGD), everything else to Adam.
+  matrices = optax.sgd(0.1, momentum=0.9)
+  tx = lw.partition({lw.ndim_at_least(2): matrices, "**": optax.adam(1e-2)})
+  ours, state = run(tx, GAN)
+  labels = jax.tree_util.tree_map(lambda p: "m" if p.ndim >= 2 else "v", GAN)
+  ref, _ = run(optax.partition({"m": optax.sgd(0.1, momentum=0.9),
+                                "v": optax.adam(1e-2)}, labels), GAN)
+  chex.assert_trees_all_close(ours, ref, rtol=0, atol=0)
+  # State: one momentum buffer per matrix, Adam's two moments (and a count)
+  # per vector; nothing else.
+  leaves = jax.tree_util.tree_leaves(GAN)
+  matrix_bytes = sum(x.nbytes for x in leaves if x.ndim >= 2)
+  vector_bytes = sum(x.nbytes for x in leaves if x.ndim < 2)
+  assert nbytes(state) == matrix_bytes + 2 * vector_bytes + 4
+
+
+def test_shared_transformation_is_one_group():
+  adam = optax.adam(1e-2)
+  tx = lw.partition({"generator/**": adam, "discriminator/**": adam})
+  ours, state = run(tx, GAN)
+  assert len(state.inner_states) == 1
+  ref, _ = run(optax.adam(1e-2), GAN)
+  chex.assert_trees_all_equal(ours, ref)
+
+
+def test_group_norms_cover_their_group_only():
+  a = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
+  tx = lw.partition({"a": optax.chain(optax.clip_by_global_norm(1.0),
+                                      optax.sgd(1.0)),
+                     "b": optax.sgd(1.0)})
+  updates, _ = tx.update(a, tx.init(a))
+  # 'a' has norm 5 alone (13 with 'b'): clipped to norm 1 by its own norm.
+  np.testing.assert_allclose(updates["a"], [-0.6, -0.8], rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], [-12.0])
+
+
+def test_frozen_group_has_zero_update_and_no_state():
+  tx = lw.partition({"generator/**": optax.adam(1e-2),
+                     "discriminator/**": None})
+  params, state = run(tx, GAN)
+  chex.assert_trees_all_equal(params["discriminator"], GAN["discriminator"])
+  assert nbytes(state) == 2 * nbytes(GAN["generator"]) + 4
+  d = lw.describe(tx, GAN)
+  for row in d.rows:
+    frozen = row["path"].startswith("discriminator")
+    assert row["group"] == ("frozen" if frozen else "'generator/**'")
+    assert row["state_bytes"] == (0 if frozen else 8 * row["size"])
+
+
+def test_default_and_frozen_default():
+  tx = lw.partition({"generator/**": optax.sgd(1.0)}, default=None)
+  updates, _ = tx.update(GAN, tx.init(GAN))
+  chex.assert_trees_all_equal(updates["generator"], jax.tree_util.tree_map(
+      lambda x: -x, GAN["generator"]))
+  assert all(float(jnp.abs(u).sum()) == 0.0 for u in
+             jax.tree_util.tree_leaves(updates["discriminator"]))
+
+
+def test_extra_args_reach_every_group():
+  def scale_by_value():
+    def update_fn(updates, state, params=None, *, value, **extra):
+      del params, extra
+      return jax.tree_util.tree_map(lambda u: u * value, updates), state
+    return optax.GradientTransformationExtraArgs(
+        lambda params: optax.EmptyState(), update_fn)
+
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = lw.partition({"a": scale_by_value(), "b": optax.sgd(1.0)})
+  updates, _ = tx.update(params, tx.init(params), params, value=3.0)
+  np.testing.assert_array_equal(updates["a"], [3.0, 3.0])
+  np.testing.assert_array_equal(updates["b"], [-1.0, -1.0, -1.0])
+
+
+def test_partition_errors():
+  with pytest.raises(TypeError, match=r"Rule 'generator/\*\*' of lw.partition "
+                     r"has value 0.1 \(float\); each value must be an optax "
+                     "transformation"):
+    lw.partition({"generator/**": 0.1})
+  tx = lw.partition({"generatr/**": optax.adam(1e-3), "**": None})
+  with pytest.raises(lw.RuleError, match=re.escape(
+      "rule 0: 'generatr/**'  (closest: 'generator/**'")):
+    tx.init(GAN)
+  tx = lw.partition({"**": optax.sgd(1.0)})
+  state = tx.init(GAN)
+  with pytest.raises(ValueError, match="do not have the structure"):
+    tx.update(GAN["generator"], state)
+
+
+def test_partition_nests_and_finds_inner_rules():
+  inner = optax.chain(optax.adam(1e-2),
+                      lw.scale_by_rules({"**/kernel": 0.1, "**": 1.0}))
+  tx = lw.partition({"generator/**": inner,
+                     "discriminator/**": optax.sgd(0.1)})
+  params, state = run(tx, GAN)
+  ref, _ = run(inner, GAN["generator"])
+  chex.assert_trees_all_equal(params["generator"], ref)
+  # set_scale finds the scale_by_rules state inside the partition.
+  state = lw.set_scale(state, "generator/out/kernel", 0.0)
+  updates, _ = tx.update(grads_at(params, 0), state, params)
+  assert float(jnp.abs(updates["generator"]["out"]["kernel"]).sum()) == 0.0
+  d = lw.describe(tx, GAN)
+  assert d.columns == ("path", "shape", "dtype", "size", "group", "scale",
+                       "state_bytes")
+  assert [r["scale"] for r in d.rows] == [None] * 3 + [1.0, 0.1, 0.1]
+
+
+# -------------------------------------------------------------------- freeze
+
+
+@pytest.mark.parametrize("frozen", [
+    "discriminator/**",
+    {"discriminator/**": True, "**": False},
+    lambda path, leaf: path.startswith("discriminator"),
+])
+def test_freeze_equals_partition_with_set_to_zero(frozen):
+  inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+  ours, _ = run(lw.freeze(inner, frozen), GAN)
+  labels = {"generator": "train", "discriminator": "frozen"}
+  ref, _ = run(optax.partition({"train": inner,
+                                "frozen": optax.set_to_zero()}, labels), GAN)
+  chex.assert_trees_all_equal(ours, ref)
+  chex.assert_trees_all_equal(ours["discriminator"], GAN["discriminator"])
+
+
+def test_frozen_leaves_hold_no_state():
+  tx = lw.freeze(optax.adamw(1e-3), "discriminator/**")
+  state = tx.init(GAN)
+  # Exactly Adam's state for the generator alone: two moments and a count.
+  assert nbytes(state) == nbytes(optax.adamw(1e-3).init(GAN["generator"]))
+  assert nbytes(state) == 2 * nbytes(GAN["generator"]) + 4
+  abstract = jax.eval_shape(tx.init, GAN)
+  assert nbytes(abstract) == nbytes(state)
+  for row in lw.describe(tx, GAN).rows:
+    frozen = row["path"].startswith("discriminator")
+    assert row["frozen"] is frozen
+    assert row["state_bytes"] == (0 if frozen else 8 * row["size"])
+
+
+def test_frozen_leaves_are_left_out_of_norms():
+  params = {"backbone": jnp.array([6.0, 8.0]), "head": jnp.array([3.0, 4.0])}
+  # Inside: the global norm is the head's, 5 (with the backbone it is 15).
+  tx = lw.freeze(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)),
+                 "backbone")
+  updates, _ = tx.update(params, tx.init(params))
+  np.testing.assert_allclose(updates["head"], [-0.6, -0.8], rtol=1e-6)
+  # Downstream: the frozen update is zero, so adds nothing to a norm.
+  norm = jnp.sqrt(sum(jnp.sum(u**2) for u in jax.tree_util.tree_leaves(updates)))
+  assert float(norm) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_nan_in_frozen_gradients_does_not_spread():
+  grads = {"backbone": jnp.array([jnp.nan, 1.0]), "head": jnp.array([3.0])}
+  tx = lw.freeze(optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)),
+                 "backbone")
+  updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_array_equal(updates["backbone"], [0.0, 0.0])
+  np.testing.assert_allclose(updates["head"], [-0.1], rtol=1e-5)
+  assert not any(bool(jnp.isnan(x).any())
+                 for x in jax.tree_util.tree_leaves(state))
+
+
+def test_freeze_keeps_dtypes():
+  params = {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}
+  updates, _ = lw.freeze(optax.sgd(0.5), "a").update(
+      params, lw.freeze(optax.sgd(0.5), "a").init(params))
+  assert updates["a"].dtype == updates["b"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(updates["b"].astype(jnp.float32), [-0.5] * 3)
+
+
+def test_freeze_on_nnx_state(nnx_model):
+  params = nnx.state(nnx_model, nnx.Param)
+  tx = lw.freeze(optax.adam(1e-3), "layers/**")
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  for path, u in zip(jax.tree_util.tree_leaves(lw.paths(updates)),
+                     jax.tree_util.tree_leaves(updates)):
+    assert (float(jnp.abs(u).sum()) == 0.0) == path.startswith("layers/")
+  trainable = sum(x.nbytes for p, x in zip(
+      jax.tree_util.tree_leaves(lw.paths(params)),
+      jax.tree_util.tree_leaves(params)) if not p.startswith("layers/"))
+  assert nbytes(state) == 2 * trainable + 4
+
+
+def test_freeze_errors():
+  with pytest.raises(lw.RuleError, match=re.escape(
+      "rule 0: 'discriminatr/**'  (closest: 'discriminator/**'")):
+    lw.freeze(optax.sgd(1.0), "discriminatr/**").init(GAN)
+  with pytest.raises(TypeError, match="maps selectors to True"):
+    lw.freeze(optax.sgd(1.0), {"discriminator/**": 1})
+  with pytest.raises(TypeError, match="wraps an optax transformation"):
+    lw.freeze("discriminator/**", optax.sgd(1.0))
+  with pytest.raises(lw.RuleError, match="match no rule"):
+    lw.freeze(optax.sgd(1.0), {"discriminator/**": True}).init(GAN)
+  # A rule set inside freeze sees the trainable leaves only.
+  inner = optax.chain(optax.sgd(1.0),
+                      lw.scale_by_rules({"discriminator/**": 0.1, "**": 1.0}))
+  with pytest.raises(lw.RuleError, match=re.escape(
+      "belongs to the optimizer of the trainable leaves, which sees only its "
+      "3 parameter(s)")) as info:
+    lw.freeze(inner, "discriminator/**").init(GAN)
+  assert info.value.unused == ("'discriminator/**'",)
+
+
+# ------------------------------------------------------------- stop_gradient
+
+B, D = 32, 128
+MLP = {f"l{i}": {"w": normal(D, D) * 0.05, "b": normal(D)} for i in range(3)}
+X = normal(B, D)
+
+
+def mlp_loss(params):
+  x = X
+  for i in range(3):
+    x = jnp.tanh(x @ params[f"l{i}"]["w"] + params[f"l{i}"]["b"])
+  return jnp.sum(x**2)
+
+
+def flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost  # jax < 0.4.36: a list
+  return cost["flops"]
+
+
+def test_stop_gradient_zeroes_frozen_gradients_only():
+  grads = jax.grad(lambda p: mlp_loss(lw.stop_gradient(p, "l[01]/**")))(MLP)
+  full = jax.grad(mlp_loss)(MLP)
+  for layer in ("l0", "l1"):
+    for x in jax.tree_util.tree_leaves(grads[layer]):
+      np.testing.assert_array_equal(x, 0.0)
+  chex.assert_trees_all_equal(grads["l2"], full["l2"])
+  chex.assert_trees_all_equal(lw.stop_gradient(MLP, "l[01]/**"), MLP)
+
+
+def test_stop_gradient_skips_the_frozen_backward_pass():
+  frozen = {"l0/**": True, "l1/**": True, "**": False}
+  ours = flops(jax.grad(lambda p: mlp_loss(lw.stop_gradient(p, frozen))), MLP)
+
+  def trainable_only(params):  # the reference: differentiate l2 alone
+    rest = {k: v for k, v in params.items() if k != "l2"}
+    return jax.grad(lambda l2: mlp_loss({**rest, "l2": l2}))(params["l2"])
+
+  assert ours == flops(trainable_only, MLP)
+  # Four B x D x D matmuls fewer than the full gradient: the weight
+  # gradients of l0 and l1 and the input gradients of l1 and l2.
+  assert flops(jax.grad(mlp_loss), MLP) - ours >= 4 * 2 * B * D * D
