@@ -271,7 +271,9 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
     total       5      80  100.0%          668
     (total state bytes include 8 not held by one parameter, such as step counts)
   """
-  if isinstance(obj, optax.GradientTransformation):
+  if isinstance(obj, optax.GradientTransformation) or (
+      callable(getattr(obj, "init", None))
+      and callable(getattr(obj, "update", None))):  # optax.MultiSteps, ...
     return _describe_transformation(obj, params)
   if (not isinstance(obj, (Mapping, Sequence, _rules.RuleSet))
       or isinstance(obj, (str, bytes)) or hasattr(obj, "_fields")):

@@ -115,6 +115,17 @@ class _Routes:
     return self.treedef.unflatten(out), tuple(new_states)
 
 
+def _as_transformation(value: Any) -> Any:
+  """An optax transformation, or an object with its ``init`` and ``update``
+  (``optax.MultiSteps``); ``None`` for anything else."""
+  if isinstance(value, optax.GradientTransformation):
+    return optax.with_extra_args_support(value)
+  if callable(getattr(value, "init", None)) and callable(
+      getattr(value, "update", None)) and not isinstance(value, type):
+    return optax.GradientTransformationExtraArgs(value.init, value.update)
+  return None
+
+
 def _routes(res: _rules.Resolution, groups: Sequence[int]) -> _Routes:
   return _Routes(groups, res.treedef)
 
@@ -211,7 +222,8 @@ def partition(
   def group_of(value: Any, text: str) -> int:
     if value is None:
       return -1
-    if not isinstance(value, optax.GradientTransformation):
+    tx = _as_transformation(value)
+    if tx is None:
       raise TypeError(
           f"Rule {text} of lw.partition has value {value!r} "
           f"({type(value).__name__}); each value must be an optax "
@@ -219,7 +231,7 @@ def partition(
           "freeze the leaves.")
     if id(value) not in index:
       index[id(value)] = len(txs)
-      txs.append(optax.with_extra_args_support(value))
+      txs.append(tx)
       names.append(text)
     return index[id(value)]
 
@@ -325,12 +337,13 @@ def freeze(
     >>> sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # 2 moments of head/w
     20
   """
-  if not isinstance(inner, optax.GradientTransformation):
+  tx = _as_transformation(inner)
+  if tx is None:
     raise TypeError(
         f"lw.freeze wraps an optax transformation, got "
         f"{type(inner).__name__}; call lw.freeze(optax.adam(...), frozen).")
   rule_set, default = _frozen_rules("lw.freeze", frozen)
-  txs = [optax.with_extra_args_support(inner)]
+  txs = [tx]
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
     res = rule_set.resolve(tree, default=default, strict=strict)

@@ -329,3 +329,31 @@ def test_stop_gradient_skips_the_frozen_backward_pass():
   # Four B x D x D matmuls fewer than the full gradient: the weight
   # gradients of l0 and l1 and the input gradients of l1 and l2.
   assert flops(jax.grad(mlp_loss), MLP) - ours >= 4 * 2 * B * D * D
+
+
+# ------------------------------------------------------------ composition
+
+
+def test_freeze_wraps_multisteps_and_apply_if_finite_wraps_partition():
+  # MultiSteps inside freeze accumulates the trainable gradients only.
+  tx = lw.freeze(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+                 "discriminator/**")
+  ref = optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)
+  ours, state = run(tx, GAN, steps=4)
+  expected, _ = run(ref, GAN["generator"], steps=4)
+  chex.assert_trees_all_equal(ours["generator"], expected)
+  chex.assert_trees_all_equal(ours["discriminator"], GAN["discriminator"])
+  assert nbytes(state) == nbytes(jax.eval_shape(ref.init, GAN["generator"]))
+  assert all(r["state_bytes"] == 0 for r in lw.describe(tx, GAN).rows
+             if r["frozen"])
+
+  tx = optax.apply_if_finite(
+      lw.partition({"discriminator/**": None, "**": optax.sgd(1.0)}), 3)
+  state = tx.init(GAN)
+  grads = jax.tree_util.tree_map(jnp.ones_like, GAN)
+  grads["generator"]["out"]["kernel"] = grads["generator"]["out"]["kernel"].at[
+      0, 0].set(jnp.inf)
+  updates, state = jax.jit(tx.update)(grads, state, GAN)
+  assert all(float(jnp.abs(u).sum()) == 0.0
+             for u in jax.tree_util.tree_leaves(updates))  # step skipped
+  assert int(state.notfinite_count) == 1
