@@ -9,11 +9,17 @@ in one process, interleaved, with donated buffers and warm-up steps:
   ``adamw(lr * r_g)`` per group;
 * ``layerwise``: ``optax.chain(optax.adamw(lr), lw.scale_by_rules(r))``.
 
-Prints compile time, median step time and optimizer-state bytes, each as a
-ratio to plain adamw, and writes the numbers as JSON (``--out``).
+Then, in rows marked ``frz``, the embeddings and the lower half of the
+blocks frozen: plain ``adamw`` (training everything), ``lw.freeze(adamw,
+frozen)``, and the hand-written ``optax.partition`` with ``set_to_zero``.
 
-Run:  python benchmarks/groups.py [--steps 10] [--repeats 3] [--trees bert_base,deep_narrow]
-      [--groups 2,14,50,200] [--no-partition] [--out groups.json]
+Prints compile time (median of ``--compile-repeats`` interleaved compiles),
+median step time and optimizer-state bytes, each as a ratio to plain adamw,
+and writes the numbers as JSON (``--out``).
+
+Run:  python benchmarks/groups.py [--steps 10] [--repeats 3] [--compile-repeats 3]
+      [--trees bert_base,deep_narrow]
+      [--groups 2,14,50,200] [--no-partition] [--no-freeze] [--out groups.json]
 """
 
 import argparse
@@ -48,6 +54,70 @@ def optimizers(tree, groups, with_partition):
         {f"g{k}": optax.adamw(LR * m, weight_decay=WD)
          for k, m in enumerate(mults)}, labels)
   return out
+
+
+def frozen_optimizers(tree):
+  """Embeddings and the lower half of the blocks frozen, the rest adamw."""
+  blocks = sorted({p.split("/")[1] for p in jax.tree_util.tree_leaves(lw.paths(tree))
+                   if p.startswith("encoder/")}, key=lambda b: int(b.split("_")[1]))
+  frozen = lw.any_of("embeddings/**",
+                     *(f"encoder/{b}/**" for b in blocks[:len(blocks) // 2]))
+  labels = lw.labels({frozen: "frozen", "**": "train"})
+  return {
+      "plain": optax.adamw(LR, weight_decay=WD),
+      "lw.freeze": lw.freeze(optax.adamw(LR, weight_decay=WD), frozen),
+      "partition": optax.partition(
+          {"train": optax.adamw(LR, weight_decay=WD),
+           "frozen": optax.set_to_zero()}, labels),
+  }
+
+
+def compile_seconds(tx, tree):
+  """Seconds to lower and compile the donated step, on abstract arguments."""
+  state = jax.eval_shape(tx.init, tree)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  t0 = time.perf_counter()
+  jax.jit(step, donate_argnums=(0, 1)).lower(tree, state, tree).compile()
+  return time.perf_counter() - t0
+
+
+def compare(tree_name, tree, groups, txs, args):
+  """Builds, warms up and times ``txs`` interleaved; prints one row each.
+
+  Compile time is the median of ``--compile-repeats`` compiles, interleaved
+  across the variants (one compile varies by 10-20% on a busy machine).
+  """
+  built = {name: build(tx, tree, jax.random.PRNGKey(0)) for name, tx in txs.items()}
+  compiles = {name: [b[3]] for name, b in built.items()}
+  for _ in range(args.compile_repeats - 1):
+    for name, tx in txs.items():
+      compiles[name].append(compile_seconds(tx, tree))
+  samples = {name: [] for name in txs}
+  for name, (compiled, carry, grads, _) in built.items():  # warm-up
+    time_steps(compiled, carry, grads, 2)
+  for _ in range(args.repeats):  # interleaved rounds
+    for name, (compiled, carry, grads, _) in built.items():
+      samples[name] += time_steps(compiled, carry, grads, args.steps)
+  base, rows = None, []
+  for name in txs:
+    row = dict(tree=tree_name, groups=groups, variant=name,
+               compile_s=statistics.median(compiles[name]),
+               step_ms=1e3 * statistics.median(samples[name]),
+               state_bytes=state_bytes(txs[name], tree))
+    base = base or row
+    row.update(compile_ratio=row["compile_s"] / base["compile_s"],
+               step_ratio=row["step_ms"] / base["step_ms"],
+               state_ratio=row["state_bytes"] / base["state_bytes"])
+    rows.append(row)
+    print(f"{tree_name:<12} {groups:>6} {name:<10} {row['compile_s']:>9.2f} "
+          f"{row['step_ms']:>9.1f} {row['state_bytes'] / 2**20:>9.1f} "
+          f"{row['compile_ratio']:>9.2f} {row['step_ratio']:>7.2f} "
+          f"{row['state_ratio']:>7.2f}", flush=True)
+  return rows
 
 
 def state_bytes(tx, tree):
@@ -92,6 +162,10 @@ def main():
   parser.add_argument("--groups", default="2,14,50,200")
   parser.add_argument("--no-partition", action="store_true",
                       help="skip the hand-written optax.partition (slow to compile)")
+  parser.add_argument("--compile-repeats", type=int, default=3,
+                      help="compiles per variant (median reported)")
+  parser.add_argument("--no-freeze", action="store_true",
+                      help="skip the frozen-layers comparison (rows 'frz')")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
@@ -105,30 +179,10 @@ def main():
   for tree_name in args.trees.split(","):
     tree = getattr(_trees, tree_name)()
     for groups in map(int, args.groups.split(",")):
-      txs = optimizers(tree, groups, not args.no_partition)
-      built = {name: build(tx, tree, jax.random.PRNGKey(0)) for name, tx in txs.items()}
-      samples = {name: [] for name in txs}
-      for name, (compiled, carry, grads, _) in built.items():  # warm-up
-        time_steps(compiled, carry, grads, 2)
-      for _ in range(args.repeats):  # interleaved rounds
-        for name, (compiled, carry, grads, _) in built.items():
-          samples[name] += time_steps(compiled, carry, grads, args.steps)
-      base = None
-      for name in txs:
-        row = dict(tree=tree_name, groups=groups, variant=name,
-                   compile_s=built[name][3],
-                   step_ms=1e3 * statistics.median(samples[name]),
-                   state_bytes=state_bytes(txs[name], tree))
-        base = base or row
-        row.update(compile_ratio=row["compile_s"] / base["compile_s"],
-                   step_ratio=row["step_ms"] / base["step_ms"],
-                   state_ratio=row["state_bytes"] / base["state_bytes"])
-        results.append(row)
-        print(f"{tree_name:<12} {groups:>6} {name:<10} {row['compile_s']:>9.2f} "
-              f"{row['step_ms']:>9.1f} {row['state_bytes'] / 2**20:>9.1f} "
-              f"{row['compile_ratio']:>9.2f} {row['step_ratio']:>7.2f} "
-              f"{row['state_ratio']:>7.2f}", flush=True)
-      del built
+      results += compare(tree_name, tree, groups,
+                         optimizers(tree, groups, not args.no_partition), args)
+    if not args.no_freeze:
+      results += compare(tree_name, tree, "frz", frozen_optimizers(tree), args)
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"jax": jax.__version__, "optax": optax.__version__,

@@ -126,12 +126,9 @@ def _as_transformation(value: Any) -> Any:
   return None
 
 
-def _routes(res: _rules.Resolution, groups: Sequence[int]) -> _Routes:
-  return _Routes(groups, res.treedef)
-
-
-def _check_structure(fn: str, updates: Any, info: _rules.StaticRules,
+def _check_structure(fn: str, info: _rules.StaticRules,
                      res: _rules.Resolution) -> None:
+  """The updates must have the paths of the params given to ``init``."""
   if res.paths != info.paths:
     raise ValueError(
         f"{fn}: the updates do not have the structure of the params given to "
@@ -244,7 +241,7 @@ def partition(
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
     res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _routes(res, res.values)
+    return res, _Routes(res.values, res.treedef)
 
   def static(res: _rules.Resolution) -> _rules.StaticRules:
     info = _rules.StaticRules.from_resolution("group", res)
@@ -258,7 +255,7 @@ def partition(
 
   def update_fn(updates, state, params=None, **extra_args):
     res, routes = resolve(updates)
-    _check_structure("lw.partition", updates, state.rules, res)
+    _check_structure("lw.partition", state.rules, res)
     new_updates, inner = routes.update(txs, updates, state.inner_states,
                                        params, extra_args)
     return new_updates, PartitionState(inner, state.rules)
@@ -347,7 +344,7 @@ def freeze(
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
     res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _routes(res, [-1 if f else 0 for f in res.values])
+    return res, _Routes([-1 if f else 0 for f in res.values], res.treedef)
 
   def init_fn(params):
     res, routes = resolve(params)
@@ -357,7 +354,7 @@ def freeze(
 
   def update_fn(updates, state, params=None, **extra_args):
     res, routes = resolve(updates)
-    _check_structure("lw.freeze", updates, state.rules, res)
+    _check_structure("lw.freeze", state.rules, res)
     new_updates, (inner_state,) = routes.update(
         txs, updates, (state.inner_state,), params, extra_args)
     return new_updates, FreezeState(inner_state, state.rules)
