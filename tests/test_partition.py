@@ -317,6 +317,28 @@ def test_stop_gradient_zeroes_frozen_gradients_only():
   chex.assert_trees_all_equal(lw.stop_gradient(MLP, "l[01]/**"), MLP)
 
 
+def test_stop_gradient_on_nnx_state(nnx_model):
+  graphdef, params = nnx.split(nnx_model, nnx.Param)
+  x = jnp.ones((2, 4))
+
+  def loss(params, frozen):
+    if frozen is not None:
+      params = lw.stop_gradient(params, frozen)
+    return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+  grads = jax.grad(loss)(params, "layers/**")
+  full = jax.grad(loss)(params, None)
+  paths = jax.tree_util.tree_leaves(lw.paths(grads))
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(
+      params)
+  for path, g, f in zip(paths, jax.tree_util.tree_leaves(grads),
+                        jax.tree_util.tree_leaves(full)):
+    if path.startswith("layers/"):
+      np.testing.assert_array_equal(g, np.zeros_like(g))
+    else:
+      np.testing.assert_array_equal(g, f)
+
+
 def test_stop_gradient_skips_the_frozen_backward_pass():
   frozen = {"l0/**": True, "l1/**": True, "**": False}
   ours = flops(jax.grad(lambda p: mlp_loss(lw.stop_gradient(p, frozen))), MLP)
