@@ -790,11 +790,20 @@ class StaticRules:
   values: tuple[Any, ...]
 
   @classmethod
-  def from_resolution(cls, kind: str, res: Resolution) -> "StaticRules":
+  def from_resolution(cls, kind: str, res: Resolution,
+                      values: Sequence[Any] | None = None) -> "StaticRules":
+    """The metadata of ``res``; ``values`` replaces the rules' values."""
     return cls(kind, res.paths, tuple(tuple(s.shape) for s in res.specs),
                tuple(str(s.dtype) for s in res.specs),
                tuple(res.rule_text(i) for i in range(len(res.paths))),
-               res.values)
+               res.values if values is None else tuple(values))
+
+  def structure_error(self, fn: str, num_leaves: int) -> ValueError:
+    """The error for updates that are not shaped like the params at init."""
+    return ValueError(
+        f"{fn}: the updates do not have the structure of the params given "
+        f"to init ({num_leaves} leaves now, {len(self.paths)} at init: "
+        f"{list(self.paths[:5])}...). Pass updates shaped like the params.")
 
   def _key(self) -> tuple[Any, ...]:
     values = tuple(v if isinstance(v, (int, float, str, type(None)))

@@ -17,6 +17,7 @@ add nothing to any norm computed downstream.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -64,21 +65,25 @@ class _Routes:
     self.groups = tuple(groups)
     self.treedef = treedef
 
-  def mask(self, tree: Any, group: int) -> Any:
-    """``tree`` with the leaves of other groups replaced by ``MaskedNode``."""
-    if tree is None:
+  def mask(self, leaves: Sequence[Any] | None, group: int) -> Any:
+    """The tree of ``leaves`` (flattened with ``treedef``), with the leaves
+    of other groups replaced by ``MaskedNode``; ``None`` stays ``None``."""
+    if leaves is None:
       return None
-    leaves = self.treedef.flatten_up_to(tree)
     return self.treedef.unflatten(
         [x if g == group else optax.MaskedNode()
          for x, g in zip(leaves, self.groups)])
 
+  def flatten(self, tree: Any) -> list[Any] | None:
+    return None if tree is None else self.treedef.flatten_up_to(tree)
+
   def init(self, txs: Sequence[Any], params: Any,
            names: Sequence[str]) -> tuple[Any, ...]:
     states = []
+    param_leaves = self.flatten(params)
     for k, tx in enumerate(txs):
       try:
-        states.append(tx.init(self.mask(params, k)))
+        states.append(tx.init(self.mask(param_leaves, k)))
       except _rules.RuleError as e:
         # A rule set inside sees the group's leaves only: say so.
         n = sum(g == k for g in self.groups)
@@ -93,13 +98,15 @@ class _Routes:
 
   def update(self, txs: Sequence[Any], updates: Any, states: Sequence[Any],
              params: Any, extra_args: Mapping[str, Any]) -> tuple[Any, Any]:
-    leaves = self.treedef.flatten_up_to(updates)
+    leaves = self.flatten(updates)
+    param_leaves = self.flatten(params)
     out: list[Any] = [None] * len(leaves)
     new_states = []
     for k, (tx, state) in enumerate(zip(txs, states)):
       members = [i for i, g in enumerate(self.groups) if g == k]
       new_updates, new_state = tx.update(
-          self.mask(updates, k), state, self.mask(params, k), **extra_args)
+          self.mask(leaves, k), state, self.mask(param_leaves, k),
+          **extra_args)
       new_leaves = jax.tree_util.tree_leaves(new_updates)
       if len(new_leaves) != len(members):
         raise ValueError(
@@ -130,10 +137,7 @@ def _check_structure(fn: str, info: _rules.StaticRules,
                      res: _rules.Resolution) -> None:
   """The updates must have the paths of the params given to ``init``."""
   if res.paths != info.paths:
-    raise ValueError(
-        f"{fn}: the updates do not have the structure of the params given to "
-        f"init ({len(res.paths)} leaves now, {len(info.paths)} at init: "
-        f"{list(info.paths[:5])}...). Pass updates shaped like the params.")
+    raise info.structure_error(fn, len(res.paths))
 
 
 # ---------------------------------------------------------------- partition
@@ -244,10 +248,8 @@ def partition(
     return res, _Routes(res.values, res.treedef)
 
   def static(res: _rules.Resolution) -> _rules.StaticRules:
-    info = _rules.StaticRules.from_resolution("group", res)
-    return _rules.StaticRules(
-        info.kind, info.paths, info.shapes, info.dtypes, info.rule_texts,
-        tuple(FROZEN if g < 0 else names[g] for g in res.values))
+    return _rules.StaticRules.from_resolution(
+        "group", res, [FROZEN if g < 0 else names[g] for g in res.values])
 
   def init_fn(params):
     res, routes = resolve(params)
@@ -283,6 +285,11 @@ def _frozen_rules(fn: str, frozen: Any) -> tuple[_rules.RuleSet, Any]:
           f"{fn}: rule {c.text} has value {v!r}; a frozen rule set maps "
           "selectors to True (frozen) or False (trained).")
   return rule_set, _rules.MISSING
+
+
+@functools.lru_cache(maxsize=32)
+def _stop_gradient_rules(frozen: Any) -> tuple[_rules.RuleSet, Any]:
+  return _frozen_rules("lw.stop_gradient", frozen)
 
 
 def freeze(
@@ -391,7 +398,14 @@ def stop_gradient(params: Any, frozen: Any, *, strict: bool = True) -> Any:
     >>> jax.grad(loss)(params)
     {'backbone': Array(0., dtype=float32, weak_type=True), 'head': Array(2., dtype=float32, weak_type=True)}
   """
-  rule_set, default = _frozen_rules("lw.stop_gradient", frozen)
+  # Called in the loss, often eagerly at every step: reuse the rule set (and
+  # its per-structure match cache) for the same ``frozen``.
+  try:
+    hash(frozen)
+  except TypeError:  # a dict: build the rule set for this call
+    rule_set, default = _frozen_rules("lw.stop_gradient", frozen)
+  else:
+    rule_set, default = _stop_gradient_rules(frozen)
   res = rule_set.resolve(params, default=default, strict=strict)
   leaves = res.treedef.flatten_up_to(params)
   return res.treedef.unflatten(

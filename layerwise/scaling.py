@@ -58,6 +58,19 @@ def _check_multiplier(value: Any, text: str, what: str = "multiplier") -> Any:
   return float(value)
 
 
+def _checked_rules(rules: _rules.Rules, default: Any,
+                   what: str) -> tuple[_rules.RuleSet, Any]:
+  """A rule set of multipliers (or weight decays), each checked, and the
+  checked default."""
+  given = _rules.RuleSet(rules, what=what)
+  rule_set = _rules.RuleSet(
+      [(c, _check_multiplier(v, c.text, what))
+       for c, v in zip(given.selectors, given.values)], what=what)
+  if default is not _rules.MISSING:
+    default = _check_multiplier(default, "default", what)
+  return rule_set, default
+
+
 def _schedule_value(schedule: Callable[[Any], Any], count: jax.Array,
                     text: str) -> jax.Array:
   value = jnp.asarray(schedule(count))
@@ -131,12 +144,7 @@ def scale_by_rules(
     >>> updates["head"]["w"], updates["backbone"]["w"]
     (Array([0., 0.], dtype=float32), Array([1., 1.], dtype=float32))
   """
-  given = _rules.RuleSet(rules, what="multiplier")
-  rule_set = _rules.RuleSet(
-      [(c, _check_multiplier(v, c.text))
-       for c, v in zip(given.selectors, given.values)], what="multiplier")
-  if default is not _rules.MISSING:
-    default = _check_multiplier(default, "default")
+  rule_set, default = _checked_rules(rules, default, "multiplier")
 
   def init_fn(params):
     res = rule_set.resolve(params, default=default, strict=strict)
@@ -154,11 +162,7 @@ def scale_by_rules(
     leaves, treedef = jax.tree_util.tree_flatten(updates)
     factors, mtreedef = jax.tree_util.tree_flatten(state.multipliers)
     if treedef != mtreedef:
-      raise ValueError(
-          "scale_by_rules: the updates do not have the structure of the "
-          f"params given to init ({len(leaves)} leaves now, "
-          f"{len(info.paths)} at init: {list(info.paths[:5])}...). Pass "
-          "updates shaped like the params.")
+      raise info.structure_error("scale_by_rules", len(leaves))
     out = []
     for u, factor, value, text in zip(leaves, factors, info.values,
                                       info.rule_texts):
@@ -337,12 +341,7 @@ def add_decayed_weights(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
   """
-  given = _rules.RuleSet(rules, what="weight decay")
-  rule_set = _rules.RuleSet(
-      [(c, _check_multiplier(v, c.text, "weight decay"))
-       for c, v in zip(given.selectors, given.values)], what="weight decay")
-  if default is not _rules.MISSING:
-    default = _check_multiplier(default, "default", "weight decay")
+  rule_set, default = _checked_rules(rules, default, "weight decay")
 
   def init_fn(params):
     res = rule_set.resolve(params, default=default, strict=strict)
@@ -357,8 +356,9 @@ def add_decayed_weights(
           "tx.update(updates, state, params).")
     info = state.rules
     leaves, treedef = jax.tree_util.tree_flatten(updates)
+    if len(leaves) != len(info.paths):
+      raise info.structure_error("add_decayed_weights", len(leaves))
     p_leaves = treedef.flatten_up_to(params)
-    _check_leaves("add_decayed_weights", leaves, info)
     out = []
     for u, p, wd, text in zip(leaves, p_leaves, info.values, info.rule_texts):
       if callable(wd):
@@ -371,16 +371,6 @@ def add_decayed_weights(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_leaves(fn: str, leaves: Sequence[Any],
-                  info: _rules.StaticRules) -> None:
-  """The updates must have as many leaves as the params given to init."""
-  if len(leaves) != len(info.paths):
-    raise ValueError(
-        f"{fn}: the updates do not have the structure of the params given to "
-        f"init ({len(leaves)} leaves now, {len(info.paths)} at init: "
-        f"{list(info.paths[:5])}...). Pass updates shaped like the params.")
 
 
 # ------------------------------------------------- layer_decay / discriminative
