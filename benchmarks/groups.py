@@ -72,19 +72,6 @@ def frozen_optimizers(tree):
   }
 
 
-def compile_seconds(tx, tree):
-  """Seconds to lower and compile the donated step, on abstract arguments."""
-  state = jax.eval_shape(tx.init, tree)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  t0 = time.perf_counter()
-  jax.jit(step, donate_argnums=(0, 1)).lower(tree, state, tree).compile()
-  return time.perf_counter() - t0
-
-
 def compare(tree_name, tree, groups, txs, args):
   """Builds, warms up and times ``txs`` interleaved; prints one row each.
 
@@ -95,7 +82,8 @@ def compare(tree_name, tree, groups, txs, args):
   compiles = {name: [b[3]] for name, b in built.items()}
   for _ in range(args.compile_repeats - 1):
     for name, tx in txs.items():
-      compiles[name].append(compile_seconds(tx, tree))
+      compiles[name].append(
+          compile_step(tx, tree, jax.eval_shape(tx.init, tree), tree)[1])
   samples = {name: [] for name in txs}
   for name, (compiled, carry, grads, _) in built.items():  # warm-up
     time_steps(compiled, carry, grads, 2)
@@ -125,6 +113,20 @@ def state_bytes(tx, tree):
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
 
 
+def compile_step(tx, params, state, grads):
+  """Lowers and compiles the donated step; returns it and the seconds taken.
+
+  The arguments may be arrays or ``jax.ShapeDtypeStruct``s.
+  """
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  return compiled, time.perf_counter() - t0
+
+
 def build(tx, tree, key):
   """Allocates params, grads and state; compiles a donated step."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -133,14 +135,7 @@ def build(tx, tree, key):
       [jax.random.normal(k, x.shape, x.dtype) * 0.02 for k, x in zip(keys, leaves)])
   grads = jax.tree_util.tree_map(lambda p: p * 1e-3 + 1e-4, params)
   state = jax.jit(tx.init)(params)
-
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  t0 = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-  compile_s = time.perf_counter() - t0
+  compiled, compile_s = compile_step(tx, params, state, grads)
   return compiled, [params, state], grads, compile_s
 
 
