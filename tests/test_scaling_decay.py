@@ -136,10 +136,13 @@ def resolved(rules, params):
   return dict(zip(paths, values))
 
 
-def timm_reference(params, matcher, decay, **kwargs):
+def timm_reference(params, matcher, decay, options):
+  """timm's scales for our layer_decay ``options`` (min_scale, freeze_below
+  is timm's no_opt_scale), as {path: multiplier}."""
   paths = jax.tree_util.tree_leaves(lw.paths(params))
   scales = timm_scales([timm_name(p) for p in paths], matcher, decay,
-                       **kwargs)
+                       min_scale=options.get("min_scale", 0.0),
+                       no_opt_scale=options.get("freeze_below"))
   return {p: scales[timm_name(p)] for p in paths}
 
 
@@ -162,9 +165,7 @@ SCALE_OPTIONS = [
 def test_vit_matches_timm(decay, options, block):
   params = vit_params()
   got = resolved(layer_decay(decay, params, block=block, **options), params)
-  timm_kwargs = {"min_scale": options.get("min_scale", 0.0),
-                 "no_opt_scale": options.get("freeze_below")}
-  assert got == timm_reference(params, VIT_MATCHER, decay, **timm_kwargs)
+  assert got == timm_reference(params, VIT_MATCHER, decay, options)
   assert all(type(v) is float for v in got.values())  # pylint: disable=unidiomatic-typecheck
 
 
@@ -175,9 +176,7 @@ def test_vit_matches_timm(decay, options, block):
 def test_bert_matches_timm(decay, options, block):
   params = bert_params()
   got = resolved(layer_decay(decay, params, block=block, **options), params)
-  timm_kwargs = {"min_scale": options.get("min_scale", 0.0),
-                 "no_opt_scale": options.get("freeze_below")}
-  assert got == timm_reference(params, BERT_MATCHER, decay, **timm_kwargs)
+  assert got == timm_reference(params, BERT_MATCHER, decay, options)
 
 
 def test_vit_values_spelled_out():
@@ -199,7 +198,7 @@ def test_fc_norm_goes_with_the_head_as_in_timm():
   # head's group.
   params = vit_params(final_norm="fc_norm")
   got = resolved(layer_decay(0.65, params), params)
-  assert got == timm_reference(params, VIT_MATCHER, 0.65)
+  assert got == timm_reference(params, VIT_MATCHER, 0.65, {})
   assert got["fc_norm/scale"] == 1.0
 
 
