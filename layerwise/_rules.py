@@ -781,6 +781,9 @@ class StaticRules:
     dtypes: each leaf's dtype name.
     rule_texts: the selector each leaf matched, as shown to users.
     values: the value each leaf got, as given in the rules.
+    groups: for states that keep statistics per group of leaves (clipping
+      norms), each leaf's group name, the key of its statistics in the
+      state (``None`` for a leaf in no group); ``None`` otherwise.
   """
   kind: str
   paths: tuple[str, ...]
@@ -788,15 +791,19 @@ class StaticRules:
   dtypes: tuple[str, ...]
   rule_texts: tuple[str, ...]
   values: tuple[Any, ...]
+  groups: tuple[str | None, ...] | None = None
 
   @classmethod
   def from_resolution(cls, kind: str, res: Resolution,
-                      values: Sequence[Any] | None = None) -> "StaticRules":
+                      values: Sequence[Any] | None = None,
+                      groups: Sequence[str | None] | None = None
+                      ) -> "StaticRules":
     """The metadata of ``res``; ``values`` replaces the rules' values."""
     return cls(kind, res.paths, tuple(tuple(s.shape) for s in res.specs),
                tuple(str(s.dtype) for s in res.specs),
                tuple(res.rule_text(i) for i in range(len(res.paths))),
-               res.values if values is None else tuple(values))
+               res.values if values is None else tuple(values),
+               None if groups is None else tuple(groups))
 
   def structure_error(self, fn: str, num_leaves: int) -> ValueError:
     """The error for updates that are not shaped like the params at init."""
@@ -809,7 +816,7 @@ class StaticRules:
     values = tuple(v if isinstance(v, (int, float, str, type(None)))
                    or callable(v) else id(v) for v in self.values)
     return (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
-            values)
+            values, self.groups)
 
   # jit compares the treedefs of its arguments (hence this metadata) on every
   # call: hash once, and compare by identity first.

@@ -13,7 +13,7 @@ import optax
 
 from layerwise import _paths, _rules
 
-__all__ = ["Description", "describe"]
+__all__ = ["Description", "describe", "norms"]
 
 
 def format_value(value: Any, width: int = 40) -> str:
@@ -160,9 +160,19 @@ def _state_bytes(state: Any, param_paths: Sequence[str]) -> tuple[list[int], int
   return per_param, shared
 
 
-def _describe_transformation(tx: Any, params: Any) -> Description:
+def _describe_transformation(tx: Any, params: Any,
+                             opt_state: Any = None) -> Description:
   state = jax.eval_shape(tx.init, params)
-  statics = [s.rules for s in _rules.find_static(state)]
+  if opt_state is not None:
+    if (jax.tree_util.tree_structure(opt_state)
+        != jax.tree_util.tree_structure(state)):
+      raise ValueError(
+          "describe: opt_state does not have the structure of "
+          "tx.init(params); pass the state of this transformation, "
+          "initialised with these params.")
+    state = opt_state
+  found = _rules.find_static(state)
+  statics = [s.rules for s in found]
   path_strs, specs, _ = _rules.paths_and_specs(params)
   per_param, shared = _state_bytes(state, path_strs)
   rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
@@ -172,7 +182,7 @@ def _describe_transformation(tx: Any, params: Any) -> Description:
   # column of its own only if it covers a parameter the first one covers
   # (the groups of lw.partition each have their own scale_by_rules, say).
   covered: dict[str, set[str]] = {}
-  for info in statics:
+  for node, info in zip(found, statics):
     k, name = 1, info.kind
     while name in covered and not covered[name].isdisjoint(info.paths):
       k += 1
@@ -187,6 +197,8 @@ def _describe_transformation(tx: Any, params: Any) -> Description:
     for row in rows:
       if row["path"] in by_path:
         row[name], row[name + "_rule"] = by_path[row["path"]]
+    if opt_state is not None and info.groups is not None:
+      _add_norm_columns(node, info, name, rows, columns)
   for row, nbytes in zip(rows, per_param):
     row["state_bytes"] = nbytes
   columns.append("state_bytes")
@@ -195,7 +207,76 @@ def _describe_transformation(tx: Any, params: Any) -> Description:
                      shared_state_bytes=shared)
 
 
-def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
+def _add_norm_columns(node: Any, info: _rules.StaticRules, name: str,
+                      rows: Sequence[dict[str, Any]],
+                      columns: list[str]) -> None:
+  """The latest ``<name>_norm`` (and ``<name>_scale``) of each leaf's group,
+  read from a state with ``norms`` (and ``scales``) keyed by group."""
+  fields = [("norm", node.norms)]
+  if hasattr(node, "scales"):
+    fields.append(("scale", node.scales))
+  group_of = dict(zip(info.paths, info.groups))
+  for field, values in fields:
+    column = f"{name}_{field}"
+    if column not in columns:
+      columns.append(column)
+      for row in rows:
+        row[column] = None
+    for row in rows:
+      group = group_of.get(row["path"])
+      if group is not None:
+        row[column] = float(values[group])
+
+
+def norms(opt_state: Any) -> dict[str, jax.Array]:
+  """The norms and scales of every clipping and tracking state, as a dict.
+
+  Reads the states of :func:`layerwise.clip_by_rules` (keys
+  ``"clip/<group>/norm"`` and ``"clip/<group>/scale"``, where a group is a
+  leaf's path for per-leaf clippers and the rule's selector for group
+  clippers) and :func:`layerwise.track_norms` (``"<prefix>/<name>"``)
+  anywhere in ``opt_state`` (chains, ``MultiSteps``, ``partition``...), in
+  order. A key that a later state would repeat gets a number after its
+  first part (``"clip2/**/norm"``). The values are float32 scalars from the
+  last update; it works inside ``jit``, so a train step can return it as
+  metrics. Outside ``jit``, ``jax.device_get(lw.norms(state))`` fetches
+  them all at once.
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    A flat ``{key: scalar}`` dict, empty if the state tracks no norms.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> tx = optax.chain(
+    ...     lw.clip_by_rules({"head": lw.clip_norm(1.0), "**": None}),
+    ...     optax.sgd(0.1))
+    >>> grads = {"head": jnp.array([6.0, 8.0]), "body": jnp.zeros(2)}
+    >>> _, state = tx.update(grads, tx.init(grads))
+    >>> lw.norms(state)
+    {'clip/head/norm': Array(10., dtype=float32), 'clip/head/scale': Array(0.1, dtype=float32)}
+  """
+  out: dict[str, jax.Array] = {}
+  for node in _rules.find_static(opt_state):
+    metrics = getattr(node, "metrics", None)
+    if not callable(metrics):
+      continue
+    items = metrics()
+    keys = [k for k, _ in items]
+    k = 2
+    while any(key in out for key in keys):
+      keys = [f"{key.partition('/')[0]}{k}/{key.partition('/')[2]}"
+              for key, _ in items]
+      k += 1
+    out.update(zip(keys, (v for _, v in items)))
+  return out
+
+
+def describe(obj: Any, params: Any, *, opt_state: Any = None,
+             default: Any = _rules.MISSING,
              strict: bool = True) -> Description:
   """Tells which rule applies to each parameter, as a table and as data.
 
@@ -212,10 +293,17 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
   optimizer-state bytes each parameter holds (state leaves are attributed to
   the parameter whose path they end with).
 
+  Given ``opt_state`` (the state of the transformation, as returned by its
+  last ``update``), the table also shows each parameter's latest clipping
+  and tracked norms: ``clip_norm`` and ``clip_scale`` for
+  :func:`layerwise.clip_by_rules` (the values of the parameter's group),
+  ``track_norm`` for :func:`layerwise.track_norms`.
+
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax
       transformation.
     params: the parameters the rules are for.
+    opt_state: for a transformation, its state, to show the latest norms.
     default: as in :func:`layerwise.resolve` (rule sets only).
     strict: as in :func:`layerwise.resolve` (rule sets only); the same
       errors are raised.
@@ -225,7 +313,9 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
     ``.totals()``.
 
   Raises:
-    TypeError: if ``obj`` is neither a rule set nor a transformation.
+    TypeError: if ``obj`` is neither a rule set nor a transformation, or
+      ``opt_state`` is given with a rule set.
+    ValueError: if ``opt_state`` is not a state of ``obj`` for ``params``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -274,13 +364,16 @@ def describe(obj: Any, params: Any, *, default: Any = _rules.MISSING,
   if isinstance(obj, optax.GradientTransformation) or (
       callable(getattr(obj, "init", None))
       and callable(getattr(obj, "update", None))):  # optax.MultiSteps, ...
-    return _describe_transformation(obj, params)
+    return _describe_transformation(obj, params, opt_state)
   if (not isinstance(obj, (Mapping, Sequence, _rules.RuleSet))
       or isinstance(obj, (str, bytes)) or hasattr(obj, "_fields")):
     raise TypeError(
         f"describe() takes a rule set ({{selector: value}} or a list of "
         f"(selector, value) pairs) or an optax transformation, got "
         f"{type(obj).__name__}.")
+  if opt_state is not None:
+    raise TypeError("describe: opt_state is for a transformation, not for a "
+                    "rule set.")
   res = _rules.RuleSet(obj).resolve(params, default=default, strict=strict)
   rows = tuple({
       "path": path,

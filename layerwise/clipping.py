@@ -1,0 +1,1015 @@
+"""Per-leaf and per-group gradient clipping, norm tracking, free-form maps.
+
+``clip_by_rules`` takes a rule set whose values are *clippers*, small
+objects made by the ``clip_*`` functions below, and clips the leaves each
+rule matches its own way: one layer by value, another by the norm of each
+leaf, a group by its joint norm, the rest adaptively. As everywhere in the
+rule language, the first matching rule wins, so each leaf has one clipper
+per ``clip_by_rules``; stages (a per-leaf clip, then a global one) are
+several ``clip_by_rules`` in an ``optax.chain``.
+
+A *group* is what one clipper measures and scales at once: each leaf on its
+own for the per-leaf clippers (:func:`clip_value`, :func:`clip_norm`,
+:func:`clip_adaptive`), all the leaves one rule matched for the group
+clippers (:func:`clip_group_norm`, :func:`clip_quantile`,
+:func:`clip_zscore`). Every group's norm before clipping, the scale it got,
+its threshold and its statistics (AutoClip's history, ZClip's moving
+averages) are arrays in the state: :func:`layerwise.norms` reads them for a
+metrics logger, and they are saved with the optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from layerwise import _rules
+
+__all__ = [
+    "ClipByRulesState",
+    "MapUpdatesState",
+    "TrackNormsState",
+    "clip_adaptive",
+    "clip_by_rules",
+    "clip_group_norm",
+    "clip_norm",
+    "clip_quantile",
+    "clip_value",
+    "clip_zscore",
+    "map_updates",
+    "track_norms",
+]
+
+_F32 = jnp.float32
+
+# ---------------------------------------------------------------- helpers
+
+
+def _sq_sum(x: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.square(x.astype(_F32)))
+
+
+def _l2(leaves: Sequence[jax.Array]) -> jax.Array:
+  """The L2 norm of several leaves jointly, in float32."""
+  return jnp.sqrt(sum((_sq_sum(x) for x in leaves), jnp.zeros([], _F32)))
+
+
+def _norm(leaves: Sequence[jax.Array], ord: float) -> jax.Array:
+  """The ``ord`` norm (1, 2 or inf) of several leaves jointly, in float32."""
+  if ord == 2:
+    return _l2(leaves)
+  if ord == 1:
+    return sum((jnp.sum(jnp.abs(x.astype(_F32))) for x in leaves),
+               jnp.zeros([], _F32))
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(x.astype(_F32)), initial=0.0)
+                            for x in leaves]))
+
+
+def _scaled(leaves: Sequence[jax.Array],
+            factor: jax.Array) -> list[jax.Array]:
+  return [x * factor.astype(x.dtype) for x in leaves]
+
+
+def _ratio(after: jax.Array, before: jax.Array) -> jax.Array:
+  """``after / before``, 1 where ``before`` is 0."""
+  return jnp.where(before > 0, after / jnp.where(before > 0, before, 1.0),
+                   1.0)
+
+
+def _positive(fn: str, name: str, value: Any, *, allow_zero: bool = False,
+              allow_inf: bool = False) -> float:
+  if isinstance(value, bool) or not isinstance(value,
+                                               (int, float, np.number)):
+    raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
+                    f"({type(value).__name__}).")
+  value = float(value)
+  ok = (value >= 0 if allow_zero else value > 0) and (
+      allow_inf or math.isfinite(value)) and not math.isnan(value)
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(
+        f"{fn}: {name} must be finite and {bound}, got {value!r}"
+        + (" (a threshold of 0 would zero every update; to freeze leaves, "
+           "use lw.freeze)" if not allow_zero and value == 0 else "") + ".")
+  return value
+
+
+def _check_ord(fn: str, ord: Any) -> float:
+  if isinstance(ord, str) and ord.lower() == "inf":
+    ord = math.inf
+  if isinstance(ord, bool) or ord not in (1, 2, math.inf):
+    raise ValueError(f"{fn}: ord must be 1, 2 or inf (math.inf or 'inf'), "
+                     f"got {ord!r}.")
+  return float(ord)
+
+
+def _integer(fn: str, name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{fn}: {name} must be an int, got {value!r} "
+                    f"({type(value).__name__}).")
+  if value < minimum:
+    raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}.")
+  return int(value)
+
+
+def _fmt(value: float) -> str:
+  return "inf" if value == math.inf else repr(value)
+
+
+# ---------------------------------------------------------------- clippers
+
+
+class Clipper:
+  """A clipping rule: what :func:`clip_by_rules` does to one group.
+
+  Made by :func:`clip_value`, :func:`clip_norm`, :func:`clip_group_norm`,
+  :func:`clip_adaptive`, :func:`clip_quantile` and :func:`clip_zscore`.
+  ``per_leaf`` clippers treat each leaf as a group of its own; the others
+  treat all leaves of a rule as one group.
+  """
+  per_leaf: ClassVar[bool] = True
+  needs_params: ClassVar[bool] = False
+
+  def check_leaf(self, path: str, spec: Any) -> None:
+    """Raises if the clipper cannot handle a leaf of this shape."""
+
+  def init(self) -> dict[str, jax.Array]:
+    """The group's statistics and threshold, as state."""
+    raise NotImplementedError
+
+  def clip(self, leaves: list[jax.Array], params: list[jax.Array] | None,
+           stats: dict[str, jax.Array]
+           ) -> tuple[list[jax.Array], jax.Array, jax.Array,
+                      dict[str, jax.Array]]:
+    """Returns the clipped leaves, the norm before, the scale, new stats."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipValue(Clipper):
+  threshold: float
+
+  def init(self):
+    return {"threshold": jnp.asarray(self.threshold, _F32)}
+
+  def clip(self, leaves, params, stats):
+    (u,) = leaves
+    c = stats["threshold"].astype(u.dtype)
+    # Non-finite entries pass through: clipping an inf to c would hide it.
+    out = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
+    norm = _l2([u])
+    return [out], norm, _ratio(_l2([out]), norm), stats
+
+  def __repr__(self):
+    return f"clip_value({_fmt(self.threshold)})"
+
+
+def _norm_factor(norm: jax.Array, c: jax.Array) -> jax.Array:
+  # c / max(norm, c): exactly 1 below the threshold, never 0/0; a NaN norm
+  # gives NaN and an infinite one 0, so non-finite updates stay non-finite.
+  return c / jnp.maximum(norm, c)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipNorm(Clipper):
+  threshold: float
+  ord: float = 2.0
+
+  def init(self):
+    return {"threshold": jnp.asarray(self.threshold, _F32)}
+
+  def clip(self, leaves, params, stats):
+    norm = _norm(leaves, self.ord)
+    factor = _norm_factor(norm, stats["threshold"])
+    return _scaled(leaves, factor), norm, factor, stats
+
+  def __repr__(self):
+    name = "clip_norm" if self.per_leaf else "clip_group_norm"
+    ord_text = "" if self.ord == 2 else f", ord={_fmt(self.ord)}"
+    return f"{name}({_fmt(self.threshold)}{ord_text})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class _ClipGroupNorm(_ClipNorm):
+  per_leaf: ClassVar[bool] = False
+
+
+def _unit_axes(shape: tuple[int, ...],
+               axis: int | tuple[int, ...] | None) -> tuple[int, ...] | None:
+  """The axes a unit-wise norm sums over (``None``: the whole leaf), as in
+  ``optax.adaptive_grad_clip``; raises for shapes it has no rule for."""
+  if axis is not None:
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+  if sum(d != 1 for d in shape) <= 1:  # scalars, vectors (squeezed)
+    return None
+  if len(shape) in (2, 3):  # (in, out) dense, multi-head dense
+    return (0,)
+  if len(shape) == 4:  # HWIO convolutions
+    return (0, 1, 2)
+  if len(shape) == 5:  # DHWIO convolutions
+    return (0, 1, 2, 3)
+  raise ValueError(f"shape {shape} has no default unit")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipAdaptive(Clipper):
+  clipping: float
+  eps: float = 1e-3
+  axis: int | tuple[int, ...] | None = None
+  needs_params: ClassVar[bool] = True
+
+  def check_leaf(self, path, spec):
+    try:
+      axes = _unit_axes(tuple(spec.shape), self.axis)
+    except ValueError:
+      raise ValueError(
+          f"lw.clip_adaptive: parameter {path!r} has shape "
+          f"{tuple(spec.shape)}; unit-wise norms are defined for 0 to 5 "
+          "dimensions (dense, multi-head dense, conv kernels). Pass "
+          "axis=... to name the axes a unit's norm sums over.") from None
+    if axes is not None and any(not -len(spec.shape) <= a < len(spec.shape)
+                                for a in axes):
+      raise ValueError(
+          f"lw.clip_adaptive: axis={self.axis} is out of range for "
+          f"parameter {path!r} of shape {tuple(spec.shape)}.")
+
+  def init(self):
+    return {"clipping": jnp.asarray(self.clipping, _F32)}
+
+  def clip(self, leaves, params, stats):
+    (u,), (p,) = leaves, params
+    axes = _unit_axes(u.shape, self.axis)
+
+    def unit_norm(x):
+      return jnp.sqrt(jnp.sum(jnp.square(x.astype(_F32)), axis=axes,
+                              keepdims=True))
+
+    g_norm, p_norm = unit_norm(u), unit_norm(p)
+    max_norm = stats["clipping"] * jnp.maximum(p_norm, self.eps)
+    # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
+    # comparison already excludes.
+    clipped = u * (max_norm / jnp.maximum(g_norm, 1e-6)).astype(u.dtype)
+    out = jnp.where(g_norm < max_norm, u, clipped)
+    norm = _l2([u])
+    return [out], norm, _ratio(_l2([out]), norm), stats
+
+  def __repr__(self):
+    extra = "" if self.eps == 1e-3 else f", eps={self.eps:g}"
+    extra += "" if self.axis is None else f", axis={self.axis}"
+    return f"clip_adaptive({self.clipping:g}{extra})"
+
+
+def _quantile(history: jax.Array, n: jax.Array, q: float) -> jax.Array:
+  """``numpy.quantile(history[:n], q)`` (linear method) for ``n >= 1``."""
+  window = history.shape[0]
+  s = jnp.sort(jnp.where(jnp.arange(window) < n, history, jnp.inf))
+  n = jnp.maximum(n, 1)
+  virtual = q * (n - 1).astype(_F32)
+  lo = jnp.floor(virtual).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, n - 1)
+  t = virtual - lo.astype(_F32)
+  a, b = s[lo], s[hi]
+  diff = b - a
+  # numpy's _lerp: interpolate from the nearer end.
+  return jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipQuantile(Clipper):
+  q: float
+  window: int
+  per_leaf: ClassVar[bool] = False
+
+  def init(self):
+    return {"history": jnp.zeros([self.window], _F32),
+            "next": jnp.zeros([], jnp.int32),
+            "filled": jnp.zeros([], jnp.int32)}
+
+  def clip(self, leaves, params, stats):
+    norm = _l2(leaves)
+    finite = jnp.isfinite(norm)
+    # A non-finite norm is not recorded: it would poison the threshold for
+    # `window` steps. Its updates pass on unscaled (NaN) or zeroed (inf).
+    history = jnp.where(finite, stats["history"].at[stats["next"]].set(norm),
+                        stats["history"])
+    step = finite.astype(jnp.int32)
+    filled = jnp.minimum(stats["filled"] + step, self.window)
+    threshold = _quantile(history, filled, self.q)
+    clip = norm > threshold
+    factor = jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0)
+    new = {"history": history,
+           "next": (stats["next"] + step) % self.window,
+           "filled": filled}
+    return _scaled(leaves, factor), norm, factor, new
+
+  def __repr__(self):
+    return f"clip_quantile({self.q:g}, window={self.window})"
+
+
+_ZCLIP_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClipZScore(Clipper):
+  z: float
+  alpha: float
+  warmup: int
+  per_leaf: ClassVar[bool] = False
+
+  def init(self):
+    return {"warmup_norms": jnp.zeros([self.warmup], _F32),
+            "count": jnp.zeros([], jnp.int32),
+            "mean": jnp.zeros([], _F32),
+            "var": jnp.zeros([], _F32)}
+
+  def clip(self, leaves, params, stats):
+    norm = _l2(leaves)
+    finite = jnp.isfinite(norm)
+    count, mean, var = stats["count"], stats["mean"], stats["var"]
+    warming = count < self.warmup
+    # Warm-up: collect the norm; after the last one, start the averages
+    # from the mean and population variance of what was collected.
+    record = warming & finite
+    buf = jnp.where(record, stats["warmup_norms"].at[
+        jnp.minimum(count, self.warmup - 1)].set(norm), stats["warmup_norms"])
+    new_count = count + record.astype(jnp.int32)
+    started = record & (new_count == self.warmup)
+    mean0 = jnp.mean(buf)
+    var0 = jnp.mean(jnp.square(buf - mean0))
+    # Afterwards: clip a norm whose z-score exceeds z, then update the
+    # averages with the clipped norm (the mean first).
+    std = jnp.sqrt(var)
+    zscore = (norm - mean) / (std + _ZCLIP_EPS)
+    spike = ~warming & (zscore > self.z)
+    safe_z = jnp.where(spike, zscore, 1.0)
+    clipped = jnp.where(spike, mean + self.z**2 * std / safe_z, norm)
+    factor = jnp.where(spike, clipped / jnp.where(spike, norm, 1.0), 1.0)
+    new_mean = self.alpha * mean + (1 - self.alpha) * clipped
+    new_var = (self.alpha * var
+               + (1 - self.alpha) * jnp.square(clipped - new_mean))
+    follow = ~warming & finite
+    new = {"warmup_norms": buf,
+           "count": new_count,
+           "mean": jnp.where(started, mean0,
+                             jnp.where(follow, new_mean, mean)),
+           "var": jnp.where(started, var0, jnp.where(follow, new_var, var))}
+    return _scaled(leaves, factor), norm, factor, new
+
+  def __repr__(self):
+    return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
+            f"warmup={self.warmup})")
+
+
+def clip_value(threshold: float) -> Clipper:
+  """Clips each entry to ``[-threshold, threshold]``.
+
+  ``u -> clip(u, -c, c)`` elementwise, as TensorFlow's ``clip_by_value``
+  and ``optax.clip``. Non-finite entries are left as they are (clipping an
+  ``inf`` to ``c`` would hide it). Each leaf is its own group: its recorded
+  norm is its L2 norm before clipping, its scale ``||clipped|| / ||u||``.
+
+  Args:
+    threshold: ``c``, a finite number > 0.
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_value(1.0)})
+    >>> grads = {"w": jnp.array([-3.0, 0.5, 2.0])}
+    >>> tx.update(grads, tx.init(grads))[0]["w"]
+    Array([-1. ,  0.5,  1. ], dtype=float32)
+  """
+  return _ClipValue(_positive("lw.clip_value", "threshold", threshold))
+
+
+def clip_norm(threshold: float, ord: int | float | str = 2) -> Clipper:
+  """Clips each leaf by its own norm.
+
+  ``u -> u * c / max(||u||_ord, c)``: a leaf whose norm exceeds ``c`` is
+  scaled to norm ``c``, the others are unchanged. For ``ord=2`` this is
+  Keras's ``clipnorm`` and ``tf.clip_by_norm``; ``ord=1`` uses the sum of
+  absolute values, ``ord=inf`` the largest absolute value. Norms are
+  computed in float32 whatever the update dtype.
+
+  Args:
+    threshold: ``c``, a finite number > 0.
+    ord: 1, 2 (default) or ``inf`` (``math.inf`` or ``"inf"``).
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_norm(1.0)})
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["a"], updates["b"]   # norm 5 -> 1; norm 0.5 stays
+    (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+  """
+  return _ClipNorm(_positive("lw.clip_norm", "threshold", threshold),
+                   _check_ord("lw.clip_norm", ord))
+
+
+def clip_group_norm(threshold: float, ord: int | float | str = 2) -> Clipper:
+  """Clips all leaves of a rule jointly by their combined norm.
+
+  ``u_i -> u_i * c / max(N, c)`` with ``N`` the ``ord`` norm of all the
+  rule's leaves together (``sqrt(sum_i ||u_i||^2)`` for ``ord=2``). Over all
+  parameters (``{"**": clip_group_norm(c)}``) it is
+  ``optax.clip_by_global_norm(c)`` and PyTorch's ``clip_grad_norm_`` (which
+  adds 1e-6 to the norm). Each rule is one group; to clip several selectors
+  jointly, combine them into one rule with :func:`layerwise.any_of`.
+
+  Args:
+    threshold: ``c``, a finite number > 0.
+    ord: 1, 2 (default) or ``inf``.
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_group_norm(1.0)})
+    >>> grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([0.0, 4.0])}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates["a"], updates["b"]   # joint norm 5 -> 1
+    (Array([0.6, 0. ], dtype=float32), Array([0. , 0.8], dtype=float32))
+    >>> lw.norms(state)
+    {'clip/**/norm': Array(5., dtype=float32), 'clip/**/scale': Array(0.2, dtype=float32)}
+  """
+  return _ClipGroupNorm(_positive("lw.clip_group_norm", "threshold",
+                                  threshold),
+                        _check_ord("lw.clip_group_norm", ord))
+
+
+def clip_adaptive(clipping: float, eps: float = 1e-3, *,
+                  axis: int | tuple[int, ...] | None = None) -> Clipper:
+  """Unit-wise adaptive gradient clipping (AGC).
+
+  Each unit (an output neuron: a column of a dense kernel, an output channel
+  of a conv kernel; a whole vector or scalar) of the update is clipped to
+  ``clipping * max(||unit of param||, eps)``:
+  ``g -> g * max_norm / ||g||`` where ``||g|| > max_norm``. This is
+  ``optax.adaptive_grad_clip(clipping, eps)`` on the leaves the rule covers,
+  with the same units (dimensions 0 to 5; ``axis`` names others). Brock et
+  al. leave the classifier head unclipped::
+
+    lw.clip_by_rules({"head/**": None, "**": lw.clip_adaptive(0.01)})
+
+  Each leaf is its own group: its recorded norm is its L2 norm before
+  clipping, its scale ``||clipped|| / ||g||``. ``update`` needs ``params``.
+
+  Args:
+    clipping: the largest allowed ratio of a unit's update norm to its
+      parameter norm, a finite number > 0.
+    eps: the smallest parameter norm used (so zero-initialized parameters
+      can move), a finite number >= 0.
+    axis: the axes a unit's norm sums over, for shapes without a default.
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"w": jnp.array([[3.0, 0.0], [4.0, 1.0]])}   # columns: 5, 1
+    >>> grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.01]])}   # columns: 1, 0.01
+    >>> tx = lw.clip_by_rules({"**": lw.clip_adaptive(0.1)})
+    >>> tx.update(grads, tx.init(params), params)[0]["w"]   # 1 -> 0.1 * 5
+    Array([[0.5 , 0.  ],
+           [0.  , 0.01]], dtype=float32)
+
+  References:
+    Brock et al., `High-Performance Large-Scale Image Recognition Without
+    Normalization <https://arxiv.org/abs/2102.06171>`_, 2021
+  """
+  if axis is not None and not (
+      isinstance(axis, int) or (isinstance(axis, tuple) and all(
+          isinstance(a, int) for a in axis))):
+    raise TypeError(f"lw.clip_adaptive: axis must be an int or a tuple of "
+                    f"ints, got {axis!r}.")
+  return _ClipAdaptive(
+      _positive("lw.clip_adaptive", "clipping", clipping),
+      _positive("lw.clip_adaptive", "eps", eps, allow_zero=True), axis)
+
+
+def clip_quantile(q: float, window: int) -> Clipper:
+  """AutoClip: clips a group to a quantile of its recent gradient norms.
+
+  At each step the group's L2 norm ``g_t`` joins a history of the last
+  ``window`` norms (a ring buffer in the state); the threshold is the
+  ``q``-quantile of that history, current norm included (linear
+  interpolation, as ``numpy.quantile``), and the group is scaled to it:
+  ``u -> u * thr / g_t`` where ``g_t > thr``. With ``q=1`` nothing is ever
+  clipped; AutoClip's paper uses ``q`` around 0.1 over the whole history.
+  A non-finite norm is not recorded, so it does not raise the threshold
+  for later steps.
+
+  Args:
+    q: the quantile, in [0, 1].
+    window: the number of recent norms kept, an int >= 1.
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_quantile(0.5, window=3)})
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for g in [1.0, 3.0, 2.0, 9.0]:   # thresholds: 1, 2, 2, 3
+    ...   u, state = tx.update({"w": jnp.array([g])}, state)
+    ...   print(float(u["w"][0]))
+    1.0
+    2.0
+    2.0
+    3.0
+
+  References:
+    Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
+  """
+  if isinstance(q, bool) or not isinstance(q, (int, float, np.number)):
+    raise TypeError(f"lw.clip_quantile: q must be a number, got {q!r}.")
+  if not 0 <= q <= 1:
+    raise ValueError(f"lw.clip_quantile: q must be in [0, 1], got {q!r} "
+                     "(a quantile, not a percentile: 0.9, not 90).")
+  return _ClipQuantile(float(q), _integer("lw.clip_quantile", "window",
+                                          window, 1))
+
+
+def clip_zscore(z: float = 2.5, alpha: float = 0.97,
+                warmup: int = 25) -> Clipper:
+  """ZClip: clips a group's norm when it is an outlier of its recent norms.
+
+  For the first ``warmup`` steps the group's L2 norms are collected and not
+  clipped; then the mean and (population) variance of those norms start two
+  exponential moving averages. At each later step, with ``std =
+  sqrt(var)``, a norm ``g`` whose z-score ``zs = (g - mean) / (std + 1e-6)``
+  exceeds ``z`` is scaled down to ``mean + z**2 * std / zs`` (adaptive
+  scaling: the bigger the outlier, the harder the clip); then the averages
+  follow the clipped norm ``g_c``, the mean first::
+
+    mean = alpha * mean + (1 - alpha) * g_c
+    var = alpha * var + (1 - alpha) * (g_c - mean) ** 2
+
+  A non-finite norm is not recorded and leaves the averages as they were.
+
+  Args:
+    z: the z-score threshold, > 0.
+    alpha: the smoothing factor of the averages, in (0, 1).
+    warmup: the number of norms collected before clipping starts, >= 1.
+
+  Returns:
+    A clipper for :func:`clip_by_rules`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_zscore(z=2.0, warmup=4)})
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for g in [1.0, 2.0, 1.0, 2.0, 30.0]:
+    ...   u, state = tx.update({"w": jnp.array([g])}, state)
+    >>> float(u["w"][0])   # mean 1.5, std 0.5: z-score 57 -> 1.5 + 4 * 0.5 / 57
+    1.53508...
+
+  References:
+    Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
+    <https://arxiv.org/abs/2504.02507>`_, 2025
+  """
+  z = _positive("lw.clip_zscore", "z", z)
+  if isinstance(alpha, bool) or not isinstance(alpha,
+                                               (int, float, np.number)):
+    raise TypeError(f"lw.clip_zscore: alpha must be a number, got "
+                    f"{alpha!r}.")
+  if not 0 < alpha < 1:
+    raise ValueError(f"lw.clip_zscore: alpha must be in (0, 1), got "
+                     f"{alpha!r}.")
+  return _ClipZScore(z, float(alpha), _integer("lw.clip_zscore", "warmup",
+                                               warmup, 1))
+
+
+# ----------------------------------------------------------- clip_by_rules
+
+
+class ClipByRulesState(NamedTuple):
+  """State of :func:`clip_by_rules`.
+
+  Attributes:
+    norms: ``{group: norm}``, each group's norm before clipping at the last
+      update (float32 scalars; 0 before the first update).
+    scales: ``{group: scale}``, the factor each group's update was scaled by
+      (``||clipped|| / ||update||`` for :func:`clip_value` and
+      :func:`clip_adaptive`).
+    stats: ``{group: {name: array}}``, each group's threshold and
+      statistics (AutoClip's history, ZClip's moving averages).
+    rules: static metadata: each leaf's path, rule, clipper and group.
+  """
+  norms: dict[str, jax.Array]
+  scales: dict[str, jax.Array]
+  stats: dict[str, dict[str, jax.Array]]
+  rules: _rules.StaticRules
+
+  def metrics(self) -> list[tuple[str, jax.Array]]:
+    """``(key, value)`` pairs for :func:`layerwise.norms`."""
+    return [item for g in sorted(self.norms) for item in (
+        (f"clip/{g}/norm", self.norms[g]), (f"clip/{g}/scale",
+                                            self.scales[g]))]
+
+
+def _group_name(res: _rules.Resolution, r: int, selector: Any) -> str:
+  """A group's name: the glob of its rule, or how the selector prints."""
+  if r < 0:
+    return "(default)"
+  return selector.source if isinstance(selector.source, str) else (
+      res.rule_texts[r])
+
+
+def _clip_groups(res: _rules.Resolution, selectors: Sequence[Any]
+                 ) -> list[tuple[str, Clipper, list[int]]]:
+  """``(name, clipper, leaf indices)`` per group, in leaf order."""
+  groups: dict[Any, tuple[str, Clipper, list[int]]] = {}
+  taken: set[str] = set()
+  for i, (clipper, r) in enumerate(zip(res.values, res.rule_index)):
+    if clipper is None:
+      continue
+    key = i if clipper.per_leaf else ("rule", r)
+    if key not in groups:
+      name = res.paths[i] if clipper.per_leaf else _group_name(
+          res, r, selectors[r] if r >= 0 else None)
+      base, k = name, 2
+      while name in taken:  # two selectors that print alike
+        name, k = f"{base}#{k}", k + 1
+      taken.add(name)
+      groups[key] = (name, clipper, [])
+    groups[key][2].append(i)
+  return list(groups.values())
+
+
+def _check_inexact(fn: str, path: str, spec: Any) -> None:
+  if not jnp.issubdtype(spec.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: parameter {path!r} has dtype {spec.dtype}; only floating "
+        "point leaves can be clipped or measured. Give it the rule None "
+        "(or freeze it with lw.freeze).")
+
+
+def _check_paths(fn: str, info: _rules.StaticRules,
+                 res: _rules.Resolution) -> None:
+  if res.paths != info.paths:
+    raise info.structure_error(fn, len(res.paths))
+
+
+def clip_by_rules(
+    rules: _rules.Rules,
+    *,
+    default: Any = _rules.MISSING,
+    strict: bool = True,
+) -> optax.GradientTransformation:
+  """Clips each parameter group its own way.
+
+  ``rules`` maps selectors to clippers (:func:`clip_value`,
+  :func:`clip_norm`, :func:`clip_group_norm`, :func:`clip_adaptive`,
+  :func:`clip_quantile`, :func:`clip_zscore`) or to ``None`` (leave the
+  leaves as they are). The first matching rule wins, so each leaf gets one
+  clipper; a group clipper clips all leaves *its rule* matched jointly.
+  To clip a leaf twice (each layer by its own norm, then everything by the
+  global norm), chain two of them: stages run in chain order, each with
+  its own rules, and :func:`layerwise.describe` shows them as the columns
+  ``clip`` and ``clip2``::
+
+    optax.chain(lw.clip_by_rules({"**": lw.clip_norm(1.0)}),
+                lw.clip_by_rules({"**": lw.clip_group_norm(5.0)}),
+                optax.adamw(1e-3))
+
+  Each group's norm before clipping and the scale it applied are kept in
+  the state for logging (:func:`layerwise.norms`). Norms are computed in
+  float32; the updates keep their dtype. A group whose update holds a NaN
+  gets NaN everywhere and one with an ``inf`` gets NaN there (never a
+  finite value that hides the problem): chain ``optax.apply_if_finite``
+  around the optimizer to skip such steps, or ``optax.zero_nans()`` before
+  this to drop NaNs.
+
+  Args:
+    rules: ``{selector: clipper or None}``; see :func:`layerwise.resolve`.
+    default: the clipper (or ``None``) of leaves no rule matches. Without
+      it, unmatched leaves are an error.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` needs ``params``
+    when a rule uses :func:`clip_adaptive`.
+
+  Raises:
+    TypeError: for a rule value that is not a clipper or ``None``;
+      :class:`layerwise.RuleError` at ``init`` for rules that do not fit
+      the params; ``TypeError`` for an integer leaf with a clipper.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"embed": jnp.zeros(3), "layer": {"w": jnp.zeros(2)},
+    ...           "head": {"w": jnp.zeros(2)}}
+    >>> tx = lw.clip_by_rules({"embed": lw.clip_value(0.1),
+    ...                        "head/**": None,
+    ...                        "**": lw.clip_group_norm(1.0)})
+    >>> grads = {"embed": jnp.array([1.0, -0.05, 0.2]),
+    ...          "layer": {"w": jnp.array([3.0, 4.0])},
+    ...          "head": {"w": jnp.array([3.0, 4.0])}}
+    >>> updates, state = tx.update(grads, tx.init(params))
+    >>> updates["embed"], updates["layer"]["w"], updates["head"]["w"]
+    (Array([ 0.1 , -0.05,  0.1 ], dtype=float32), Array([0.6, 0.8], dtype=float32), Array([3., 4.], dtype=float32))
+    >>> print(lw.describe(tx, params))
+    path     shape  dtype    size  clip                  state_bytes
+    -------  -----  -------  ----  --------------------  -----------
+    embed    (3,)   float32     3  clip_value(0.1)                 8
+    head/w   (2,)   float32     2  -                               0
+    layer/w  (2,)   float32     2  clip_group_norm(1.0)            0
+    <BLANKLINE>
+    clip                  leaves  params   share  state bytes
+    clip_value(0.1)            1       3   42.9%            8
+    -                          1       2   28.6%            0
+    clip_group_norm(1.0)       1       2   28.6%            0
+    total                      3       7  100.0%           24
+    (total state bytes include 16 not held by one parameter, such as step counts)
+
+    ``-`` marks leaves left unclipped. The norms and scales of the last
+    update, for a logger:
+
+    >>> {k: float(v) for k, v in lw.norms(state).items()}
+    {'clip/**/norm': 5.0, 'clip/**/scale': 0.2..., 'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1469...}
+  """
+  given = _rules.RuleSet(rules, what="clipper")
+  for c, v in zip(given.selectors, given.values):
+    _check_clipper(v, f"rule {c.text}")
+  if default is not _rules.MISSING:
+    _check_clipper(default, "default")
+
+  def resolve(tree: Any):
+    res = given.resolve(tree, default=default, strict=strict)
+    return res, _clip_groups(res, given.selectors)
+
+  def init_fn(params):
+    res, groups = resolve(params)
+    group_of: list[str | None] = [None] * len(res.paths)
+    for name, clipper, members in groups:
+      for i in members:
+        _check_inexact("lw.clip_by_rules", res.paths[i], res.specs[i])
+        clipper.check_leaf(res.paths[i], res.specs[i])
+        group_of[i] = name
+    return ClipByRulesState(
+        norms={g: jnp.zeros([], _F32) for g, _, _ in groups},
+        scales={g: jnp.ones([], _F32) for g, _, _ in groups},
+        stats={g: c.init() for g, c, _ in groups},
+        rules=_rules.StaticRules.from_resolution("clip", res,
+                                                 groups=group_of))
+
+  def update_fn(updates, state, params=None):
+    res, groups = resolve(updates)
+    _check_paths("lw.clip_by_rules", state.rules, res)
+    leaves = res.treedef.flatten_up_to(updates)
+    param_leaves = None
+    if params is not None:
+      param_leaves = res.treedef.flatten_up_to(params)
+    out = list(leaves)
+    norms, scales, stats = {}, {}, {}
+    for name, clipper, members in groups:
+      group_params = None
+      if clipper.needs_params:
+        if param_leaves is None:
+          raise ValueError(
+              f"lw.clip_by_rules: {clipper!r} (group {name!r}) needs the "
+              "parameters: call update(updates, state, params).")
+        group_params = [param_leaves[i] for i in members]
+      clipped, norms[name], scales[name], stats[name] = clipper.clip(
+          [leaves[i] for i in members], group_params, state.stats[name])
+      for i, u in zip(members, clipped):
+        out[i] = u
+    return res.treedef.unflatten(out), ClipByRulesState(
+        norms, scales, stats, state.rules)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_clipper(value: Any, where: str) -> None:
+  if value is not None and not isinstance(value, Clipper):
+    raise TypeError(
+        f"lw.clip_by_rules: {where} has value {value!r} "
+        f"({type(value).__name__}); each value must be a clipper "
+        "(lw.clip_value(0.1), lw.clip_norm(1.0), lw.clip_group_norm(1.0), "
+        "lw.clip_adaptive(0.01), lw.clip_quantile(0.9, 100), "
+        "lw.clip_zscore()) or None to leave the leaves unclipped.")
+
+
+# ------------------------------------------------------------ track_norms
+
+
+class TrackNormsState(NamedTuple):
+  """State of :func:`track_norms`.
+
+  Attributes:
+    norms: ``{key: norm}``, each group's L2 norm at the last update (float32
+      scalars; 0 before the first update), keyed as :func:`layerwise.norms`
+      reports it.
+    rules: static metadata: each leaf's path, rule and key.
+  """
+  norms: dict[str, jax.Array]
+  rules: _rules.StaticRules
+
+  def metrics(self) -> list[tuple[str, jax.Array]]:
+    """``(key, value)`` pairs for :func:`layerwise.norms`."""
+    return sorted(self.norms.items())
+
+
+def _parent(path: str) -> str:
+  return path.rsplit("/", 1)[0] if "/" in path else path
+
+
+def _check_name(value: Any, where: str) -> None:
+  if value is None:
+    return
+  if not isinstance(value, str):
+    raise TypeError(
+        f"lw.track_norms: {where} has value {value!r} "
+        f"({type(value).__name__}); each value must be a group name (a "
+        "string, which may contain {path} or {parent}) or None.")
+  try:
+    value.format(path="p", parent="p")
+  except (KeyError, IndexError, ValueError) as e:
+    raise ValueError(
+        f"lw.track_norms: {where} has name {value!r}, which names a field "
+        f"other than {{path}} and {{parent}} ({e}); write literal braces "
+        "as {{ and }}.") from None
+
+
+def track_norms(
+    rules: _rules.Rules,
+    *,
+    prefix: str = "grad_norm",
+    default: Any = _rules.MISSING,
+    strict: bool = True,
+) -> optax.GradientTransformation:
+  """Records the L2 norm of each named group of updates; changes nothing.
+
+  ``rules`` maps selectors to group names; leaves whose names are equal
+  form one group, whose joint L2 norm is kept in the state under
+  ``"<prefix>/<name>"`` for :func:`layerwise.norms`. A name may contain
+  ``{path}`` (the leaf's path: one group per leaf) or ``{parent}`` (the
+  path without its last part: one group per module, its kernel and bias
+  together). ``None`` leaves leaves out. Placed first in a chain it
+  measures gradients; placed last, the updates the optimizer made (give it
+  another ``prefix``).
+
+  Args:
+    rules: ``{selector: name or None}``; see :func:`layerwise.resolve`.
+    prefix: the first part of every key.
+    default: the name (or ``None``) of leaves no rule matches. Without it,
+      unmatched leaves are an error.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    An ``optax.GradientTransformation`` that passes updates through.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"layers": [{"w": jnp.zeros(2), "b": jnp.zeros(1)}] * 2}
+    >>> tx = optax.chain(lw.track_norms({"**": "{parent}"}), optax.sgd(0.1))
+    >>> grads = {"layers": [{"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])},
+    ...                     {"w": jnp.array([1.0, 0.0]), "b": jnp.array([0.0])}]}
+    >>> _, state = tx.update(grads, tx.init(params))
+    >>> lw.norms(state)
+    {'grad_norm/layers/0': Array(5., dtype=float32), 'grad_norm/layers/1': Array(1., dtype=float32)}
+  """
+  if not isinstance(prefix, str):
+    raise TypeError(f"lw.track_norms: prefix must be a string, got "
+                    f"{prefix!r}.")
+  given = _rules.RuleSet(rules, what="group name")
+  for c, v in zip(given.selectors, given.values):
+    _check_name(v, f"rule {c.text}")
+  if default is not _rules.MISSING:
+    _check_name(default, "default")
+
+  def resolve(tree: Any):
+    res = given.resolve(tree, default=default, strict=strict)
+    keys = [None if v is None else
+            f"{prefix}/{v.format(path=p, parent=_parent(p))}"
+            for v, p in zip(res.values, res.paths)]
+    return res, keys
+
+  def init_fn(params):
+    res, keys = resolve(params)
+    for i, k in enumerate(keys):
+      if k is not None:
+        _check_inexact("lw.track_norms", res.paths[i], res.specs[i])
+    return TrackNormsState(
+        {k: jnp.zeros([], _F32) for k in keys if k is not None},
+        _rules.StaticRules.from_resolution("track", res, values=keys,
+                                           groups=keys))
+
+  def update_fn(updates, state, params=None):
+    del params
+    res, keys = resolve(updates)
+    _check_paths("lw.track_norms", state.rules, res)
+    leaves = res.treedef.flatten_up_to(updates)
+    members: dict[str, list[jax.Array]] = {}
+    for k, u in zip(keys, leaves):
+      if k is not None:
+        members.setdefault(k, []).append(u)
+    return updates, TrackNormsState(
+        {k: _l2(us) for k, us in members.items()}, state.rules)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ------------------------------------------------------------ map_updates
+
+
+class MapUpdatesState(NamedTuple):
+  """State of :func:`map_updates`: no arrays, only the static rules.
+
+  Attributes:
+    rules: static metadata: each leaf's path and the function applied to
+      it (``None`` where none is).
+  """
+  rules: _rules.StaticRules
+
+
+def map_updates(
+    fn: Callable[[jax.Array, jax.Array | None, str], jax.Array],
+    where: _rules.SelectorLike = "**",
+    *,
+    strict: bool = True,
+) -> optax.GradientTransformation:
+  """Applies ``fn(update, param, path)`` to the updates ``where`` selects.
+
+  Any per-parameter operation on gradients or updates in one line: noise,
+  masks, sign, a custom clip, a different rule per path (``path`` is the
+  leaf's '/'-joined path, a Python string, so ``fn`` may branch on it).
+  ``param`` is the leaf's parameter, or ``None`` when ``update`` is called
+  without params. The result must have the update's shape; it is cast to
+  the update's dtype. Other leaves pass through.
+
+  Args:
+    fn: ``(update, param, path) -> new update``, traceable by JAX.
+    where: a selector (glob, regex, callable) of the leaves to map.
+    strict: if True, a selector that matches no leaf is an error.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.map_updates(lambda u, p, path: jnp.sign(u), "encoder/**")
+    >>> grads = {"encoder": {"w": jnp.array([-2.0, 3.0])}, "head": jnp.array([-2.0])}
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["encoder"]["w"], updates["head"]
+    (Array([-1.,  1.], dtype=float32), Array([-2.], dtype=float32))
+  """
+  if not callable(fn):
+    raise TypeError(f"lw.map_updates: fn must be callable (update, param, "
+                    f"path) -> update, got {type(fn).__name__}.")
+  rule_set = _rules.RuleSet([(where, True)], what="selection")
+
+  def resolve(tree: Any) -> _rules.Resolution:
+    return rule_set.resolve(tree, default=False, strict=strict)
+
+  def init_fn(params):
+    res = resolve(params)
+    return MapUpdatesState(_rules.StaticRules.from_resolution(
+        "map", res, values=[fn if v else None for v in res.values]))
+
+  def update_fn(updates, state, params=None):
+    res = resolve(updates)
+    _check_paths("lw.map_updates", state.rules, res)
+    leaves = res.treedef.flatten_up_to(updates)
+    param_leaves = (None if params is None
+                    else res.treedef.flatten_up_to(params))
+    out = []
+    for i, (u, selected) in enumerate(zip(leaves, res.values)):
+      if selected:
+        p = None if param_leaves is None else param_leaves[i]
+        new = jnp.asarray(fn(u, p, res.paths[i]))
+        if new.shape != jnp.shape(u):
+          raise ValueError(
+              f"lw.map_updates: fn returned shape {new.shape} for parameter "
+              f"{res.paths[i]!r} of shape {jnp.shape(u)}; it must keep the "
+              "update's shape.")
+        u = new.astype(jnp.result_type(u))
+      out.append(u)
+    return res.treedef.unflatten(out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
