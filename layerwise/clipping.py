@@ -696,11 +696,12 @@ def clip_by_rules(
 
   Each group's norm before clipping and the scale it applied are kept in
   the state for logging (:func:`layerwise.norms`). Norms are computed in
-  float32; the updates keep their dtype. A group whose update holds a NaN
-  gets NaN everywhere and one with an ``inf`` gets NaN there (never a
-  finite value that hides the problem): chain ``optax.apply_if_finite``
-  around the optimizer to skip such steps, or ``optax.zero_nans()`` before
-  this to drop NaNs.
+  float32; the updates keep their dtype. Finite updates never become NaN
+  (zero norms and zero parameters included). A NaN or ``inf`` in an update
+  is never clipped into a finite value that would hide it: it stays
+  non-finite (the group clippers that keep statistics also leave it out of
+  them). Wrap the optimizer in ``optax.apply_if_finite`` to skip such
+  steps, or chain ``optax.zero_nans()`` before this to drop NaNs.
 
   Args:
     rules: ``{selector: clipper or None}``; see :func:`layerwise.resolve`.
