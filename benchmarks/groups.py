@@ -99,7 +99,8 @@ def compare(tree_name, tree, groups, txs, args):
     base = base or row
     row.update(compile_ratio=row["compile_s"] / base["compile_s"],
                step_ratio=row["step_ms"] / base["step_ms"],
-               state_ratio=row["state_bytes"] / base["state_bytes"])
+               state_ratio=(row["state_bytes"] / base["state_bytes"]
+                            if base["state_bytes"] else float("nan")))
     rows.append(row)
     print(f"{tree_name:<12} {groups:>6} {name:<10} {row['compile_s']:>9.2f} "
           f"{row['step_ms']:>9.1f} {row['state_bytes'] / 2**20:>9.1f} "
@@ -164,12 +165,7 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
-  print(f"jax {jax.__version__}, optax {optax.__version__}, "
-        f"{jax.devices()[0].platform}, {platform.platform()}")
-  header = (f"{'tree':<12} {'groups':>6} {'variant':<10} {'compile s':>9} "
-            f"{'step ms':>9} {'state MB':>9} {'compile x':>9} {'step x':>7} {'state x':>7}")
-  print(header)
-  print("-" * len(header))
+  print_header("groups")
   results = []
   for tree_name in args.trees.split(","):
     tree = getattr(_trees, tree_name)()
@@ -178,8 +174,23 @@ def main():
                          optimizers(tree, groups, not args.no_partition), args)
     if not args.no_freeze:
       results += compare(tree_name, tree, "frz", frozen_optimizers(tree), args)
-  if args.out:
-    with open(args.out, "w") as f:
+  write_json(args.out, results)
+
+
+def print_header(second_column):
+  """The versions, the machine, and the header of ``compare``'s rows."""
+  print(f"jax {jax.__version__}, optax {optax.__version__}, "
+        f"{jax.devices()[0].platform}, {platform.platform()}")
+  header = (f"{'tree':<12} {second_column:>6} {'variant':<10} {'compile s':>9} "
+            f"{'step ms':>9} {'state MB':>9} {'compile x':>9} {'step x':>7} {'state x':>7}")
+  print(header)
+  print("-" * len(header))
+
+
+def write_json(path, results):
+  """``results`` with the versions and the machine, if ``path`` is given."""
+  if path:
+    with open(path, "w") as f:
       json.dump({"jax": jax.__version__, "optax": optax.__version__,
                  "machine": platform.platform(), "results": results}, f, indent=1)
 

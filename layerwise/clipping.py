@@ -164,8 +164,11 @@ class _ClipValue(Clipper):
     c = stats["threshold"].astype(u.dtype)
     # Non-finite entries pass through: clipping an inf to c would hide it.
     out = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
-    norm = _l2([u])
-    return [out], norm, _ratio(_l2([out]), norm), stats
+    # The scale is the factor of the largest entry, c / max|u| capped at 1:
+    # one more reduction of u (the norm of the clipped update would need it
+    # written out first, which costs XLA:CPU a pass over memory).
+    largest = jnp.max(jnp.abs(u.astype(_F32)), initial=0.0)
+    return [out], _l2([u]), _norm_factor(largest, stats["threshold"]), stats
 
   def __repr__(self):
     return f"clip_value({_fmt(self.threshold)})"
@@ -255,10 +258,16 @@ class _ClipAdaptive(Clipper):
     max_norm = stats["clipping"] * jnp.maximum(p_norm, self.eps)
     # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
     # comparison already excludes.
-    clipped = u * (max_norm / jnp.maximum(g_norm, 1e-6)).astype(u.dtype)
-    out = jnp.where(g_norm < max_norm, u, clipped)
-    norm = _l2([u])
-    return [out], norm, _ratio(_l2([out]), norm), stats
+    keep = g_norm < max_norm
+    factor = max_norm / jnp.maximum(g_norm, 1e-6)
+    out = jnp.where(keep, u, u * factor.astype(u.dtype))
+    # The leaf's norms before and after, from the units' norms: no further
+    # pass over the update.
+    norm = jnp.sqrt(jnp.sum(jnp.square(g_norm)))
+    clipped_norm = jnp.where(g_norm >= 1e-6, max_norm, g_norm * factor)
+    after = jnp.sqrt(jnp.sum(jnp.square(jnp.where(keep, g_norm,
+                                                  clipped_norm))))
+    return [out], norm, _ratio(after, norm), stats
 
   def __repr__(self):
     extra = "" if self.eps == 1e-3 else f", eps={self.eps:g}"
@@ -373,7 +382,8 @@ def clip_value(threshold: float) -> Clipper:
   ``u -> clip(u, -c, c)`` elementwise, as TensorFlow's ``clip_by_value``
   and ``optax.clip``. Non-finite entries are left as they are (clipping an
   ``inf`` to ``c`` would hide it). Each leaf is its own group: its recorded
-  norm is its L2 norm before clipping, its scale ``||clipped|| / ||u||``.
+  norm is its L2 norm before clipping, its scale the factor its largest
+  entry got, ``min(1, c / max|u|)``.
 
   Args:
     threshold: ``c``, a finite number > 0.
@@ -611,8 +621,8 @@ class ClipByRulesState(NamedTuple):
     norms: ``{group: norm}``, each group's norm before clipping at the last
       update (float32 scalars; 0 before the first update).
     scales: ``{group: scale}``, the factor each group's update was scaled by
-      (``||clipped|| / ||update||`` for :func:`clip_value` and
-      :func:`clip_adaptive`).
+      (for :func:`clip_value`, the factor of the largest entry; for
+      :func:`clip_adaptive`, ``||clipped|| / ||update||``).
     stats: ``{group: {name: array}}``, each group's threshold and
       statistics (AutoClip's history, ZClip's moving averages).
     rules: static metadata: each leaf's path, rule, clipper and group.
@@ -750,7 +760,7 @@ def clip_by_rules(
     update, for a logger:
 
     >>> {k: float(v) for k, v in lw.norms(state).items()}
-    {'clip/**/norm': 5.0, 'clip/**/scale': 0.2..., 'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1469...}
+    {'clip/**/norm': 5.0, 'clip/**/scale': 0.2..., 'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1}
   """
   given = _rules.RuleSet(rules, what="clipper")
   for c, v in zip(given.selectors, given.values):
