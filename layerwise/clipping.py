@@ -83,15 +83,14 @@ def _ratio(after: jax.Array, before: jax.Array) -> jax.Array:
                    1.0)
 
 
-def _positive(fn: str, name: str, value: Any, *, allow_zero: bool = False,
-              allow_inf: bool = False) -> float:
+def _positive(fn: str, name: str, value: Any, *,
+              allow_zero: bool = False) -> float:
   if isinstance(value, bool) or not isinstance(value,
                                                (int, float, np.number)):
     raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
                     f"({type(value).__name__}).")
   value = float(value)
-  ok = (value >= 0 if allow_zero else value > 0) and (
-      allow_inf or math.isfinite(value)) and not math.isnan(value)
+  ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
     bound = ">= 0" if allow_zero else "> 0"
     raise ValueError(

@@ -235,22 +235,23 @@ def spiky_norms(steps, seed):
   return np.where(spikes, base * rng.uniform(10, 50, steps), base)
 
 
-def grads_with_norms(norms, seed):
+def grads_with_norms(norms, seed, dtype=jnp.float32):
   """Two-leaf gradients whose joint L2 norm is each of ``norms``."""
   rng = np.random.default_rng(seed)
   out = []
   for n in norms:
     a, b = rng.normal(size=3), rng.normal(size=(2, 2))
     s = n / np.sqrt(np.sum(a**2) + np.sum(b**2))
-    out.append({"a": jnp.asarray(a * s, jnp.float32),
-                "b": jnp.asarray(b * s, jnp.float32)})
+    out.append({"a": jnp.asarray(a * s, dtype), "b": jnp.asarray(b * s, dtype)})
   return out
 
 
-def run_scales(clipper, steps=300, seed=0):
-  """Runs the clipper over spiky gradients; returns the exact f32 norms of
-  the inputs (in float64) and the scales applied, checked on the updates."""
-  grads = grads_with_norms(spiky_norms(steps, seed), seed)
+def run_scales(clipper, steps=300, seed=0, dtype=jnp.float32):
+  """Runs the clipper over spiky gradients; returns the exact norms of the
+  inputs (in float64) and the scales applied, read from the updates and
+  checked against the state."""
+  grads = grads_with_norms(spiky_norms(steps, seed), seed, dtype)
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16 outputs round
   tx = lw.clip_by_rules({"**": clipper})
   update = jax.jit(tx.update)
   state = tx.init(grads[0])
@@ -261,8 +262,9 @@ def run_scales(clipper, steps=300, seed=0):
     n_out = np.sqrt(sum(np.sum(x**2) for x in np_leaves(u)))
     norms.append(n_in)
     scales.append(n_out / n_in)
+    assert u["a"].dtype == dtype
     np.testing.assert_allclose(lw.norms(state)["clip/**/scale"], n_out / n_in,
-                               rtol=1e-5)
+                               rtol=rtol)
     np.testing.assert_allclose(lw.norms(state)["clip/**/norm"], n_in,
                                rtol=1e-5)
   return np.array(norms), np.array(scales), state
@@ -310,6 +312,18 @@ def np_zclip(norms, z, alpha, warmup):
     mean = alpha * mean + (1 - alpha) * clipped
     var = alpha * var + (1 - alpha) * (clipped - mean) ** 2
   return np.array(scales), mean, var
+
+
+def test_autoclip_and_zclip_in_bfloat16():
+  # The statistics are float32 whatever the gradients: the scales follow
+  # the float64 reference computed from the same bf16 gradients.
+  norms, scales, _ = run_scales(lw.clip_quantile(0.9, 20), seed=3,
+                                dtype=jnp.bfloat16)
+  np.testing.assert_allclose(scales, np_autoclip(norms, 0.9, 20), rtol=1e-2)
+  norms, scales, _ = run_scales(lw.clip_zscore(), seed=3, dtype=jnp.bfloat16)
+  expected = np_zclip(norms, 2.5, 0.97, 25)[0]
+  np.testing.assert_allclose(scales, expected, rtol=1e-2)
+  assert (expected < 0.9).sum() >= 5
 
 
 @pytest.mark.parametrize("z,alpha,warmup", [(2.5, 0.97, 25), (1.5, 0.9, 5),
