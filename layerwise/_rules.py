@@ -805,6 +805,11 @@ class StaticRules:
                res.values if values is None else tuple(values),
                None if groups is None else tuple(groups))
 
+  def check_paths(self, fn: str, paths: Sequence[str]) -> None:
+    """Raises unless ``paths`` (of the updates) are the paths at init."""
+    if tuple(paths) != self.paths:
+      raise self.structure_error(fn, len(paths))
+
   def structure_error(self, fn: str, num_leaves: int) -> ValueError:
     """The error for updates that are not shaped like the params at init."""
     return ValueError(

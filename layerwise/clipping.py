@@ -675,12 +675,6 @@ def _check_inexact(fn: str, path: str, spec: Any) -> None:
         "(or freeze it with lw.freeze).")
 
 
-def _check_paths(fn: str, info: _rules.StaticRules,
-                 res: _rules.Resolution) -> None:
-  if res.paths != info.paths:
-    raise info.structure_error(fn, len(res.paths))
-
-
 def clip_by_rules(
     rules: _rules.Rules,
     *,
@@ -788,7 +782,7 @@ def clip_by_rules(
 
   def update_fn(updates, state, params=None):
     res, groups = resolve(updates)
-    _check_paths("lw.clip_by_rules", state.rules, res)
+    state.rules.check_paths("lw.clip_by_rules", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     param_leaves = None
     if params is not None:
@@ -932,7 +926,7 @@ def track_norms(
   def update_fn(updates, state, params=None):
     del params
     res, keys = resolve(updates)
-    _check_paths("lw.track_norms", state.rules, res)
+    state.rules.check_paths("lw.track_norms", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     members: dict[str, list[jax.Array]] = {}
     for k, u in zip(keys, leaves):
@@ -1004,7 +998,7 @@ def map_updates(
 
   def update_fn(updates, state, params=None):
     res = resolve(updates)
-    _check_paths("lw.map_updates", state.rules, res)
+    state.rules.check_paths("lw.map_updates", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     param_leaves = (None if params is None
                     else res.treedef.flatten_up_to(params))

@@ -133,13 +133,6 @@ def _as_transformation(value: Any) -> Any:
   return None
 
 
-def _check_structure(fn: str, info: _rules.StaticRules,
-                     res: _rules.Resolution) -> None:
-  """The updates must have the paths of the params given to ``init``."""
-  if res.paths != info.paths:
-    raise info.structure_error(fn, len(res.paths))
-
-
 # ---------------------------------------------------------------- partition
 
 
@@ -257,7 +250,7 @@ def partition(
 
   def update_fn(updates, state, params=None, **extra_args):
     res, routes = resolve(updates)
-    _check_structure("lw.partition", state.rules, res)
+    state.rules.check_paths("lw.partition", res.paths)
     new_updates, inner = routes.update(txs, updates, state.inner_states,
                                        params, extra_args)
     return new_updates, PartitionState(inner, state.rules)
@@ -361,7 +354,7 @@ def freeze(
 
   def update_fn(updates, state, params=None, **extra_args):
     res, routes = resolve(updates)
-    _check_structure("lw.freeze", state.rules, res)
+    state.rules.check_paths("lw.freeze", res.paths)
     new_updates, (inner_state,) = routes.update(
         txs, updates, (state.inner_state,), params, extra_args)
     return new_updates, FreezeState(inner_state, state.rules)
