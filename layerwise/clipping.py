@@ -135,42 +135,49 @@ class Clipper:
   """
   per_leaf: ClassVar[bool] = True
   needs_params: ClassVar[bool] = False
+  has_stats: ClassVar[bool] = False
 
   def check_leaf(self, path: str, spec: Any) -> None:
     """Raises if the clipper cannot handle a leaf of this shape."""
 
+  def threshold(self) -> float:
+    """The group's threshold in the state before the first update."""
+    return math.inf
+
   def init(self) -> dict[str, jax.Array]:
-    """The group's statistics and threshold, as state."""
-    raise NotImplementedError
+    """The group's statistics (a history, averages), as state."""
+    return {}
 
   def clip(self, leaves: list[jax.Array], params: list[jax.Array] | None,
-           stats: dict[str, jax.Array]
-           ) -> tuple[list[jax.Array], jax.Array, jax.Array,
+           threshold: jax.Array, stats: dict[str, jax.Array]
+           ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array,
                       dict[str, jax.Array]]:
-    """Returns the clipped leaves, the norm before, the scale, new stats."""
+    """Returns the clipped leaves, the norm before, the scale applied, the
+    threshold used and the new statistics."""
     raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
 class _ClipValue(Clipper):
-  threshold: float
+  c: float
 
-  def init(self):
-    return {"threshold": jnp.asarray(self.threshold, _F32)}
+  def threshold(self):
+    return self.c
 
-  def clip(self, leaves, params, stats):
+  def clip(self, leaves, params, threshold, stats):
     (u,) = leaves
-    c = stats["threshold"].astype(u.dtype)
+    c = threshold.astype(u.dtype)
     # Non-finite entries pass through: clipping an inf to c would hide it.
     out = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
     # The scale is the factor of the largest entry, c / max|u| capped at 1:
     # one more reduction of u (the norm of the clipped update would need it
     # written out first, which costs XLA:CPU a pass over memory).
     largest = jnp.max(jnp.abs(u.astype(_F32)), initial=0.0)
-    return [out], _l2([u]), _norm_factor(largest, stats["threshold"]), stats
+    return ([out], _l2([u]), _norm_factor(largest, threshold), threshold,
+            stats)
 
   def __repr__(self):
-    return f"clip_value({_fmt(self.threshold)})"
+    return f"clip_value({_fmt(self.c)})"
 
 
 def _norm_factor(norm: jax.Array, c: jax.Array) -> jax.Array:
@@ -181,21 +188,21 @@ def _norm_factor(norm: jax.Array, c: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _ClipNorm(Clipper):
-  threshold: float
+  c: float
   ord: float = 2.0
 
-  def init(self):
-    return {"threshold": jnp.asarray(self.threshold, _F32)}
+  def threshold(self):
+    return self.c
 
-  def clip(self, leaves, params, stats):
+  def clip(self, leaves, params, threshold, stats):
     norm = _norm(leaves, self.ord)
-    factor = _norm_factor(norm, stats["threshold"])
-    return _scaled(leaves, factor), norm, factor, stats
+    factor = _norm_factor(norm, threshold)
+    return _scaled(leaves, factor), norm, factor, threshold, stats
 
   def __repr__(self):
     name = "clip_norm" if self.per_leaf else "clip_group_norm"
     ord_text = "" if self.ord == 2 else f", ord={_fmt(self.ord)}"
-    return f"{name}({_fmt(self.threshold)}{ord_text})"
+    return f"{name}({_fmt(self.c)}{ord_text})"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -242,10 +249,10 @@ class _ClipAdaptive(Clipper):
           f"lw.clip_adaptive: axis={self.axis} is out of range for "
           f"parameter {path!r} of shape {tuple(spec.shape)}.")
 
-  def init(self):
-    return {"clipping": jnp.asarray(self.clipping, _F32)}
+  def threshold(self):
+    return self.clipping
 
-  def clip(self, leaves, params, stats):
+  def clip(self, leaves, params, threshold, stats):
     (u,), (p,) = leaves, params
     axes = _unit_axes(u.shape, self.axis)
 
@@ -254,7 +261,7 @@ class _ClipAdaptive(Clipper):
                               keepdims=True))
 
     g_norm, p_norm = unit_norm(u), unit_norm(p)
-    max_norm = stats["clipping"] * jnp.maximum(p_norm, self.eps)
+    max_norm = threshold * jnp.maximum(p_norm, self.eps)
     # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
     # comparison already excludes.
     keep = g_norm < max_norm
@@ -266,7 +273,7 @@ class _ClipAdaptive(Clipper):
     clipped_norm = jnp.where(g_norm >= 1e-6, max_norm, g_norm * factor)
     after = jnp.sqrt(jnp.sum(jnp.square(jnp.where(keep, g_norm,
                                                   clipped_norm))))
-    return [out], norm, _ratio(after, norm), stats
+    return [out], norm, _ratio(after, norm), threshold, stats
 
   def __repr__(self):
     extra = "" if self.eps == 1e-3 else f", eps={self.eps:g}"
@@ -294,13 +301,14 @@ class _ClipQuantile(Clipper):
   q: float
   window: int
   per_leaf: ClassVar[bool] = False
+  has_stats: ClassVar[bool] = True
 
   def init(self):
     return {"history": jnp.zeros([self.window], _F32),
             "next": jnp.zeros([], jnp.int32),
             "filled": jnp.zeros([], jnp.int32)}
 
-  def clip(self, leaves, params, stats):
+  def clip(self, leaves, params, threshold, stats):
     norm = _l2(leaves)
     finite = jnp.isfinite(norm)
     # A non-finite norm is not recorded: it would poison the threshold for
@@ -315,7 +323,7 @@ class _ClipQuantile(Clipper):
     new = {"history": history,
            "next": (stats["next"] + step) % self.window,
            "filled": filled}
-    return _scaled(leaves, factor), norm, factor, new
+    return _scaled(leaves, factor), norm, factor, threshold, new
 
   def __repr__(self):
     return f"clip_quantile({self.q:g}, window={self.window})"
@@ -330,6 +338,7 @@ class _ClipZScore(Clipper):
   alpha: float
   warmup: int
   per_leaf: ClassVar[bool] = False
+  has_stats: ClassVar[bool] = True
 
   def init(self):
     return {"warmup_norms": jnp.zeros([self.warmup], _F32),
@@ -337,7 +346,7 @@ class _ClipZScore(Clipper):
             "mean": jnp.zeros([], _F32),
             "var": jnp.zeros([], _F32)}
 
-  def clip(self, leaves, params, stats):
+  def clip(self, leaves, params, threshold, stats):
     norm = _l2(leaves)
     finite = jnp.isfinite(norm)
     count, mean, var = stats["count"], stats["mean"], stats["var"]
@@ -368,7 +377,9 @@ class _ClipZScore(Clipper):
            "mean": jnp.where(started, mean0,
                              jnp.where(follow, new_mean, mean)),
            "var": jnp.where(started, var0, jnp.where(follow, new_var, var))}
-    return _scaled(leaves, factor), norm, factor, new
+    # The norm above which this step clips (inf during the warm-up).
+    threshold = jnp.where(warming, jnp.inf, mean + self.z * (std + _ZCLIP_EPS))
+    return _scaled(leaves, factor), norm, factor, threshold, new
 
   def __repr__(self):
     return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
@@ -616,26 +627,67 @@ def clip_zscore(z: float = 2.5, alpha: float = 0.97,
 class ClipByRulesState(NamedTuple):
   """State of :func:`clip_by_rules`.
 
+  The per-group values are float32 vectors with one entry per group, in
+  the order of :meth:`group_names` (one array each rather than one scalar
+  per group: hundreds of scalar buffers cost a GPU step milliseconds).
+
   Attributes:
-    norms: ``{group: norm}``, each group's norm before clipping at the last
-      update (float32 scalars; 0 before the first update).
-    scales: ``{group: scale}``, the factor each group's update was scaled by
-      (for :func:`clip_value`, the factor of the largest entry; for
+    norms: each group's norm before clipping at the last update (0 before
+      the first update).
+    scales: the factor each group's update was scaled by (for
+      :func:`clip_value`, the factor of the largest entry; for
       :func:`clip_adaptive`, ``||clipped|| / ||update||``).
-    stats: ``{group: {name: array}}``, each group's threshold and
-      statistics (AutoClip's history, ZClip's moving averages).
+    thresholds: each group's threshold: the fixed one (``c``, or AGC's
+      ``clipping``), which may be changed between steps, or the one AutoClip
+      and ZClip computed at the last update (``inf`` before).
+    stats: the statistics of :func:`clip_quantile` and :func:`clip_zscore`
+      (history, moving averages), ``{clipper: {name: array}}`` stacked over
+      the groups that use the clipper, in group order.
     rules: static metadata: each leaf's path, rule, clipper and group.
   """
-  norms: dict[str, jax.Array]
-  scales: dict[str, jax.Array]
+  norms: jax.Array
+  scales: jax.Array
+  thresholds: jax.Array
   stats: dict[str, dict[str, jax.Array]]
   rules: _rules.StaticRules
 
+  def group_names(self) -> list[str]:
+    """The groups, in the order of the vectors."""
+    return _group_names(self.rules)
+
   def metrics(self) -> list[tuple[str, jax.Array]]:
     """``(key, value)`` pairs for :func:`layerwise.norms`."""
-    return [item for g in sorted(self.norms) for item in (
-        (f"clip/{g}/norm", self.norms[g]), (f"clip/{g}/scale",
-                                            self.scales[g]))]
+    names = self.group_names()
+    return [item for g, n, s in zip(names, _items(self.norms, len(names)),
+                                    _items(self.scales, len(names)))
+            for item in ((f"clip/{g}/norm", n), (f"clip/{g}/scale", s))]
+
+
+def _group_names(info: _rules.StaticRules) -> list[str]:
+  return [g for g in dict.fromkeys(info.groups) if g is not None]
+
+
+def _items(vector: jax.Array, n: int) -> list[jax.Array]:
+  """The entries of a vector as scalars (one operation, not ``n``)."""
+  return list(vector) if n else []
+
+
+def _stats_keys(groups: Sequence[tuple[str, Clipper, list[int]]]
+                ) -> list[str | None]:
+  """Per group, the key of its clipper's statistics (None: stateless)."""
+  names: dict[Clipper, str] = {}
+  keys = []
+  for _, clipper, _ in groups:
+    if not clipper.has_stats:
+      keys.append(None)
+      continue
+    if clipper not in names:
+      base, k, name = repr(clipper), 2, repr(clipper)
+      while name in names.values():
+        name, k = f"{base}#{k}", k + 1
+      names[clipper] = name
+    keys.append(names[clipper])
+  return keys
 
 
 def _group_name(res: _rules.Resolution, r: int, selector: Any) -> str:
@@ -738,22 +790,25 @@ def clip_by_rules(
     >>> print(lw.describe(tx, params))
     path     shape  dtype    size  clip                  state_bytes
     -------  -----  -------  ----  --------------------  -----------
-    embed    (3,)   float32     3  clip_value(0.1)                 8
+    embed    (3,)   float32     3  clip_value(0.1)                 0
     head/w   (2,)   float32     2  -                               0
     layer/w  (2,)   float32     2  clip_group_norm(1.0)            0
     <BLANKLINE>
     clip                  leaves  params   share  state bytes
-    clip_value(0.1)            1       3   42.9%            8
+    clip_value(0.1)            1       3   42.9%            0
     -                          1       2   28.6%            0
     clip_group_norm(1.0)       1       2   28.6%            0
     total                      3       7  100.0%           24
-    (total state bytes include 16 not held by one parameter, such as step counts)
+    (total state bytes include 24 not held by one parameter, such as step counts)
+
+    (Norms, scales and thresholds are one float32 vector each, over the
+    groups, so their bytes belong to no single parameter.)
 
     ``-`` marks leaves left unclipped. The norms and scales of the last
     update, for a logger:
 
     >>> {k: float(v) for k, v in lw.norms(state).items()}
-    {'clip/**/norm': 5.0, 'clip/**/scale': 0.2..., 'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1}
+    {'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1..., 'clip/**/norm': 5.0, 'clip/**/scale': 0.2...}
   """
   given = _rules.RuleSet(rules, what="clipper")
   for c, v in zip(given.selectors, given.values):
@@ -773,10 +828,19 @@ def clip_by_rules(
         _check_inexact("lw.clip_by_rules", res.paths[i], res.specs[i])
         clipper.check_leaf(res.paths[i], res.specs[i])
         group_of[i] = name
+    stats: dict[str, dict[str, list[jax.Array]]] = {}
+    for (_, clipper, _), key in zip(groups, _stats_keys(groups)):
+      if key is not None:
+        for field, value in clipper.init().items():
+          stats.setdefault(key, {}).setdefault(field, []).append(value)
+    n = len(groups)
     return ClipByRulesState(
-        norms={g: jnp.zeros([], _F32) for g, _, _ in groups},
-        scales={g: jnp.ones([], _F32) for g, _, _ in groups},
-        stats={g: c.init() for g, c, _ in groups},
+        norms=jnp.zeros([n], _F32),
+        scales=jnp.ones([n], _F32),
+        thresholds=jnp.asarray([c.threshold() for _, c, _ in groups],
+                               _F32).reshape([n]),
+        stats={k: {f: jnp.stack(v) for f, v in fields.items()}
+               for k, fields in stats.items()},
         rules=_rules.StaticRules.from_resolution("clip", res,
                                                  groups=group_of))
 
@@ -788,8 +852,12 @@ def clip_by_rules(
     if params is not None:
       param_leaves = res.treedef.flatten_up_to(params)
     out = list(leaves)
-    norms, scales, stats = {}, {}, {}
-    for name, clipper, members in groups:
+    norms, scales, thresholds = [], [], []
+    stats: dict[str, dict[str, list[jax.Array]]] = {}
+    rows: dict[str, int] = {}
+    old_thresholds = _items(state.thresholds, len(groups))
+    for k, ((name, clipper, members), key) in enumerate(
+        zip(groups, _stats_keys(groups))):
       group_params = None
       if clipper.needs_params:
         if param_leaves is None:
@@ -797,14 +865,32 @@ def clip_by_rules(
               f"lw.clip_by_rules: {clipper!r} (group {name!r}) needs the "
               "parameters: call update(updates, state, params).")
         group_params = [param_leaves[i] for i in members]
-      clipped, norms[name], scales[name], stats[name] = clipper.clip(
-          [leaves[i] for i in members], group_params, state.stats[name])
+      group_stats = {}
+      if key is not None:
+        row = rows[key] = rows.get(key, -1) + 1
+        group_stats = {f: v[row] for f, v in state.stats[key].items()}
+      clipped, norm, scale, threshold, new_stats = clipper.clip(
+          [leaves[i] for i in members], group_params, old_thresholds[k],
+          group_stats)
+      norms.append(norm)
+      scales.append(scale)
+      thresholds.append(threshold)
+      for f, v in new_stats.items():
+        stats.setdefault(key, {}).setdefault(f, []).append(v)
       for i, u in zip(members, clipped):
         out[i] = u
+    n = len(groups)
     return res.treedef.unflatten(out), ClipByRulesState(
-        norms, scales, stats, state.rules)
+        _stack(norms, n), _stack(scales, n), _stack(thresholds, n),
+        {k: {f: jnp.stack(v) for f, v in fields.items()}
+         for k, fields in stats.items()}, state.rules)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _stack(scalars: Sequence[jax.Array], n: int) -> jax.Array:
+  return (jnp.stack([jnp.asarray(s, _F32) for s in scalars]) if n
+          else jnp.zeros([0], _F32))
 
 
 def _check_clipper(value: Any, where: str) -> None:
@@ -824,17 +910,22 @@ class TrackNormsState(NamedTuple):
   """State of :func:`track_norms`.
 
   Attributes:
-    norms: ``{key: norm}``, each group's L2 norm at the last update (float32
-      scalars; 0 before the first update), keyed as :func:`layerwise.norms`
-      reports it.
+    norms: a float32 vector: each group's L2 norm at the last update (0
+      before the first update), in the order of :meth:`group_names`.
     rules: static metadata: each leaf's path, rule and key.
   """
-  norms: dict[str, jax.Array]
+  norms: jax.Array
   rules: _rules.StaticRules
+
+  def group_names(self) -> list[str]:
+    """The groups' keys, as :func:`layerwise.norms` reports them, in the
+    order of ``norms``."""
+    return _group_names(self.rules)
 
   def metrics(self) -> list[tuple[str, jax.Array]]:
     """``(key, value)`` pairs for :func:`layerwise.norms`."""
-    return sorted(self.norms.items())
+    names = self.group_names()
+    return list(zip(names, _items(self.norms, len(names))))
 
 
 def _parent(path: str) -> str:
@@ -919,7 +1010,7 @@ def track_norms(
       if k is not None:
         _check_inexact("lw.track_norms", res.paths[i], res.specs[i])
     return TrackNormsState(
-        {k: jnp.zeros([], _F32) for k in keys if k is not None},
+        jnp.zeros([len(set(keys) - {None})], _F32),
         _rules.StaticRules.from_resolution("track", res, values=keys,
                                            groups=keys))
 
@@ -933,7 +1024,8 @@ def track_norms(
       if k is not None:
         members.setdefault(k, []).append(u)
     return updates, TrackNormsState(
-        {k: _l2(us) for k, us in members.items()}, state.rules)
+        _stack([_l2(us) for us in members.values()], len(members)),
+        state.rules)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -215,6 +215,7 @@ def _add_norm_columns(node: Any, info: _rules.StaticRules, name: str,
   fields = [("norm", node.norms)]
   if hasattr(node, "scales"):
     fields.append(("scale", node.scales))
+  index = {g: k for k, g in enumerate(node.group_names())}
   group_of = dict(zip(info.paths, info.groups))
   for field, values in fields:
     column = f"{name}_{field}"
@@ -222,10 +223,11 @@ def _add_norm_columns(node: Any, info: _rules.StaticRules, name: str,
       columns.append(column)
       for row in rows:
         row[column] = None
+    values = np.asarray(values)
     for row in rows:
       group = group_of.get(row["path"])
       if group is not None:
-        row[column] = float(values[group])
+        row[column] = float(values[index[group]])
 
 
 def norms(opt_state: Any) -> dict[str, jax.Array]:

@@ -288,10 +288,12 @@ def test_clip_quantile_matches_numpy(q, window):
   np.testing.assert_allclose(scales, expected, rtol=2e-5)
   if q < 1:
     assert (expected < 1).sum() >= 10  # the spikes were clipped
-  stats = state.stats["**"]
+  (stats,) = state.stats.values()  # one clipper, one group: row 0
   n = min(len(norms), window)
-  np.testing.assert_allclose(np.sort(np.asarray(stats["history"])[:n]),
+  np.testing.assert_allclose(np.sort(np.asarray(stats["history"][0])[:n]),
                              np.sort(norms[-n:]), rtol=1e-6)
+  np.testing.assert_allclose(state.thresholds[0],
+                             np.quantile(norms[-n:], q), rtol=1e-5)
 
 
 def np_zclip(norms, z, alpha, warmup):
@@ -335,8 +337,9 @@ def test_clip_zscore_matches_numpy(z, alpha, warmup):
   np.testing.assert_allclose(scales, expected, rtol=1e-4)
   assert (expected < 0.9).sum() >= 5  # spikes were clipped
   assert (scales[:warmup] == 1.0).all()
-  np.testing.assert_allclose(state.stats["**"]["mean"], mean, rtol=1e-4)
-  np.testing.assert_allclose(state.stats["**"]["var"], var, rtol=1e-3)
+  stats = state.stats[repr(lw.clip_zscore(z, alpha, warmup))]
+  np.testing.assert_allclose(stats["mean"][0], mean, rtol=1e-4)
+  np.testing.assert_allclose(stats["var"][0], var, rtol=1e-3)
 
 
 def test_statistics_skip_non_finite_norms():
