@@ -140,20 +140,16 @@ class Clipper:
   def check_leaf(self, path: str, spec: Any) -> None:
     """Raises if the clipper cannot handle a leaf of this shape."""
 
-  def threshold(self) -> float:
-    """The group's threshold in the state before the first update."""
-    return math.inf
-
   def init(self) -> dict[str, jax.Array]:
     """The group's statistics (a history, averages), as state."""
     return {}
 
   def clip(self, leaves: list[jax.Array], params: list[jax.Array] | None,
-           threshold: jax.Array, stats: dict[str, jax.Array]
-           ) -> tuple[list[jax.Array], jax.Array, jax.Array, jax.Array,
+           stats: dict[str, jax.Array]
+           ) -> tuple[list[jax.Array], jax.Array, jax.Array,
                       dict[str, jax.Array]]:
-    """Returns the clipped leaves, the norm before, the scale applied, the
-    threshold used and the new statistics."""
+    """Returns the clipped leaves, the norm before, the scale applied and
+    the new statistics."""
     raise NotImplementedError
 
 
@@ -161,20 +157,16 @@ class Clipper:
 class _ClipValue(Clipper):
   c: float
 
-  def threshold(self):
-    return self.c
-
-  def clip(self, leaves, params, threshold, stats):
+  def clip(self, leaves, params, stats):
     (u,) = leaves
-    c = threshold.astype(u.dtype)
+    c = jnp.asarray(self.c, u.dtype)
     # Non-finite entries pass through: clipping an inf to c would hide it.
     out = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
     # The scale is the factor of the largest entry, c / max|u| capped at 1:
     # one more reduction of u (the norm of the clipped update would need it
     # written out first, which costs XLA:CPU a pass over memory).
     largest = jnp.max(jnp.abs(u.astype(_F32)), initial=0.0)
-    return ([out], _l2([u]), _norm_factor(largest, threshold), threshold,
-            stats)
+    return [out], _l2([u]), _norm_factor(largest, jnp.float32(self.c)), stats
 
   def __repr__(self):
     return f"clip_value({_fmt(self.c)})"
@@ -191,13 +183,10 @@ class _ClipNorm(Clipper):
   c: float
   ord: float = 2.0
 
-  def threshold(self):
-    return self.c
-
-  def clip(self, leaves, params, threshold, stats):
+  def clip(self, leaves, params, stats):
     norm = _norm(leaves, self.ord)
-    factor = _norm_factor(norm, threshold)
-    return _scaled(leaves, factor), norm, factor, threshold, stats
+    factor = _norm_factor(norm, jnp.float32(self.c))
+    return _scaled(leaves, factor), norm, factor, stats
 
   def __repr__(self):
     name = "clip_norm" if self.per_leaf else "clip_group_norm"
@@ -249,10 +238,7 @@ class _ClipAdaptive(Clipper):
           f"lw.clip_adaptive: axis={self.axis} is out of range for "
           f"parameter {path!r} of shape {tuple(spec.shape)}.")
 
-  def threshold(self):
-    return self.clipping
-
-  def clip(self, leaves, params, threshold, stats):
+  def clip(self, leaves, params, stats):
     (u,), (p,) = leaves, params
     axes = _unit_axes(u.shape, self.axis)
 
@@ -261,7 +247,7 @@ class _ClipAdaptive(Clipper):
                               keepdims=True))
 
     g_norm, p_norm = unit_norm(u), unit_norm(p)
-    max_norm = threshold * jnp.maximum(p_norm, self.eps)
+    max_norm = self.clipping * jnp.maximum(p_norm, self.eps)
     # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
     # comparison already excludes.
     keep = g_norm < max_norm
@@ -273,7 +259,7 @@ class _ClipAdaptive(Clipper):
     clipped_norm = jnp.where(g_norm >= 1e-6, max_norm, g_norm * factor)
     after = jnp.sqrt(jnp.sum(jnp.square(jnp.where(keep, g_norm,
                                                   clipped_norm))))
-    return [out], norm, _ratio(after, norm), threshold, stats
+    return [out], norm, _ratio(after, norm), stats
 
   def __repr__(self):
     extra = "" if self.eps == 1e-3 else f", eps={self.eps:g}"
@@ -306,9 +292,10 @@ class _ClipQuantile(Clipper):
   def init(self):
     return {"history": jnp.zeros([self.window], _F32),
             "next": jnp.zeros([], jnp.int32),
-            "filled": jnp.zeros([], jnp.int32)}
+            "filled": jnp.zeros([], jnp.int32),
+            "threshold": jnp.asarray(jnp.inf, _F32)}
 
-  def clip(self, leaves, params, threshold, stats):
+  def clip(self, leaves, params, stats):
     norm = _l2(leaves)
     finite = jnp.isfinite(norm)
     # A non-finite norm is not recorded: it would poison the threshold for
@@ -322,8 +309,9 @@ class _ClipQuantile(Clipper):
     factor = jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0)
     new = {"history": history,
            "next": (stats["next"] + step) % self.window,
-           "filled": filled}
-    return _scaled(leaves, factor), norm, factor, threshold, new
+           "filled": filled,
+           "threshold": threshold}
+    return _scaled(leaves, factor), norm, factor, new
 
   def __repr__(self):
     return f"clip_quantile({self.q:g}, window={self.window})"
@@ -344,9 +332,10 @@ class _ClipZScore(Clipper):
     return {"warmup_norms": jnp.zeros([self.warmup], _F32),
             "count": jnp.zeros([], jnp.int32),
             "mean": jnp.zeros([], _F32),
-            "var": jnp.zeros([], _F32)}
+            "var": jnp.zeros([], _F32),
+            "threshold": jnp.asarray(jnp.inf, _F32)}
 
-  def clip(self, leaves, params, threshold, stats):
+  def clip(self, leaves, params, stats):
     norm = _l2(leaves)
     finite = jnp.isfinite(norm)
     count, mean, var = stats["count"], stats["mean"], stats["var"]
@@ -376,10 +365,11 @@ class _ClipZScore(Clipper):
            "count": new_count,
            "mean": jnp.where(started, mean0,
                              jnp.where(follow, new_mean, mean)),
-           "var": jnp.where(started, var0, jnp.where(follow, new_var, var))}
-    # The norm above which this step clips (inf during the warm-up).
-    threshold = jnp.where(warming, jnp.inf, mean + self.z * (std + _ZCLIP_EPS))
-    return _scaled(leaves, factor), norm, factor, threshold, new
+           "var": jnp.where(started, var0, jnp.where(follow, new_var, var)),
+           # The norm above which this step clipped (inf in the warm-up).
+           "threshold": jnp.where(warming, jnp.inf,
+                                  mean + self.z * (std + _ZCLIP_EPS))}
+    return _scaled(leaves, factor), norm, factor, new
 
   def __repr__(self):
     return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
@@ -637,17 +627,17 @@ class ClipByRulesState(NamedTuple):
     scales: the factor each group's update was scaled by (for
       :func:`clip_value`, the factor of the largest entry; for
       :func:`clip_adaptive`, ``||clipped|| / ||update||``).
-    thresholds: each group's threshold: the fixed one (``c``, or AGC's
-      ``clipping``), which may be changed between steps, or the one AutoClip
-      and ZClip computed at the last update (``inf`` before).
     stats: the statistics of :func:`clip_quantile` and :func:`clip_zscore`
-      (history, moving averages), ``{clipper: {name: array}}`` stacked over
-      the groups that use the clipper, in group order.
+      (history, moving averages, and the threshold of the last update),
+      ``{clipper: {name: array}}`` stacked over the groups that use the
+      clipper, in group order. Fixed thresholds are constants of the
+      compiled step, as the coefficients of ``add_decayed_weights``: read
+      per group from one state vector, 200 of them took XLA:CPU 5 s more
+      to compile.
     rules: static metadata: each leaf's path, rule, clipper and group.
   """
   norms: jax.Array
   scales: jax.Array
-  thresholds: jax.Array
   stats: dict[str, dict[str, jax.Array]]
   rules: _rules.StaticRules
 
@@ -798,10 +788,10 @@ def clip_by_rules(
     clip_value(0.1)            1       3   42.9%            0
     -                          1       2   28.6%            0
     clip_group_norm(1.0)       1       2   28.6%            0
-    total                      3       7  100.0%           24
-    (total state bytes include 24 not held by one parameter, such as step counts)
+    total                      3       7  100.0%           16
+    (total state bytes include 16 not held by one parameter, such as step counts)
 
-    (Norms, scales and thresholds are one float32 vector each, over the
+    (Norms and scales are one float32 vector each, over the
     groups, so their bytes belong to no single parameter.)
 
     ``-`` marks leaves left unclipped. The norms and scales of the last
@@ -837,8 +827,6 @@ def clip_by_rules(
     return ClipByRulesState(
         norms=jnp.zeros([n], _F32),
         scales=jnp.ones([n], _F32),
-        thresholds=jnp.asarray([c.threshold() for _, c, _ in groups],
-                               _F32).reshape([n]),
         stats={k: {f: jnp.stack(v) for f, v in fields.items()}
                for k, fields in stats.items()},
         rules=_rules.StaticRules.from_resolution("clip", res,
@@ -852,12 +840,10 @@ def clip_by_rules(
     if params is not None:
       param_leaves = res.treedef.flatten_up_to(params)
     out = list(leaves)
-    norms, scales, thresholds = [], [], []
+    norms, scales = [], []
     stats: dict[str, dict[str, list[jax.Array]]] = {}
     rows: dict[str, int] = {}
-    old_thresholds = _items(state.thresholds, len(groups))
-    for k, ((name, clipper, members), key) in enumerate(
-        zip(groups, _stats_keys(groups))):
+    for (name, clipper, members), key in zip(groups, _stats_keys(groups)):
       group_params = None
       if clipper.needs_params:
         if param_leaves is None:
@@ -869,19 +855,17 @@ def clip_by_rules(
       if key is not None:
         row = rows[key] = rows.get(key, -1) + 1
         group_stats = {f: v[row] for f, v in state.stats[key].items()}
-      clipped, norm, scale, threshold, new_stats = clipper.clip(
-          [leaves[i] for i in members], group_params, old_thresholds[k],
-          group_stats)
+      clipped, norm, scale, new_stats = clipper.clip(
+          [leaves[i] for i in members], group_params, group_stats)
       norms.append(norm)
       scales.append(scale)
-      thresholds.append(threshold)
       for f, v in new_stats.items():
         stats.setdefault(key, {}).setdefault(f, []).append(v)
       for i, u in zip(members, clipped):
         out[i] = u
     n = len(groups)
     return res.treedef.unflatten(out), ClipByRulesState(
-        _stack(norms, n), _stack(scales, n), _stack(thresholds, n),
+        _stack(norms, n), _stack(scales, n),
         {k: {f: jnp.stack(v) for f, v in fields.items()}
          for k, fields in stats.items()}, state.rules)
 
