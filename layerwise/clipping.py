@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
@@ -83,13 +83,17 @@ def _ratio(after: jax.Array, before: jax.Array) -> jax.Array:
                    1.0)
 
 
-def _positive(fn: str, name: str, value: Any, *,
-              allow_zero: bool = False) -> float:
+def _number(fn: str, name: str, value: Any) -> float:
   if isinstance(value, bool) or not isinstance(value,
                                                (int, float, np.number)):
     raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
                     f"({type(value).__name__}).")
-  value = float(value)
+  return float(value)
+
+
+def _positive(fn: str, name: str, value: Any, *,
+              allow_zero: bool = False) -> float:
+  value = _number(fn, name, value)
   ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
   if not ok:
     bound = ">= 0" if allow_zero else "> 0"
@@ -551,12 +555,11 @@ def clip_quantile(q: float, window: int) -> Clipper:
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
-  if isinstance(q, bool) or not isinstance(q, (int, float, np.number)):
-    raise TypeError(f"lw.clip_quantile: q must be a number, got {q!r}.")
+  q = _number("lw.clip_quantile", "q", q)
   if not 0 <= q <= 1:
     raise ValueError(f"lw.clip_quantile: q must be in [0, 1], got {q!r} "
                      "(a quantile, not a percentile: 0.9, not 90).")
-  return _ClipQuantile(float(q), _integer("lw.clip_quantile", "window",
+  return _ClipQuantile(q, _integer("lw.clip_quantile", "window",
                                           window, 1))
 
 
@@ -600,14 +603,11 @@ def clip_zscore(z: float = 2.5, alpha: float = 0.97,
     <https://arxiv.org/abs/2504.02507>`_, 2025
   """
   z = _positive("lw.clip_zscore", "z", z)
-  if isinstance(alpha, bool) or not isinstance(alpha,
-                                               (int, float, np.number)):
-    raise TypeError(f"lw.clip_zscore: alpha must be a number, got "
-                    f"{alpha!r}.")
+  alpha = _number("lw.clip_zscore", "alpha", alpha)
   if not 0 < alpha < 1:
     raise ValueError(f"lw.clip_zscore: alpha must be in (0, 1), got "
                      f"{alpha!r}.")
-  return _ClipZScore(z, float(alpha), _integer("lw.clip_zscore", "warmup",
+  return _ClipZScore(z, alpha, _integer("lw.clip_zscore", "warmup",
                                                warmup, 1))
 
 
@@ -818,17 +818,13 @@ def clip_by_rules(
         _check_inexact("lw.clip_by_rules", res.paths[i], res.specs[i])
         clipper.check_leaf(res.paths[i], res.specs[i])
         group_of[i] = name
-    stats: dict[str, dict[str, list[jax.Array]]] = {}
-    for (_, clipper, _), key in zip(groups, _stats_keys(groups)):
-      if key is not None:
-        for field, value in clipper.init().items():
-          stats.setdefault(key, {}).setdefault(field, []).append(value)
     n = len(groups)
     return ClipByRulesState(
         norms=jnp.zeros([n], _F32),
         scales=jnp.ones([n], _F32),
-        stats={k: {f: jnp.stack(v) for f, v in fields.items()}
-               for k, fields in stats.items()},
+        stats=_stack_stats(
+            (key, clipper.init())
+            for (_, clipper, _), key in zip(groups, _stats_keys(groups))),
         rules=_rules.StaticRules.from_resolution("clip", res,
                                                  groups=group_of))
 
@@ -840,8 +836,7 @@ def clip_by_rules(
     if params is not None:
       param_leaves = res.treedef.flatten_up_to(params)
     out = list(leaves)
-    norms, scales = [], []
-    stats: dict[str, dict[str, list[jax.Array]]] = {}
+    norms, scales, new_stats = [], [], []
     rows: dict[str, int] = {}
     for (name, clipper, members), key in zip(groups, _stats_keys(groups)):
       group_params = None
@@ -855,19 +850,17 @@ def clip_by_rules(
       if key is not None:
         row = rows[key] = rows.get(key, -1) + 1
         group_stats = {f: v[row] for f, v in state.stats[key].items()}
-      clipped, norm, scale, new_stats = clipper.clip(
+      clipped, norm, scale, group_stats = clipper.clip(
           [leaves[i] for i in members], group_params, group_stats)
       norms.append(norm)
       scales.append(scale)
-      for f, v in new_stats.items():
-        stats.setdefault(key, {}).setdefault(f, []).append(v)
+      new_stats.append((key, group_stats))
       for i, u in zip(members, clipped):
         out[i] = u
     n = len(groups)
     return res.treedef.unflatten(out), ClipByRulesState(
-        _stack(norms, n), _stack(scales, n),
-        {k: {f: jnp.stack(v) for f, v in fields.items()}
-         for k, fields in stats.items()}, state.rules)
+        _stack(norms, n), _stack(scales, n), _stack_stats(new_stats),
+        state.rules)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -875,6 +868,18 @@ def clip_by_rules(
 def _stack(scalars: Sequence[jax.Array], n: int) -> jax.Array:
   return (jnp.stack([jnp.asarray(s, _F32) for s in scalars]) if n
           else jnp.zeros([0], _F32))
+
+
+def _stack_stats(per_group: Iterable[tuple[str | None, dict[str, jax.Array]]]
+                 ) -> dict[str, dict[str, jax.Array]]:
+  """``{key: {field: array}}`` from each group's ``(key, stats)``, stacked
+  over the groups that share a key, in group order (``None``: no stats)."""
+  fields: dict[str, dict[str, list[jax.Array]]] = {}
+  for key, stats in per_group:
+    for f, v in stats.items():
+      fields.setdefault(key, {}).setdefault(f, []).append(v)
+  return {k: {f: jnp.stack(v) for f, v in fs.items()}
+          for k, fs in fields.items()}
 
 
 def _check_clipper(value: Any, where: str) -> None:
