@@ -33,6 +33,7 @@ from typing import Any, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from layerwise import _paths
 
@@ -855,6 +856,18 @@ class StaticRules:
 
 jax.tree_util.register_pytree_node(
     StaticRules, lambda s: ((), s), lambda aux, _: aux)
+
+
+def as_transformation(value: Any) -> Any:
+  """An optax transformation with extra-args support, made from a
+  transformation or from an object with its ``init`` and ``update``
+  (``optax.MultiSteps``); ``None`` for anything else."""
+  if isinstance(value, optax.GradientTransformation):
+    return optax.with_extra_args_support(value)
+  if callable(getattr(value, "init", None)) and callable(
+      getattr(value, "update", None)) and not isinstance(value, type):
+    return optax.GradientTransformationExtraArgs(value.init, value.update)
+  return None
 
 
 def find_static(tree: Any) -> list[Any]:

@@ -122,17 +122,6 @@ class _Routes:
     return self.treedef.unflatten(out), tuple(new_states)
 
 
-def _as_transformation(value: Any) -> Any:
-  """An optax transformation, or an object with its ``init`` and ``update``
-  (``optax.MultiSteps``); ``None`` for anything else."""
-  if isinstance(value, optax.GradientTransformation):
-    return optax.with_extra_args_support(value)
-  if callable(getattr(value, "init", None)) and callable(
-      getattr(value, "update", None)) and not isinstance(value, type):
-    return optax.GradientTransformationExtraArgs(value.init, value.update)
-  return None
-
-
 # ---------------------------------------------------------------- partition
 
 
@@ -216,7 +205,7 @@ def partition(
   def group_of(value: Any, text: str) -> int:
     if value is None:
       return -1
-    tx = _as_transformation(value)
+    tx = _rules.as_transformation(value)
     if tx is None:
       raise TypeError(
           f"Rule {text} of lw.partition has value {value!r} "
@@ -334,7 +323,7 @@ def freeze(
     >>> sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # 2 moments of head/w
     20
   """
-  tx = _as_transformation(inner)
+  tx = _rules.as_transformation(inner)
   if tx is None:
     raise TypeError(
         f"lw.freeze wraps an optax transformation, got "
