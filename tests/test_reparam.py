@@ -87,7 +87,8 @@ def reference_trajectory(opt, scales, params, steps=20):
   state = opt.init(phi)
   out = []
   for _ in range(steps):
-    phi, state = step(phi, state)
+    with HIGHEST:
+      phi, state = step(phi, state)
     out.append(jax.tree.map(lambda p, l: p * jnp.asarray(l, p.dtype), phi,
                             lam))
   return out
@@ -105,9 +106,20 @@ def trajectory(tx, params, steps=20):
   state = tx.init(params)
   out = []
   for _ in range(steps):
-    params, state = step(params, state)
+    with HIGHEST:
+      params, state = step(params, state)
     out.append(params)
   return out
+
+
+# The trajectories are computed with float32 matmuls (not TF32, which GPUs
+# use by default): the tests are about the optimizer's arithmetic.
+HIGHEST = jax.default_matmul_precision("highest")
+
+#: On CPU the wrapper and the model written in phi round alike; on GPU, XLA
+#: fuses the two programs differently (multiply-adds contracted in other
+#: places), so they agree to float32 rounding, amplified by 20 steps.
+ON_CPU = jax.default_backend() == "cpu"
 
 
 def assert_trajectories(a, b, rtol, atol=0.0):
@@ -132,15 +144,27 @@ OPTIMIZERS = {
 }
 
 
+#: How far float32 rounding takes the two trajectories apart in 20 steps.
+#: Lion's sign (and RMSprop's g / sqrt(v) early on) turn a rounding
+#: difference of an entry near zero into a full step: those two get a looser
+#: bound; the float64 test shows that it is rounding, not a bias.
+ROUNDING = {name: 2e-3 if name in ("lion", "rmsprop") else 2e-5
+            for name in OPTIMIZERS}
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_exact_against_a_reparameterized_model(name):
-  # With power-of-two scales there is no rounding between the two: equal to
-  # the last bit, for 20 steps, under jit.
+  # With power-of-two scales there is no rounding in lam * g or theta / lam:
+  # on CPU the two are equal to the last bit (adafactor and lamb to one
+  # rounding of their norms), for 20 steps, under jit.
   params = mlp_params()
   opt = OPTIMIZERS[name]()
   want = reference_trajectory(opt, POW2, params)
   got = trajectory(lw.reparameterize(opt, POW2), params)
-  assert_trajectories(got, want, rtol=1e-6, atol=1e-7)
+  if ON_CPU:
+    assert_trajectories(got, want, rtol=1e-6, atol=1e-7)
+  else:
+    assert_trajectories(got, want, rtol=ROUNDING[name], atol=ROUNDING[name])
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
@@ -162,11 +186,7 @@ def test_float32_with_any_scales_differs_by_rounding(name):
   opt = OPTIMIZERS[name]()
   want = reference_trajectory(opt, GENERIC, params)
   got = trajectory(lw.reparameterize(opt, GENERIC), params)
-  # Lion's sign (and RMSprop's g / sqrt(v) early on) turn a rounding
-  # difference of an entry near zero into a full step: those two get a
-  # looser bound; see the float64 test for why it is rounding.
-  rtol = 2e-3 if name in ("lion", "rmsprop") else 2e-5
-  assert_trajectories(got, want, rtol=rtol, atol=rtol / 10)
+  assert_trajectories(got, want, rtol=ROUNDING[name], atol=ROUNDING[name] / 10)
 
 
 def test_the_wrapper_differs_from_the_bare_optimizer():
