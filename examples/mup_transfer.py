@@ -113,7 +113,6 @@ def main():
   args = parser.parse_args()
 
   params = init(jax.random.PRNGKey(0), 128, zero_head=True)
-  base = jax.eval_shape(lambda: init(jax.random.PRNGKey(0), BASE, True))
   print(f"muP multipliers for Adam, width {BASE} -> 128:")
   print(lw.describe(optimizer("muP", 1e-3, params, 128), params))
 

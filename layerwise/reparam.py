@@ -239,27 +239,13 @@ def _divide(x: Any, lam: float) -> Any:
 # ------------------------------------------------ equivalent multipliers
 
 #: For each optimizer, the power ``k`` with which a reparameterization scale
-#: ``lam`` acts as a learning-rate multiplier ``lam ** k``, and how exact
-#: that is.
-_FAMILIES: dict[str, tuple[int, str]] = {
-    "sgd": (2, "exact; coupled weight decay wd becomes wd / lam**2"),
-    "momentum": (2, "exact (optax.sgd with momentum)"),
-    "nesterov": (2, "exact (optax.sgd with nesterov=True)"),
-    "adam": (1, "exact with eps / lam and eps_root / lam**2"),
-    "adamw": (1, "exact with eps / lam and weight_decay / lam"),
-    "nadam": (1, "exact with eps / lam and eps_root / lam**2"),
-    "nadamw": (1, "exact with eps / lam and weight_decay / lam"),
-    "amsgrad": (1, "exact with eps / lam and eps_root / lam**2"),
-    "adamax": (1, "exact with eps / lam"),
-    "adabelief": (1, "exact with eps / lam and eps_root / lam**2"),
-    "rmsprop": (1, "exact with eps / lam**2 inside the square root "
-                   "(optax's default), eps / lam outside it, and "
-                   "initial_scale / lam**2"),
-    "adagrad": (1, "exact with eps / lam and initial_accumulator_value / "
-                   "lam**2"),
-    "yogi": (1, "exact with eps / lam and initial_accumulator_value / "
-                "lam**2"),
-    "lion": (1, "exact; weight_decay becomes weight_decay / lam"),
+#: ``lam`` acts as a learning-rate multiplier ``lam ** k`` (how exact is in
+#: :func:`equivalent_multipliers` and docs/reparameterization.md).
+_FAMILIES: dict[str, int] = {
+    "sgd": 2, "momentum": 2, "nesterov": 2,
+    "adam": 1, "adamw": 1, "nadam": 1, "nadamw": 1, "amsgrad": 1,
+    "adamax": 1, "adabelief": 1, "rmsprop": 1, "adagrad": 1, "yogi": 1,
+    "lion": 1,
 }
 
 #: Optimizers for which no multiplier equals a reparameterization.
@@ -291,7 +277,7 @@ def _power(fn: str, optimizer: Any) -> int:
         f"{fn}: unknown optimizer {optimizer!r}; known: "
         f"{', '.join(sorted(_FAMILIES))} (and, with no equivalent "
         f"multiplier, {', '.join(sorted(_NO_MULTIPLIER))}).")
-  return _FAMILIES[name][0]
+  return _FAMILIES[name]
 
 
 def _map_values(fn: str, rules: Any, what: str, f: Any) -> Any:

@@ -406,10 +406,6 @@ def test_inner_state_is_in_phi_space():
                              0.1 * 4.0 * g["layers_1"]["kernel"], rtol=1e-6)
 
 
-class _Value(optax.GradientTransformationExtraArgs):
-  pass
-
-
 def needs_value():
   """A transformation that multiplies the updates by an extra arg."""
 
@@ -630,7 +626,6 @@ def test_mup_rules_are_a_strict_rule_set_and_describe_names_them():
 def test_mup_on_the_linen_cnn(linen_variables):
   # Channels x2: conv kernels (3, 3, in, out) between hidden channels are
   # hidden weights; conv1's input has 1 channel, so it is vector-like.
-  from tests.conftest import LinenCNN  # noqa: F401  (the fixture's model)
   import flax.linen as nn
 
   class Wide(nn.Module):
