@@ -87,7 +87,7 @@ def reference_trajectory(opt, scales, params, steps=20):
   state = opt.init(phi)
   out = []
   for _ in range(steps):
-    with HIGHEST:
+    with float32_matmuls():
       phi, state = step(phi, state)
     out.append(jax.tree.map(lambda p, l: p * jnp.asarray(l, p.dtype), phi,
                             lam))
@@ -106,7 +106,7 @@ def trajectory(tx, params, steps=20):
   state = tx.init(params)
   out = []
   for _ in range(steps):
-    with HIGHEST:
+    with float32_matmuls():
       params, state = step(params, state)
     out.append(params)
   return out
@@ -114,7 +114,8 @@ def trajectory(tx, params, steps=20):
 
 # The trajectories are computed with float32 matmuls (not TF32, which GPUs
 # use by default): the tests are about the optimizer's arithmetic.
-HIGHEST = jax.default_matmul_precision("highest")
+def float32_matmuls():
+  return jax.default_matmul_precision("float32")
 
 #: On CPU the wrapper and the model written in phi round alike; on GPU, XLA
 #: fuses the two programs differently (multiply-adds contracted in other
