@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Union
@@ -856,6 +857,31 @@ class StaticRules:
 
 jax.tree_util.register_pytree_node(
     StaticRules, lambda s: ((), s), lambda aux, _: aux)
+
+
+def number(fn: str, name: str, value: Any, *,
+           schedule_hint: str = "") -> float:
+  """``value`` as a float; a ``TypeError`` for what is not a number (with
+  ``schedule_hint`` appended when it is a callable)."""
+  if isinstance(value, bool) or not isinstance(value,
+                                               (int, float, np.number)):
+    hint = schedule_hint if callable(value) else ""
+    raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
+                    f"({type(value).__name__}).{hint}")
+  return float(value)
+
+
+def positive(fn: str, name: str, value: Any, *, allow_zero: bool = False,
+             zero_hint: str = "", schedule_hint: str = "") -> float:
+  """``value`` as a float, checked finite and > 0 (>= 0 with
+  ``allow_zero``); ``zero_hint`` is appended to the error for a 0."""
+  value = number(fn, name, value, schedule_hint=schedule_hint)
+  if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(
+        f"{fn}: {name} must be finite and {bound}, got {value!r}"
+        + (zero_hint if value == 0 else "") + ".")
+  return value
 
 
 def as_transformation(value: Any) -> Any:

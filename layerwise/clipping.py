@@ -83,25 +83,12 @@ def _ratio(after: jax.Array, before: jax.Array) -> jax.Array:
                    1.0)
 
 
-def _number(fn: str, name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value,
-                                               (int, float, np.number)):
-    raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
-                    f"({type(value).__name__}).")
-  return float(value)
-
-
 def _positive(fn: str, name: str, value: Any, *,
               allow_zero: bool = False) -> float:
-  value = _number(fn, name, value)
-  ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-  if not ok:
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(
-        f"{fn}: {name} must be finite and {bound}, got {value!r}"
-        + (" (a threshold of 0 would zero every update; to freeze leaves, "
-           "use lw.freeze)" if not allow_zero and value == 0 else "") + ".")
-  return value
+  return _rules.positive(
+      fn, name, value, allow_zero=allow_zero,
+      zero_hint=" (a threshold of 0 would zero every update; to freeze "
+      "leaves, use lw.freeze)")
 
 
 def _check_ord(fn: str, ord: Any) -> float:
@@ -555,7 +542,7 @@ def clip_quantile(q: float, window: int) -> Clipper:
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
-  q = _number("lw.clip_quantile", "q", q)
+  q = _rules.number("lw.clip_quantile", "q", q)
   if not 0 <= q <= 1:
     raise ValueError(f"lw.clip_quantile: q must be in [0, 1], got {q!r} "
                      "(a quantile, not a percentile: 0.9, not 90).")
@@ -603,7 +590,7 @@ def clip_zscore(z: float = 2.5, alpha: float = 0.97,
     <https://arxiv.org/abs/2504.02507>`_, 2025
   """
   z = _positive("lw.clip_zscore", "z", z)
-  alpha = _number("lw.clip_zscore", "alpha", alpha)
+  alpha = _rules.number("lw.clip_zscore", "alpha", alpha)
   if not 0 < alpha < 1:
     raise ValueError(f"lw.clip_zscore: alpha must be in (0, 1), got "
                      f"{alpha!r}.")

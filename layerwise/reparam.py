@@ -26,13 +26,11 @@ step ``u_phi`` of ``phi`` moves ``theta`` by ``lam * u_phi``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from layerwise import _rules
@@ -42,20 +40,14 @@ __all__ = ["ReparameterizeState", "equivalent_multipliers",
 
 
 def _number(fn: str, name: str, value: Any) -> float:
-  if isinstance(value, bool) or not isinstance(value,
-                                               (int, float, np.number)):
-    hint = (" A reparameterization scale is a constant of the model's "
-            "parametrization; for a rate that changes over training, chain "
-            "lw.scale_by_rules with a schedule." if callable(value) else "")
-    raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
-                    f"({type(value).__name__}).{hint}")
-  value = float(value)
-  if not (math.isfinite(value) and value > 0):
-    hint = (" (lam = 0 would make theta a constant; to freeze leaves, use "
-            "lw.freeze)" if value == 0 else "")
-    raise ValueError(f"{fn}: {name} must be finite and > 0, got "
-                     f"{value!r}{hint}.")
-  return value
+  """A scale (or multiplier): a finite number > 0."""
+  return _rules.positive(
+      fn, name, value,
+      zero_hint=" (lam = 0 would make theta a constant; to freeze leaves, "
+      "use lw.freeze)",
+      schedule_hint=" A reparameterization scale is a constant of the "
+      "model's parametrization; for a rate that changes over training, chain "
+      "lw.scale_by_rules with a schedule.")
 
 
 # ----------------------------------------------------------- reparameterize
