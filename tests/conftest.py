@@ -8,15 +8,19 @@ from flax import nnx
 
 
 class LinenCNN(nn.Module):
-  """Two convolutions, a norm and two dense layers (the linen test model)."""
+  """Two convolutions, a norm and two dense layers (the linen test model).
+
+  ``widths``: the channels of conv1 and conv2 and the features of dense.
+  """
+  widths: tuple[int, int, int] = (8, 16, 32)
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
-    x = nn.relu(nn.Conv(16, (3, 3), name="conv2")(x))
+    x = nn.relu(nn.Conv(self.widths[0], (3, 3), name="conv1")(x))
+    x = nn.relu(nn.Conv(self.widths[1], (3, 3), name="conv2")(x))
     x = nn.LayerNorm(name="norm")(x)
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(32, name="dense")(x))
+    x = nn.relu(nn.Dense(self.widths[2], name="dense")(x))
     return nn.Dense(10, name="head")(x)
 
 

@@ -77,29 +77,17 @@ def reference_trajectory(opt, scales, params, steps=20):
     return loss(jax.tree.map(lambda p, l: p * l, phi, lam))
 
   phi = jax.tree.map(lambda p, l: p / jnp.asarray(l, p.dtype), params, lam)
-
-  @jax.jit
-  def step(phi, state):
-    g = jax.grad(loss_phi)(phi)
-    u, state = opt.update(g, state, phi)
-    return optax.apply_updates(phi, u), state
-
-  state = opt.init(phi)
-  out = []
-  for _ in range(steps):
-    with float32_matmuls():
-      phi, state = step(phi, state)
-    out.append(jax.tree.map(lambda p, l: p * jnp.asarray(l, p.dtype), phi,
-                            lam))
-  return out
+  return [jax.tree.map(lambda p, l: p * jnp.asarray(l, p.dtype), phi, lam)
+          for phi in trajectory(opt, phi, steps, loss_fn=loss_phi)]
 
 
-def trajectory(tx, params, steps=20):
-  """theta_t of the ordinary model with ``tx``."""
+def trajectory(tx, params, steps=20, loss_fn=loss):
+  """The params after each of ``steps`` jitted steps of ``tx`` on
+  ``loss_fn`` (theta_t of the ordinary model, by default)."""
 
   @jax.jit
   def step(params, state):
-    g = jax.grad(loss)(params)
+    g = jax.grad(loss_fn)(params)
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state
 
@@ -627,22 +615,11 @@ def test_mup_rules_are_a_strict_rule_set_and_describe_names_them():
 def test_mup_on_the_linen_cnn(linen_variables):
   # Channels x2: conv kernels (3, 3, in, out) between hidden channels are
   # hidden weights; conv1's input has 1 channel, so it is vector-like.
-  import flax.linen as nn
-
-  class Wide(nn.Module):
-
-    @nn.compact
-    def __call__(self, x):
-      x = nn.relu(nn.Conv(16, (3, 3), name="conv1")(x))
-      x = nn.relu(nn.Conv(32, (3, 3), name="conv2")(x))
-      x = nn.LayerNorm(name="norm")(x)
-      x = x.reshape(x.shape[0], -1)
-      x = nn.relu(nn.Dense(64, name="dense")(x))
-      return nn.Dense(10, name="head")(x)
+  from tests.conftest import LinenCNN
 
   base = linen_variables["params"]
-  wide = jax.eval_shape(Wide().init, jax.random.PRNGKey(0),
-                        jnp.ones((1, 8, 8, 1)))["params"]
+  wide = jax.eval_shape(LinenCNN(widths=(16, 32, 64)).init,
+                        jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 1)))["params"]
   m = lw.resolve(lw.mup_scales(base, wide, "adam"), wide)
   assert m["conv2"]["kernel"] == 0.5
   assert m["conv1"]["kernel"] == 1.0
