@@ -542,6 +542,13 @@ class RuleSet:
     self._cache: dict[Any, _Match] = {}
     self._checked: set[tuple[_Match, bool]] = set()
 
+  def map_values(self, fn: Callable[[Any, str], Any]) -> "RuleSet":
+    """The same selectors with values ``fn(value, selector_text)``: the
+    place to check (and convert) a rule set's values, rule by rule."""
+    return RuleSet([(c, fn(v, c.text))
+                    for c, v in zip(self.selectors, self.values)],
+                   what=self.what)
+
   def __len__(self) -> int:
     return len(self.selectors)
 

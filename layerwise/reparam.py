@@ -170,10 +170,8 @@ def reparameterize(
     raise TypeError(
         f"{fn}: inner must be an optax transformation (such as "
         f"optax.adam(1e-3)), got {type(inner).__name__} {inner!r}.")
-  given = _rules.RuleSet(scales, what="scale")
-  rule_set = _rules.RuleSet(
-      [(c, _number(fn, f"the scale of rule {c.text}", v))
-       for c, v in zip(given.selectors, given.values)], what="scale")
+  rule_set = _rules.RuleSet(scales, what="scale").map_values(
+      lambda v, text: _number(fn, f"the scale of rule {text}", v))
   if default is not _rules.MISSING:
     default = _number(fn, "default", default)
 
@@ -193,8 +191,7 @@ def reparameterize(
             f"{lam}; only floating point leaves can be reparameterized. Give "
             "it the scale 1.0 (or freeze it with lw.freeze).")
     leaves = res.treedef.flatten_up_to(params)
-    phi = res.treedef.unflatten(
-        to_phi(leaves, res.values, lambda x, lam: _divide(x, lam)))
+    phi = res.treedef.unflatten(to_phi(leaves, res.values, _divide))
     return ReparameterizeState(
         inner_state=tx.init(phi),
         rules=_rules.StaticRules.from_resolution("lam", res))
@@ -208,9 +205,8 @@ def reparameterize(
         to_phi(leaves, lams, lambda g, lam: g * lam))
     p_phi = None
     if params is not None:
-      p_phi = res.treedef.unflatten(to_phi(
-          res.treedef.flatten_up_to(params), lams,
-          lambda x, lam: _divide(x, lam)))
+      p_phi = res.treedef.unflatten(
+          to_phi(res.treedef.flatten_up_to(params), lams, _divide))
     u_phi, inner_state = tx.update(g_phi, state.inner_state, p_phi,
                                    **extra_args)
     out = res.treedef.flatten_up_to(u_phi)
@@ -278,12 +274,11 @@ def _map_values(fn: str, rules: Any, what: str, f: Any) -> Any:
   if not isinstance(rules, (Mapping, Sequence)) or isinstance(rules,
                                                               (str, bytes)):
     return f(_number(fn, what, rules))
-  rule_set = _rules.RuleSet(rules, what=what)
-  values = [f(_number(fn, f"the {what} of rule {c.text}", v))
-            for c, v in zip(rule_set.selectors, rule_set.values)]
+  rule_set = _rules.RuleSet(rules, what=what).map_values(
+      lambda v, text: f(_number(fn, f"the {what} of rule {text}", v)))
   if isinstance(rules, Mapping):
-    return dict(zip(rules.keys(), values))
-  return [(c.source, v) for c, v in zip(rule_set.selectors, values)]
+    return dict(zip(rules.keys(), rule_set.values))
+  return [(c.source, v) for c, v in zip(rule_set.selectors, rule_set.values)]
 
 
 def equivalent_multipliers(scales: Any, optimizer: str) -> Any:
@@ -542,13 +537,12 @@ def mup_scales(
   rules: list[tuple[Any, float]] = []
   overridden = [False] * len(paths)
   if override is not None:
-    given = _rules.RuleSet(override, what="multiplier")
-    checked = _rules.RuleSet(
-        [(c, _number(fn, f"the override of rule {c.text}", v))
-         for c, v in zip(given.selectors, given.values)], what="multiplier")
+    checked = _rules.RuleSet(override, what="multiplier").map_values(
+        lambda v, text: _number(fn, f"the override of rule {text}", v))
     res = checked.resolve(params, default=None)
     overridden = [r >= 0 for r in res.rule_index]
-    rules += [(c.source, v) for c, v in zip(given.selectors, checked.values)]
+    rules += [(c.source, v) for c, v in zip(checked.selectors,
+                                            checked.values)]
 
   groups: dict[tuple[str, float], list[str]] = {}
   for path, b, t, skip in zip(paths, base_specs, specs, overridden):

@@ -62,10 +62,8 @@ def _checked_rules(rules: _rules.Rules, default: Any,
                    what: str) -> tuple[_rules.RuleSet, Any]:
   """A rule set of multipliers (or weight decays), each checked, and the
   checked default."""
-  given = _rules.RuleSet(rules, what=what)
-  rule_set = _rules.RuleSet(
-      [(c, _check_multiplier(v, c.text, what))
-       for c, v in zip(given.selectors, given.values)], what=what)
+  rule_set = _rules.RuleSet(rules, what=what).map_values(
+      lambda v, text: _check_multiplier(v, text, what))
   if default is not _rules.MISSING:
     default = _check_multiplier(default, "default", what)
   return rule_set, default
