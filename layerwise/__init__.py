@@ -63,6 +63,7 @@ from layerwise.scaling import (
     scale_by_rules,
     set_scale,
 )
+from layerwise.transfer import TransplantReport, transplant
 
 __version__ = "0.1.0.dev0"
 
@@ -79,6 +80,7 @@ __all__ = [
     "ScaleByRulesState",
     "Selector",
     "TrackNormsState",
+    "TransplantReport",
     "add_decayed_weights",
     "all_of",
     "any_of",
@@ -110,4 +112,5 @@ __all__ = [
     "set_scale",
     "stop_gradient",
     "track_norms",
+    "transplant",
 ]

@@ -465,14 +465,16 @@ class RuleError(ValueError):
     self.shadowed = tuple(shadowed)
 
 
-def _listed(lines: Sequence[str]) -> list[str]:
+def listed(lines: Sequence[str]) -> list[str]:
+  """Indented lines for an error message, at most ``_MAX_LISTED`` of them."""
   shown = [f"  {line}" for line in lines[:_MAX_LISTED]]
   if len(lines) > _MAX_LISTED:
     shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
   return shown
 
 
-def _close(word: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+def close(word: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+  """The candidates most like ``word``, for "closest: ..." suggestions."""
   return difflib.get_close_matches(word, list(dict.fromkeys(candidates)), n=n,
                                    cutoff=0.5)
 
@@ -626,7 +628,7 @@ class RuleSet:
                                   if near else ""))
       sections.append(
           f"{len(unmatched)} parameter(s) match no rule:\n"
-          + "\n".join(_listed(lines + unmatched[_MAX_LISTED:]))
+          + "\n".join(listed(lines + unmatched[_MAX_LISTED:]))
           + "\nAdd rules for them, end the rule set with a catch-all '**', "
           f"or pass default=<{self.what}>.")
 
@@ -637,14 +639,14 @@ class RuleSet:
         c = self.selectors[r]
         near = []
         if isinstance(c.source, str):
-          near = _close(c.pattern, candidates)
+          near = close(c.pattern, candidates)
         elif isinstance(c.source, re.Pattern):
-          near = _close(c.pattern, m.paths)
+          near = close(c.pattern, m.paths)
         lines.append(f"rule {r}: {c.text}" + (
             f"  (closest: {_quote_all(near)})" if near else ""))
       sections.append(
           f"{len(unused)} selector(s) match no parameter (a typo?):\n"
-          + "\n".join(_listed(lines))
+          + "\n".join(listed(lines))
           + "\nFix the pattern (lw.paths(params) lists the real paths), "
           "remove the rule, or pass strict=False if the rule set is shared "
           "across models.")
@@ -660,7 +662,7 @@ class RuleSet:
                         for t in takers))
       sections.append(
           f"{len(shadowed)} rule(s) are shadowed by earlier rules:\n"
-          + "\n".join(_listed(lines))
+          + "\n".join(listed(lines))
           + "\nThe first matching rule wins: put more specific rules first, "
           "or remove the dead rule.")
 
@@ -889,6 +891,28 @@ def positive(fn: str, name: str, value: Any, *, allow_zero: bool = False,
         f"{fn}: {name} must be finite and {bound}, got {value!r}"
         + (zero_hint if value == 0 else "") + ".")
   return value
+
+
+def flag_rules(fn: str, flags: Any, *, what: str,
+               meaning: str) -> tuple[RuleSet, Any]:
+  """A selector, or a rule set ``{selector: bool}``, as a rule set of bools
+  and the default to resolve it with.
+
+  A selector sets the flag of what it matches (the rest gets ``False``); a
+  rule set must cover every leaf, as any rule set. ``meaning`` says what
+  ``True`` and ``False`` mean, for the error on a value that is not a bool.
+  """
+  is_rule_set = (isinstance(flags, Mapping) or (
+      isinstance(flags, Sequence) and not isinstance(flags, (str, bytes))))
+  if not is_rule_set:
+    return RuleSet([(flags, True)], what=what), False
+  rule_set = RuleSet(flags, what=what)
+  for c, v in zip(rule_set.selectors, rule_set.values):
+    if not isinstance(v, bool):
+      raise TypeError(
+          f"{fn}: rule {c.text} has value {v!r}; a rule set of {what}s maps "
+          f"selectors to {meaning}.")
+  return rule_set, MISSING
 
 
 def as_transformation(value: Any) -> Any:

@@ -251,22 +251,9 @@ def partition(
 
 
 def _frozen_rules(fn: str, frozen: Any) -> tuple[_rules.RuleSet, Any]:
-  """``frozen`` as a rule set of bools, and its default.
-
-  A selector freezes what it matches (the rest trains); a rule set
-  ``{selector: bool}`` must cover every leaf, as any rule set.
-  """
-  is_rule_set = (isinstance(frozen, Mapping) or (
-      isinstance(frozen, Sequence) and not isinstance(frozen, (str, bytes))))
-  if not is_rule_set:
-    return _rules.RuleSet([(frozen, True)], what="frozen flag"), False
-  rule_set = _rules.RuleSet(frozen, what="frozen flag")
-  for c, v in zip(rule_set.selectors, rule_set.values):
-    if not isinstance(v, bool):
-      raise TypeError(
-          f"{fn}: rule {c.text} has value {v!r}; a frozen rule set maps "
-          "selectors to True (frozen) or False (trained).")
-  return rule_set, _rules.MISSING
+  """``frozen`` as a rule set of bools, and its default."""
+  return _rules.flag_rules(fn, frozen, what="frozen flag",
+                           meaning="True (frozen) or False (trained)")
 
 
 @functools.lru_cache(maxsize=32)

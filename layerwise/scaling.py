@@ -224,7 +224,7 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
   matched = {id(s): s.rules.select(selector) for s in states}
   if not any(matched.values()):
     paths = [p for s in states for p in s.rules.paths]
-    near = _rules._close(_rules.compile_selector(selector).pattern,
+    near = _rules.close(_rules.compile_selector(selector).pattern,
                          _rules._path_candidates(paths))
     raise ValueError(
         f"set_scale: selector {_rules.compile_selector(selector).text} "
