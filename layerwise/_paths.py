@@ -35,7 +35,7 @@ _SEP = "/"
 _BOXES: tuple[type, ...] | None = None
 
 
-def _box_types() -> tuple[type, ...]:
+def box_types() -> tuple[type, ...]:
   """Flax's metadata box types, once Flax is imported (never imports it)."""
   global _BOXES
   if _BOXES is not None:
@@ -61,6 +61,35 @@ def _box_types() -> tuple[type, ...]:
     pass
   _BOXES = tuple(types)
   return _BOXES
+
+
+def unbox(tree: Any) -> Any:
+  """``tree`` with every Flax metadata box replaced by the value it holds.
+
+  ``nnx.Optimizer`` keeps its optax state in ``Variable``\\ s (``OptArray``,
+  ``OptVariable``), and a state initialised from an ``nnx.State`` holds its
+  per-parameter leaves in ``Param`` boxes; unboxed, both are the plain optax
+  state. A box that is a pytree node (flax >= 0.11, ``VariableState``, linen
+  ``Partitioned``) holds its value as its one child; older ``nnx.Variable``\\ s
+  are pytree leaves and hold it as ``value``.
+  """
+  boxes = box_types()
+  if not boxes:
+    return tree
+
+  def content(node: Any) -> Any:
+    if not isinstance(node, boxes):
+      return node
+    children = jax.tree_util.tree_flatten(node,
+                                          is_leaf=lambda x: x is not node)[0]
+    if len(children) == 1 and children[0] is not node:
+      return children[0]
+    # A box that is a pytree leaf, or one that holds a tree.
+    get_value = getattr(type(node), "get_value", None)
+    return get_value(node) if get_value is not None else node.value
+
+  return jax.tree_util.tree_map(content, tree,
+                                is_leaf=lambda x: isinstance(x, boxes))
 
 
 def _key_str(key: Any) -> str:
@@ -93,7 +122,7 @@ def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
     >>> flatten_with_paths({"b": [jnp.ones(2), None], "a": jnp.zeros(())})[0]
     ['a', 'b/0']
   """
-  boxes = _box_types()
+  boxes = box_types()
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   if boxes:
     outer = jax.tree_util.tree_flatten_with_path(

@@ -164,6 +164,8 @@ def _describe_transformation(tx: Any, params: Any,
                              opt_state: Any = None) -> Description:
   state = jax.eval_shape(tx.init, params)
   if opt_state is not None:
+    # nnx.Optimizer keeps its state in Variables: compare what they hold.
+    opt_state, state = _paths.unbox(opt_state), _paths.unbox(state)
     if (jax.tree_util.tree_structure(opt_state)
         != jax.tree_util.tree_structure(state)):
       raise ValueError(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise import _rules
+from layerwise import _paths, _rules
 
 # ---------------------------------------------------------------- scale_by_rules
 
@@ -236,7 +236,14 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
       return node
     factors, treedef = jax.tree_util.tree_flatten(node.multipliers)
     for i in matched[id(node)]:
-      factors[i] = jnp.asarray(value, factors[i].dtype)
+      old = factors[i]
+      # A Flax box (the Variables of an nnx.Optimizer's state before flax
+      # 0.11) stays one; full_like puts the new multiplier where the old one
+      # is, so that a committed state (restored, sharded) stays committed
+      # and a jitted step takes it without compiling again.
+      boxed = isinstance(old, _paths.box_types())
+      new = jnp.full_like(old.value if boxed else old, value)
+      factors[i] = old.replace(value=new) if boxed else new
     return node._replace(
         multipliers=jax.tree_util.tree_unflatten(treedef, factors))
 

@@ -123,3 +123,16 @@ def test_empty_tree():
   d = lw.describe({}, {}, default=1.0)
   assert d.rows == () and d.totals() == []
   assert str(d).splitlines()[-1].split() == ["total", "0", "0", "0.0%"]
+
+
+def test_describe_reads_an_nnx_optimizer_state(nnx_model):
+  # nnx.Optimizer keeps the optax state in Variables (OptArray, OptVariable);
+  # the table reads through them, as from the plain state.
+  tx = optax.chain(lw.clip_by_rules({"**": lw.clip_group_norm(1.0)}),
+                   optax.sgd(1.0),
+                   lw.scale_by_rules({"head/**": 0.5, "**": 1.0}))
+  params = nnx.state(nnx_model, nnx.Param)
+  optimizer = nnx.Optimizer(nnx_model, tx, wrt=nnx.Param)
+  d = lw.describe(tx, params, opt_state=optimizer.opt_state)
+  assert d.rows == lw.describe(tx, params, opt_state=tx.init(params)).rows
+  assert [r["clip_norm"] for r in d.rows] == [0.0] * 8

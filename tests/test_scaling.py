@@ -5,6 +5,7 @@ References: PyTorch's AdamW and SGD update rules, written out in NumPy
 groups ``lr_g = lr * r_g``; and optax's own transformations.
 """
 
+import inspect
 import re
 
 import chex
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import layerwise as lw
 
@@ -415,6 +417,45 @@ def test_set_scale_errors():
     lw.set_scale(state, "**", optax.constant_schedule(1.0))
   with pytest.raises(ValueError, match="finite and >= 0"):
     lw.set_scale(state, "**", -1.0)
+
+
+def test_set_scale_keeps_a_committed_state_committed():
+  # A restored or sharded state is committed to its devices; an uncommitted
+  # new multiplier would make the jitted step compile again.
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0}))
+  step = jax.jit(tx.update)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  for state in (tx.init(params), jax.device_put(tx.init(params), device)):
+    _, state = step(params, state, params)
+    size = step._cache_size()
+    new = lw.set_scale(state, "a", 0.5)
+    updates, _ = step(params, new, params)
+    assert step._cache_size() == size
+    old_m, new_m = state[1].multipliers["a"], new[1].multipliers["a"]
+    assert new_m.sharding == old_m.sharding
+    np.testing.assert_array_equal(updates["a"], [-0.5, -0.5])
+
+
+def test_set_scale_on_an_nnx_optimizer_state(nnx_model):
+  # nnx.Optimizer keeps its state in Variables, which flax < 0.11 flattens
+  # as leaves: the new state keeps them, so the optimizer takes it.
+  tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0}))
+  optimizer = nnx.Optimizer(nnx_model, tx, wrt=nnx.Param)
+  new = lw.set_scale(optimizer.opt_state, "head/**", 0.5)
+  assert ([type(x) for x in jax.tree_util.tree_leaves(new)]
+          == [type(x) for x in jax.tree_util.tree_leaves(optimizer.opt_state)])
+  optimizer.opt_state = new
+  before = flat(nnx.state(nnx_model, nnx.Param))
+  grads = jax.tree_util.tree_map(jnp.ones_like,
+                                 nnx.state(nnx_model, nnx.Param))
+  if "model" in inspect.signature(optimizer.update).parameters:
+    optimizer.update(nnx_model, grads)  # flax >= 0.11
+  else:
+    optimizer.update(grads)
+  for path, p in flat(nnx.state(nnx_model, nnx.Param)).items():
+    step = -0.5 if path.startswith("head/") else -1.0
+    np.testing.assert_allclose(p - before[path], step, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------- describe
