@@ -207,33 +207,25 @@ def transplant(
     else:
       plan[i] = j
 
-  sections = []
-  if missing and strict:
-    candidates = list(src_paths)
-    lines = []
-    for path, src_path in missing:
-      near = _rules.close(src_path, candidates)
-      shown = path if src_path == path else f"{path} <- {src_path}"
-      lines.append(f"{shown!r}" + (f"  (closest in source: "
-                                    f"{', '.join(map(repr, near))})"
-                                    if near else ""))
-    sections.append(
-        f"{_leaves(len(missing), 'is')} not in the source:\n"
-        + "\n".join(_rules.listed(lines))
-        + "\nExclude them from the rules (e.g. {'head/**': False, ...}), map "
-        "their paths with rename=, or pass strict=False to leave them new.")
-  if shapes:
-    sections.append(
-        f"{_leaves(len(shapes), 'has')} a different shape in the source:\n"
-        + "\n".join(_rules.listed(shapes))
-        + "\nLeave these layers new (exclude them from the rules), or build "
-        "the target with the source's sizes.")
-  if dtypes:
-    sections.append(
-        f"{_leaves(len(dtypes), 'has')} a different dtype in the source:\n"
-        + "\n".join(_rules.listed(dtypes))
-        + "\nPass cast=True to convert the source values to the target "
-        "dtypes.")
+  absent = []
+  for path, src_path in missing if strict else ():
+    near = _rules.close(src_path, src_paths)
+    shown = path if src_path == path else f"{path} <- {src_path}"
+    absent.append(f"{shown!r}" + (
+        f"  (closest in source: {', '.join(map(repr, near))})" if near else ""))
+  problems = [
+      (absent, "is", "not in the source",
+       "Exclude them from the rules (e.g. {'head/**': False, ...}), map their "
+       "paths with rename=, or pass strict=False to leave them new."),
+      (shapes, "has", "a different shape in the source",
+       "Leave these layers new (exclude them from the rules), or build the "
+       "target with the source's sizes."),
+      (dtypes, "has", "a different dtype in the source",
+       "Pass cast=True to convert the source values to the target dtypes."),
+  ]
+  sections = [f"{_leaves(len(lines), verb)} {what}:\n"
+              + "\n".join(_rules.listed(lines)) + "\n" + advice
+              for lines, verb, what, advice in problems if lines]
   if sections:
     raise ValueError(f"{fn}: " + "\n\n".join(sections))
 
