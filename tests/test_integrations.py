@@ -29,7 +29,7 @@ from flax import nnx
 from flax.training import train_state
 
 import layerwise as lw
-from tests.conftest import LinenCNN, NNXMLP
+from conftest import LinenCNN, NNXMLP
 
 LR = 2.0**-7
 # Two XLA programs that compute the same numbers (a layerwise chain and its

@@ -615,7 +615,7 @@ def test_mup_rules_are_a_strict_rule_set_and_describe_names_them():
 def test_mup_on_the_linen_cnn(linen_variables):
   # Channels x2: conv kernels (3, 3, in, out) between hidden channels are
   # hidden weights; conv1's input has 1 channel, so it is vector-like.
-  from tests.conftest import LinenCNN
+  from conftest import LinenCNN
 
   base = linen_variables["params"]
   wide = jax.eval_shape(LinenCNN(widths=(16, 32, 64)).init,

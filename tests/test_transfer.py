@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import layerwise as lw
-from tests.conftest import LinenCNN, NNXMLP
+from conftest import LinenCNN, NNXMLP
 
 
 def _tree(seed, head=5, dtype=jnp.float32):
