@@ -1,10 +1,29 @@
-"""Shared models for the tests: a Flax linen CNN and a Flax NNX MLP."""
+"""Shared models for the tests (a Flax linen CNN and a Flax NNX MLP), and
+the helpers several test modules use."""
+
+import inspect
 
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import linen as nn
 from flax import nnx
+
+import layerwise as lw
+
+
+def flat(tree):
+  """``{path: leaf}`` of a tree, paths as ``lw.paths`` names them."""
+  return dict(zip(jax.tree_util.tree_leaves(lw.paths(tree)),
+                  jax.tree_util.tree_leaves(tree)))
+
+
+def optimizer_update(optimizer, model, grads):
+  """``optimizer.update``: flax >= 0.11 takes the model, 0.10 does not."""
+  if "model" in inspect.signature(optimizer.update).parameters:
+    optimizer.update(model, grads)
+  else:
+    optimizer.update(grads)
 
 
 class LinenCNN(nn.Module):

@@ -12,7 +12,6 @@ the mean of the micro-batch gradients. After ``lw.set_scale``, the updates
 the old multipliers give, scaled by hand.
 """
 
-import inspect
 import os
 import pathlib
 import subprocess
@@ -29,7 +28,7 @@ from flax import nnx
 from flax.training import train_state
 
 import layerwise as lw
-from conftest import LinenCNN, NNXMLP
+from conftest import LinenCNN, NNXMLP, flat, optimizer_update
 
 LR = 2.0**-7
 # Two XLA programs that compute the same numbers (a layerwise chain and its
@@ -38,11 +37,6 @@ LR = 2.0**-7
 # float32 rounding.
 CLOSE = {"rtol": 1e-6, "atol": 1e-9}
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def leaves_by_path(tree):
-  return dict(zip(jax.tree_util.tree_leaves(lw.paths(tree)),
-                  jax.tree_util.tree_leaves(tree)))
 
 
 def key_names(path):
@@ -130,7 +124,7 @@ def test_train_state_per_layer_rates_clipping_and_set_scale():
   assert float(norms["clip/**/scale"]) < 1.0
   assert float(norms["clip/conv2/kernel/scale"]) < 1.0
   group_norm = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64))
-                           for p, g in leaves_by_path(grads).items()
+                           for p, g in flat(grads).items()
                            if not p.startswith("conv")))
   np.testing.assert_allclose(norms["clip/**/norm"], group_norm, rtol=1e-6)
 
@@ -168,14 +162,6 @@ Y_NNX = np.random.default_rng(1).normal(size=(32, 3)).astype(np.float32)
 
 def nnx_model():
   return NNXMLP((4, 16, 16, 3), nnx.Rngs(0))
-
-
-def optimizer_update(optimizer, model, grads):
-  """``optimizer.update``: flax >= 0.11 takes the model, 0.10 does not."""
-  if "model" in inspect.signature(optimizer.update).parameters:
-    optimizer.update(model, grads)
-  else:
-    optimizer.update(grads)
 
 
 def nnx_trainer(wrt):

@@ -81,6 +81,15 @@ def reference_trajectory(opt, scales, params, steps=20):
           for phi in trajectory(opt, phi, steps, loss_fn=loss_phi)]
 
 
+def wrapped_and_reference(name, scales, params):
+  """The trajectories of ``reparameterize(OPTIMIZERS[name](), scales)`` on
+  the ordinary model, and of the bare optimizer on the model written in
+  phi."""
+  opt = OPTIMIZERS[name]()
+  return (trajectory(lw.reparameterize(opt, scales), params),
+          reference_trajectory(opt, scales, params))
+
+
 def trajectory(tx, params, steps=20, loss_fn=loss):
   """The params after each of ``steps`` jitted steps of ``tx`` on
   ``loss_fn`` (theta_t of the ordinary model, by default)."""
@@ -147,9 +156,7 @@ def test_exact_against_a_reparameterized_model(name):
   # on CPU the two are equal to the last bit (adafactor and lamb to one
   # rounding of their norms), for 20 steps, under jit.
   params = mlp_params()
-  opt = OPTIMIZERS[name]()
-  want = reference_trajectory(opt, POW2, params)
-  got = trajectory(lw.reparameterize(opt, POW2), params)
+  got, want = wrapped_and_reference(name, POW2, params)
   if ON_CPU:
     assert_trajectories(got, want, rtol=1e-6, atol=1e-7)
   else:
@@ -162,9 +169,7 @@ def test_exact_in_float64_with_any_scales(name):
   # float32 (below) is rounding, not a bias.
   with enable_x64(True):
     params = mlp_params(dtype=jnp.float64)
-    opt = OPTIMIZERS[name]()
-    want = reference_trajectory(opt, GENERIC, params)
-    got = trajectory(lw.reparameterize(opt, GENERIC), params)
+    got, want = wrapped_and_reference(name, GENERIC, params)
     assert got[-1]["head"]["kernel"].dtype == jnp.float64
     assert_trajectories(got, want, rtol=1e-10, atol=1e-12)
 
@@ -172,9 +177,7 @@ def test_exact_in_float64_with_any_scales(name):
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_float32_with_any_scales_differs_by_rounding(name):
   params = mlp_params()
-  opt = OPTIMIZERS[name]()
-  want = reference_trajectory(opt, GENERIC, params)
-  got = trajectory(lw.reparameterize(opt, GENERIC), params)
+  got, want = wrapped_and_reference(name, GENERIC, params)
   assert_trajectories(got, want, rtol=ROUNDING[name], atol=ROUNDING[name] / 10)
 
 

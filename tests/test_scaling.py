@@ -5,7 +5,6 @@ References: PyTorch's AdamW and SGD update rules, written out in NumPy
 groups ``lr_g = lr * r_g``; and optax's own transformations.
 """
 
-import inspect
 import re
 
 import chex
@@ -17,6 +16,7 @@ import pytest
 from flax import nnx
 
 import layerwise as lw
+from conftest import flat, optimizer_update
 
 RNG = np.random.default_rng(0)
 PARAMS = {
@@ -45,11 +45,6 @@ def run_optax(tx, steps=10):
   for _ in range(steps):
     params, state = step(params, state)
   return params
-
-
-def flat(tree):
-  return dict(zip(jax.tree_util.tree_leaves(lw.paths(tree)),
-                  jax.tree_util.tree_leaves(tree)))
 
 
 def group_wd(wd, key):
@@ -449,10 +444,7 @@ def test_set_scale_on_an_nnx_optimizer_state(nnx_model):
   before = flat(nnx.state(nnx_model, nnx.Param))
   grads = jax.tree_util.tree_map(jnp.ones_like,
                                  nnx.state(nnx_model, nnx.Param))
-  if "model" in inspect.signature(optimizer.update).parameters:
-    optimizer.update(nnx_model, grads)  # flax >= 0.11
-  else:
-    optimizer.update(grads)
+  optimizer_update(optimizer, nnx_model, grads)
   for path, p in flat(nnx.state(nnx_model, nnx.Param)).items():
     step = -0.5 if path.startswith("head/") else -1.0
     np.testing.assert_allclose(p - before[path], step, rtol=1e-6, atol=1e-6)

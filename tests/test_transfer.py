@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import layerwise as lw
-from conftest import LinenCNN, NNXMLP
+from conftest import LinenCNN, NNXMLP, flat
 
 
 def _tree(seed, head=5, dtype=jnp.float32):
@@ -25,10 +25,9 @@ def _tree(seed, head=5, dtype=jnp.float32):
 
 def _assert_from(out, tree, paths):
   """``out``'s leaves at ``paths`` equal those of ``tree``."""
-  flat_out = dict(zip(*lw._paths.flatten_with_paths(out)[:2]))
-  flat = dict(zip(*lw._paths.flatten_with_paths(tree)[:2]))
+  flat_out, flat_tree = flat(out), flat(tree)
   for p in paths:
-    np.testing.assert_array_equal(flat_out[p], flat[p], err_msg=p)
+    np.testing.assert_array_equal(flat_out[p], flat_tree[p], err_msg=p)
 
 
 def test_copies_the_selected_leaves_and_keeps_the_rest():
