@@ -37,17 +37,27 @@ class TransplantReport:
   its last segment) and a summary line.
 
   Attributes:
+    sizes: for each kind (``"copied"``, ``"new"``, ``"skipped"``), the
+      number of values of each of its paths: target paths for ``copied``
+      and ``new``, source paths for ``skipped``.
     copied: target paths whose value now comes from ``source``.
     new: target paths left as they were (not selected, or, with
       ``strict=False``, selected but absent from ``source``).
     skipped: source paths that were copied nowhere.
-    sizes: the number of values of each path above (target paths for
-      ``copied`` and ``new``, source paths for ``skipped``), by kind.
   """
-  copied: tuple[str, ...]
-  new: tuple[str, ...]
-  skipped: tuple[str, ...]
-  sizes: dict[str, dict[str, int]] = dataclasses.field(repr=False)
+  sizes: dict[str, dict[str, int]]
+
+  @property
+  def copied(self) -> tuple[str, ...]:
+    return tuple(self.sizes["copied"])
+
+  @property
+  def new(self) -> tuple[str, ...]:
+    return tuple(self.sizes["new"])
+
+  @property
+  def skipped(self) -> tuple[str, ...]:
+    return tuple(self.sizes["skipped"])
 
   def count(self, kind: str) -> int:
     """The number of values (not leaves) that are ``kind`` (``"copied"``,
@@ -83,9 +93,8 @@ def _size(spec: jax.ShapeDtypeStruct) -> int:
 def _copy(value: Any, like: Any, dtype: Any) -> Any:
   """A fresh array holding ``value`` with ``dtype``, placed like ``like``."""
   out = jnp.array(value, dtype=dtype, copy=True)
-  sharding = getattr(like, "sharding", None)
-  if isinstance(like, jax.Array) and sharding is not None:
-    out = jax.device_put(out, sharding)
+  if isinstance(like, jax.Array):
+    out = jax.device_put(out, like.sharding)
   return out
 
 
@@ -233,17 +242,13 @@ def transplant(
   for i, j in plan.items():
     out[i] = _copy(src_leaves[j], target_leaves[i], res.specs[i].dtype)
   used = set(plan.values())
-  report = TransplantReport(
-      copied=tuple(res.paths[i] for i in plan),
-      new=tuple(p for i, p in enumerate(res.paths) if i not in plan),
-      skipped=tuple(p for j, p in enumerate(src_paths) if j not in used),
-      sizes={
-          "copied": {res.paths[i]: _size(res.specs[i]) for i in plan},
-          "new": {p: _size(s) for i, (p, s) in
-                  enumerate(zip(res.paths, res.specs)) if i not in plan},
-          "skipped": {p: _size(s) for j, (p, s) in
-                      enumerate(zip(src_paths, src_specs)) if j not in used},
-      })
+  report = TransplantReport({
+      "copied": {res.paths[i]: _size(res.specs[i]) for i in plan},
+      "new": {p: _size(s) for i, (p, s) in
+              enumerate(zip(res.paths, res.specs)) if i not in plan},
+      "skipped": {p: _size(s) for j, (p, s) in
+                  enumerate(zip(src_paths, src_specs)) if j not in used},
+  })
   return res.treedef.unflatten(out), report
 
 
