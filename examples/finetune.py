@@ -116,6 +116,14 @@ def make_step(model, tx, frozen):
   return step
 
 
+def batches(x, size, rng):
+  """One epoch: the indices of each shuffled batch (the last partial one
+  dropped)."""
+  order = rng.permutation(len(x))
+  for i in range(0, len(x) - size + 1, size):
+    yield order[i:i + size]
+
+
 def accuracy(model, params, data):
   x, y = data
   return float((_predict(model, params, x) == y).mean())
@@ -135,10 +143,8 @@ def train(model, tx, frozen, params, train_data, test_data, epochs, seed,
   rng = np.random.default_rng(seed)
   curve, losses, times = [], [], []
   for epoch in range(1, epochs + 1):
-    order = rng.permutation(len(x))
     epoch_loss = []
-    for i in range(0, len(x) - BATCH + 1, BATCH):
-      b = order[i:i + BATCH]
+    for b in batches(x, BATCH, rng):
       t0 = time.perf_counter()
       params, opt_state, loss = step(params, opt_state, x[b], y[b])
       loss = float(loss)                  # waits for the step to finish
@@ -161,9 +167,7 @@ def pretrain(seed, data, epochs=20):
   x, y = data
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
-    order = rng.permutation(len(x))
-    for i in range(0, len(x) - 32 + 1, 32):
-      b = order[i:i + 32]
+    for b in batches(x, 32, rng):
       params, opt_state, _ = step(params, opt_state, x[b], y[b])
   return params
 
