@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -144,6 +145,19 @@ def _check_bool(result: Any, selector: Any, path: str) -> bool:
       "computed from the path, shape and dtype (it is never given values).")
 
 
+def check_arity(fn: Any, n: int, message: Callable[[], str]) -> None:
+  """Raises ``TypeError(message())`` if ``fn`` cannot take ``n`` positional
+  arguments (when its signature can be read: builtins pass unchecked)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(*([None] * n))
+  except TypeError:
+    raise TypeError(message()) from None
+
+
 def _text_of(selector: Any) -> str:
   if isinstance(selector, str):
     return repr(selector)
@@ -191,6 +205,11 @@ def compile_selector(selector: SelectorLike) -> _Compiled:
         selector, _text_of(selector),
         lambda path, spec: selector.fullmatch(path) is not None, False)
   if callable(selector):
+    check_arity(selector, 2, lambda: (
+        f"Selector {_text_of(selector)} cannot be called as "
+        "selector(path, leaf); a callable selector takes the path (a str) "
+        "and the leaf (a jax.ShapeDtypeStruct) and returns a bool, such as "
+        "lambda path, leaf: leaf.ndim == 1."))
     return _Compiled(
         selector, _text_of(selector),
         lambda path, spec: _check_bool(selector(path, spec), selector, path),
@@ -228,6 +247,16 @@ class Selector:
   """
 
   def __init__(self, fn: Callable[[str, Any], bool], text: str):
+    if not callable(fn) or not isinstance(text, str):
+      raise TypeError(
+          f"Selector(fn, text) takes a function (path, leaf) -> bool and the "
+          f"text that names it, got {type(fn).__name__} and "
+          f"{type(text).__name__}; e.g. lw.Selector(lambda path, leaf: "
+          "leaf.ndim == 1, 'vectors').")
+    check_arity(fn, 2, lambda: (
+        f"Selector {text!r}: its function cannot be called as fn(path, "
+        "leaf); a selector's function takes the path (a str) and the leaf "
+        "(a jax.ShapeDtypeStruct) and returns a bool."))
     self._fn = fn
     self.text = text
 
@@ -507,6 +536,20 @@ def _quote_all(items: Sequence[str]) -> str:
   return ", ".join(repr(s) for s in items)
 
 
+def _rules_hint(rules: Any, what: str) -> str:
+  """What to write instead of ``rules``, which is not a rule set."""
+  if isinstance(rules, (str, re.Pattern)) or callable(rules):
+    return (f" Give the selector its {what}: {{{_text_of(rules)}: <{what}>}}"
+            " (and a catch-all '**' rule for the rest).")
+  if isinstance(rules, (set, frozenset)):
+    return (f" A set has neither {what}s nor an order: write a dict "
+            f"{{selector: {what}, ...}}, first match first.")
+  if isinstance(rules, (int, float, np.number)) and not isinstance(rules,
+                                                                  bool):
+    return f" For one {what} everywhere, write {{'**': {rules!r}}}."
+  return ""
+
+
 class RuleSet:
   """A compiled rule set: its selectors, values, and a cache of matches.
 
@@ -532,12 +575,14 @@ class RuleSet:
         if not (isinstance(item, tuple) and len(item) == 2):
           raise TypeError(
               f"Rule {i} is {item!r}; a rule set given as a sequence holds "
-              "(selector, value) pairs.")
+              f"(selector, {what}) pairs: write [(selector, {what}), ...] "
+              f"or a dict {{selector: {what}}}.")
         items.append(item)
     else:
       raise TypeError(
           f"Rules must be a mapping {{selector: {what}}} or a list of "
-          f"(selector, {what}) pairs, got {type(rules).__name__}: {rules!r}.")
+          f"(selector, {what}) pairs, got {type(rules).__name__}: {rules!r}."
+          + _rules_hint(rules, what))
     self.selectors = tuple(compile_selector(s) for s, _ in items)
     self.values = tuple(v for _, v in items)
     self.what = what
@@ -644,12 +689,21 @@ class RuleSet:
           near = close(c.pattern, m.paths)
         lines.append(f"rule {r}: {c.text}" + (
             f"  (closest: {_quote_all(near)})" if near else ""))
+      advice = ("\nFix the pattern (lw.paths(params) lists the real "
+                "paths), remove the rule, or pass strict=False if the rule "
+                "set is shared across models.")
+      if not m.paths:
+        advice = ("\nThe tree has no array leaves at all: pass the params (a "
+                  "pytree of arrays, such as variables['params'] or "
+                  "nnx.state(model, nnx.Param)), not None or an empty tree.")
+      elif any(isinstance(self.selectors[r].source, re.Pattern)
+               for r in unused):
+        advice = ("\nA regex selector must match the whole path (as "
+                  "re.fullmatch does): write r'.*bias' or r'encoder/.*', "
+                  "not r'bias' or r'encoder'." + advice)
       sections.append(
           f"{len(unused)} selector(s) match no parameter (a typo?):\n"
-          + "\n".join(listed(lines))
-          + "\nFix the pattern (lw.paths(params) lists the real paths), "
-          "remove the rule, or pass strict=False if the rule set is shared "
-          "across models.")
+          + "\n".join(listed(lines)) + advice)
 
     if shadowed:
       lines = []
@@ -816,17 +870,64 @@ class StaticRules:
                res.values if values is None else tuple(values),
                None if groups is None else tuple(groups))
 
-  def check_paths(self, fn: str, paths: Sequence[str]) -> None:
-    """Raises unless ``paths`` (of the updates) are the paths at init."""
-    if tuple(paths) != self.paths:
-      raise self.structure_error(fn, len(paths))
+  def check_paths(self, fn: str, paths: Sequence[str],
+                  specs: Sequence[Any] | None = None) -> None:
+    """Raises unless ``paths`` (of the updates) are the paths at init, and
+    ``specs`` (if given) have the shapes at init."""
+    paths = tuple(paths)
+    if paths != self.paths:
+      raise self.structure_error(fn, paths)
+    if specs is not None:
+      shapes = tuple(tuple(s.shape) for s in specs)
+      if shapes != self.shapes:
+        raise self.structure_error(fn, paths, shapes)
 
-  def structure_error(self, fn: str, num_leaves: int) -> ValueError:
-    """The error for updates that are not shaped like the params at init."""
+  def check_tree(self, fn: str, tree: Any) -> tuple[list[Any], Any]:
+    """``tree``'s leaves and treedef, after checking that its paths and
+    shapes are those at init (paths are built once per treedef)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    known = self.__dict__.get("_treedefs")
+    if known is None:
+      known = set()
+      object.__setattr__(self, "_treedefs", known)
+    if treedef not in known:
+      paths = tuple(_paths.flatten_with_paths(tree)[0])
+      if paths != self.paths:
+        raise self.structure_error(fn, paths)
+      known.add(treedef)
+    shapes = tuple(tuple(np.shape(x)) for x in leaves)
+    if shapes != self.shapes:
+      raise self.structure_error(fn, self.paths, shapes)
+    return leaves, treedef
+
+  def structure_error(self, fn: str, paths: Sequence[str],
+                      shapes: Sequence[tuple[int, ...]] | None = None
+                      ) -> ValueError:
+    """The error for updates that are not shaped like the params at init:
+    it names the paths that are new, missing or reshaped."""
+    paths = tuple(paths)
+    at_init = set(self.paths)
+    now = set(paths)
+    new = [p for p in paths if p not in at_init]
+    missing = [p for p in self.paths if p not in now]
+    details = []
+    if new:
+      details.append(f"not in the params at init: {_few(new)}")
+    if missing:
+      details.append(f"missing from the updates: {_few(missing)}")
+    if not details and paths != self.paths:
+      details.append("the same paths in another order (another container "
+                     "type?)")
+    if not details and shapes is not None:
+      changed = [f"{p!r} has shape {s} now, {s0} at init"
+                 for p, s, s0 in zip(paths, shapes, self.shapes) if s != s0]
+      details.append(_few(changed, quote=False))
     return ValueError(
         f"{fn}: the updates do not have the structure of the params given "
-        f"to init ({num_leaves} leaves now, {len(self.paths)} at init: "
-        f"{list(self.paths[:5])}...). Pass updates shaped like the params.")
+        f"to init ({len(paths)} leaves now, {len(self.paths)} at init; "
+        + "; ".join(details) + "). Pass updates shaped like the params "
+        "given to init, or call init again with the new params (a model "
+        "whose parameters changed needs a new optimizer state).")
 
   def _key(self) -> tuple[Any, ...]:
     values = tuple(v if isinstance(v, (int, float, str, type(None)))
@@ -866,6 +967,33 @@ class StaticRules:
 
 jax.tree_util.register_pytree_node(
     StaticRules, lambda s: ((), s), lambda aux, _: aux)
+
+
+def _few(items: Sequence[str], n: int = 5, quote: bool = True) -> str:
+  """The first ``n`` items, and how many more there are."""
+  shown = ", ".join(repr(x) if quote else x for x in items[:n])
+  return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def flatten_like(fn: str, treedef: Any, tree: Any,
+                 what: str = "params") -> list[Any]:
+  """``treedef.flatten_up_to(tree)``, with an error that says what to pass
+  when ``tree`` (the params, usually) has another structure."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    theirs = _paths.flatten_with_paths(tree)[0] if tree is not None else []
+    ours = _paths.flatten_with_paths(treedef.unflatten(
+        [0] * treedef.num_leaves))[0]
+    new = [p for p in theirs if p not in set(ours)]
+    missing = [p for p in ours if p not in set(theirs)]
+    details = "; ".join(
+        [f"only in the {what}: {_few(new)}"] * bool(new)
+        + [f"only in the updates: {_few(missing)}"] * bool(missing)) or str(e)
+    raise ValueError(
+        f"{fn}: the {what} passed to update do not have the structure of "
+        f"the updates ({details}). Pass the {what} the updates are for, "
+        "the same tree as at init.") from None
 
 
 def number(fn: str, name: str, value: Any, *,

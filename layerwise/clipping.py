@@ -242,12 +242,18 @@ class _ClipAdaptive(Clipper):
     # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
     # comparison already excludes.
     keep = g_norm < max_norm
-    factor = max_norm / jnp.maximum(g_norm, 1e-6)
+    # Unit norms that both overflow float32 (entries beyond ~1e19) have no
+    # known ratio, and inf / inf is NaN: such a unit is clipped to zero, as
+    # an infinite norm is by every other clipper.
+    overflow = jnp.isinf(g_norm) & jnp.isinf(max_norm)
+    factor = jnp.where(overflow, 0.0,
+                       max_norm / jnp.maximum(g_norm, 1e-6))
     out = jnp.where(keep, u, u * factor.astype(u.dtype))
     # The leaf's norms before and after, from the units' norms: no further
     # pass over the update.
     norm = jnp.sqrt(jnp.sum(jnp.square(g_norm)))
-    clipped_norm = jnp.where(g_norm >= 1e-6, max_norm, g_norm * factor)
+    clipped_norm = jnp.where(overflow, 0.0, jnp.where(
+        g_norm >= 1e-6, max_norm, g_norm * factor))
     after = jnp.sqrt(jnp.sum(jnp.square(jnp.where(keep, g_norm,
                                                   clipped_norm))))
     return [out], norm, _ratio(after, norm), stats
@@ -259,8 +265,10 @@ class _ClipAdaptive(Clipper):
 
 
 def _quantile(history: jax.Array, n: jax.Array, q: float) -> jax.Array:
-  """``numpy.quantile(history[:n], q)`` (linear method) for ``n >= 1``."""
+  """``numpy.quantile(history[:n], q)`` (linear method); ``inf`` (no
+  clipping) while ``n`` is 0."""
   window = history.shape[0]
+  empty = n == 0
   s = jnp.sort(jnp.where(jnp.arange(window) < n, history, jnp.inf))
   n = jnp.maximum(n, 1)
   virtual = q * (n - 1).astype(_F32)
@@ -270,7 +278,9 @@ def _quantile(history: jax.Array, n: jax.Array, q: float) -> jax.Array:
   a, b = s[lo], s[hi]
   diff = b - a
   # numpy's _lerp: interpolate from the nearer end.
-  return jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+  # With n == 0 the ends are inf and inf - inf is NaN: no threshold yet.
+  return jnp.where(empty, jnp.inf,
+                   jnp.where(t >= 0.5, b - diff * (1 - t), a + diff * t))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -709,7 +719,7 @@ def clip_by_rules(
     *,
     default: Any = _rules.MISSING,
     strict: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Clips each parameter group its own way.
 
   ``rules`` maps selectors to clippers (:func:`clip_value`,
@@ -742,8 +752,8 @@ def clip_by_rules(
     strict: as in :func:`layerwise.resolve`.
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` needs ``params``
-    when a rule uses :func:`clip_adaptive`.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params`` when a rule uses :func:`clip_adaptive`.
 
   Raises:
     TypeError: for a rule value that is not a clipper or ``None``;
@@ -815,13 +825,15 @@ def clip_by_rules(
         rules=_rules.StaticRules.from_resolution("clip", res,
                                                  groups=group_of))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as optax.chain passes them, and unused
+    state.rules.check_tree("lw.clip_by_rules", updates)
     res, groups = resolve(updates)
-    state.rules.check_paths("lw.clip_by_rules", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     param_leaves = None
     if params is not None:
-      param_leaves = res.treedef.flatten_up_to(params)
+      param_leaves = _rules.flatten_like("lw.clip_by_rules", res.treedef,
+                                         params)
     out = list(leaves)
     norms, scales, new_stats = [], [], []
     rows: dict[str, int] = {}
@@ -849,7 +861,7 @@ def clip_by_rules(
         _stack(norms, n), _stack(scales, n), _stack_stats(new_stats),
         state.rules)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _stack(scalars: Sequence[jax.Array], n: int) -> jax.Array:
@@ -931,7 +943,7 @@ def track_norms(
     prefix: str = "grad_norm",
     default: Any = _rules.MISSING,
     strict: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Records the L2 norm of each named group of updates; changes nothing.
 
   ``rules`` maps selectors to group names; leaves whose names are equal
@@ -951,7 +963,7 @@ def track_norms(
     strict: as in :func:`layerwise.resolve`.
 
   Returns:
-    An ``optax.GradientTransformation`` that passes updates through.
+    An ``optax.GradientTransformationExtraArgs`` that passes updates through.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -990,10 +1002,11 @@ def track_norms(
         _rules.StaticRules.from_resolution("track", res, values=keys,
                                            groups=keys))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as optax.chain passes them, and unused
     del params
+    state.rules.check_tree("lw.track_norms", updates)
     res, keys = resolve(updates)
-    state.rules.check_paths("lw.track_norms", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     members: dict[str, list[jax.Array]] = {}
     for k, u in zip(keys, leaves):
@@ -1003,10 +1016,34 @@ def track_norms(
         _stack([_l2(us) for us in members.values()], len(members)),
         state.rules)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ------------------------------------------------------------ map_updates
+
+
+def _map_one(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
+             path: str) -> jax.Array:
+  """``fn(u, p, path)`` as an array, with errors that name ``path``."""
+  try:
+    new = fn(u, p, path)
+  except (TypeError, AttributeError) as e:
+    if p is not None:
+      raise
+    raise TypeError(
+        f"lw.map_updates: fn failed for parameter {path!r} with param=None "
+        f"({type(e).__name__}: {e}). update was called without params: "
+        "call tx.update(updates, state, params) if fn reads the param, or "
+        "handle param is None in fn.") from e
+  try:
+    if new is None:  # jax < 0.5 reads None as NaN
+      raise TypeError
+    return jnp.asarray(new)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"lw.map_updates: fn returned {new!r} ({type(new).__name__}) for "
+        f"parameter {path!r}; it must return the new update, an array "
+        "shaped like the update.") from None
 
 
 class MapUpdatesState(NamedTuple):
@@ -1024,7 +1061,7 @@ def map_updates(
     where: _rules.SelectorLike = "**",
     *,
     strict: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Applies ``fn(update, param, path)`` to the updates ``where`` selects.
 
   Any per-parameter operation on gradients or updates in one line: noise,
@@ -1040,7 +1077,16 @@ def map_updates(
     strict: if True, a selector that matches no leaf is an error.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    TypeError: for an ``fn`` that cannot be called as ``fn(update, param,
+      path)``; at the first ``update``, for an ``fn`` that fails with
+      ``param=None`` (no params given) or returns something that is not an
+      array, naming the path.
+    ValueError: at the first ``update``, for an ``fn`` that changes a
+      shape, or updates or params whose paths or shapes differ from the
+      params at ``init``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -1054,6 +1100,11 @@ def map_updates(
   if not callable(fn):
     raise TypeError(f"lw.map_updates: fn must be callable (update, param, "
                     f"path) -> update, got {type(fn).__name__}.")
+  _rules.check_arity(fn, 3, lambda: (
+      f"lw.map_updates: fn {_rules._text_of(fn)} cannot be called as "
+      "fn(update, param, path); it takes the three (param is None when "
+      "update is called without params), e.g. lambda u, p, path: "
+      "jnp.sign(u)."))
   rule_set = _rules.RuleSet([(where, True)], what="selection")
 
   def resolve(tree: Any) -> _rules.Resolution:
@@ -1064,17 +1115,19 @@ def map_updates(
     return MapUpdatesState(_rules.StaticRules.from_resolution(
         "map", res, values=[fn if v else None for v in res.values]))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as optax.chain passes them, and unused
+    state.rules.check_tree("lw.map_updates", updates)
     res = resolve(updates)
-    state.rules.check_paths("lw.map_updates", res.paths)
     leaves = res.treedef.flatten_up_to(updates)
     param_leaves = (None if params is None
-                    else res.treedef.flatten_up_to(params))
+                    else _rules.flatten_like("lw.map_updates", res.treedef,
+                                             params))
     out = []
     for i, (u, selected) in enumerate(zip(leaves, res.values)):
       if selected:
         p = None if param_leaves is None else param_leaves[i]
-        new = jnp.asarray(fn(u, p, res.paths[i]))
+        new = _map_one(fn, u, p, res.paths[i])
         if new.shape != jnp.shape(u):
           raise ValueError(
               f"lw.map_updates: fn returned shape {new.shape} for parameter "
@@ -1084,4 +1137,4 @@ def map_updates(
       out.append(u)
     return res.treedef.unflatten(out), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -213,7 +213,10 @@ def _add_norm_columns(node: Any, info: _rules.StaticRules, name: str,
                       rows: Sequence[dict[str, Any]],
                       columns: list[str]) -> None:
   """The latest ``<name>_norm`` (and ``<name>_scale``) of each leaf's group,
-  read from a state with ``norms`` (and ``scales``) keyed by group."""
+  read from a state with ``norms`` (and ``scales``) keyed by group; none
+  from an abstract state (``jax.eval_shape``), which holds no values."""
+  if isinstance(node.norms, jax.ShapeDtypeStruct):
+    return
   fields = [("norm", node.norms)]
   if hasattr(node, "scales"):
     fields.append(("scale", node.scales))

@@ -58,6 +58,21 @@ class FreezeState(NamedTuple):
   rules: _rules.StaticRules
 
 
+def _zero_like(x: jax.Array) -> jax.Array:
+  """Zeros shaped, typed and (under ``jit``) sharded like ``x``.
+
+  ``jnp.zeros_like`` of a traced array is a constant with no sharding, which
+  a jitted step returns replicated: a full copy of a sharded parameter on
+  every device. Selecting from ``x`` lets sharding propagation place the
+  zeros like ``x``; the select of a constant condition compiles to the
+  constant, and NaN or inf in ``x`` never reaches the result. A ``float0``
+  gradient (of an integer leaf) holds no values and is its own zero.
+  """
+  if jnp.result_type(x) == jax.dtypes.float0:
+    return x
+  return jnp.where(False, x, jnp.zeros((), jnp.result_type(x)))
+
+
 class _Routes:
   """Each leaf's group (an index into the transformations, or -1: frozen)."""
 
@@ -118,7 +133,7 @@ class _Routes:
       new_states.append(new_state)
     for i, g in enumerate(self.groups):
       if g < 0:  # frozen: exactly zero, whatever the gradient (NaN included)
-        out[i] = jnp.zeros(jnp.shape(leaves[i]), jnp.result_type(leaves[i]))
+        out[i] = _zero_like(leaves[i])
     return self.treedef.unflatten(out), tuple(new_states)
 
 
@@ -211,7 +226,8 @@ def partition(
           f"Rule {text} of lw.partition has value {value!r} "
           f"({type(value).__name__}); each value must be an optax "
           "transformation (optax.adam(1e-3), optax.chain(...)) or None to "
-          "freeze the leaves.")
+          "freeze the leaves." + (" Call the factory: optax.adam(1e-3), not "
+                                  "optax.adam." if callable(value) else ""))
     if id(value) not in index:
       index[id(value)] = len(txs)
       txs.append(tx)
@@ -238,8 +254,8 @@ def partition(
     return PartitionState(routes.init(txs, params, names), static(res))
 
   def update_fn(updates, state, params=None, **extra_args):
+    state.rules.check_tree("lw.partition", updates)
     res, routes = resolve(updates)
-    state.rules.check_paths("lw.partition", res.paths)
     new_updates, inner = routes.update(txs, updates, state.inner_states,
                                        params, extra_args)
     return new_updates, PartitionState(inner, state.rules)
@@ -329,8 +345,8 @@ def freeze(
                        _rules.StaticRules.from_resolution("frozen", res))
 
   def update_fn(updates, state, params=None, **extra_args):
+    state.rules.check_tree("lw.freeze", updates)
     res, routes = resolve(updates)
-    state.rules.check_paths("lw.freeze", res.paths)
     new_updates, (inner_state,) = routes.update(
         txs, updates, (state.inner_state,), params, extra_args)
     return new_updates, FreezeState(inner_state, state.rules)

@@ -129,7 +129,10 @@ def reparameterize(
     TypeError, ValueError: for a scale that is not a finite number > 0, or
       an ``inner`` that is not a transformation; :class:`layerwise.RuleError`
       at ``init`` for rules that do not fit the params; ``TypeError`` at
-      ``init`` for a ``lam`` other than 1 on an integer leaf.
+      ``init`` for a ``lam`` other than 1 on an integer leaf; ``ValueError``
+      at ``update`` for updates whose paths or shapes differ from the params
+      at ``init``, params of another structure, or no params for an
+      ``inner`` that needs them.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -197,8 +200,8 @@ def reparameterize(
         rules=_rules.StaticRules.from_resolution("lam", res))
 
   def update_fn(updates, state, params=None, **extra_args):
+    state.rules.check_tree(fn, updates)
     res = resolve(updates)
-    state.rules.check_paths(fn, res.paths)
     lams = state.rules.values
     leaves = res.treedef.flatten_up_to(updates)
     g_phi = res.treedef.unflatten(
@@ -206,9 +209,19 @@ def reparameterize(
     p_phi = None
     if params is not None:
       p_phi = res.treedef.unflatten(
-          to_phi(res.treedef.flatten_up_to(params), lams, _divide))
-    u_phi, inner_state = tx.update(g_phi, state.inner_state, p_phi,
-                                   **extra_args)
+          to_phi(_rules.flatten_like(fn, res.treedef, params), lams,
+                 _divide))
+    try:
+      u_phi, inner_state = tx.update(g_phi, state.inner_state, p_phi,
+                                     **extra_args)
+    except ValueError as e:
+      if (params is not None or isinstance(e, _rules.RuleError)
+          or "param" not in str(e)):
+        raise
+      raise ValueError(
+          f"{fn}: the inner optimizer failed without params ({e}). Call "
+          "tx.update(updates, state, params): the wrapper gives the inner "
+          "optimizer the params in phi-space (theta / lam).") from e
     out = res.treedef.flatten_up_to(u_phi)
     out = to_phi(out, lams, lambda u, lam: u * lam)
     return (res.treedef.unflatten(out),

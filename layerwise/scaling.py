@@ -39,23 +39,60 @@ class ScaleByRulesState(NamedTuple):
   rules: _rules.StaticRules
 
 
-def _check_multiplier(value: Any, text: str, what: str = "multiplier") -> Any:
-  """A multiplier (or a weight decay) is a finite number >= 0 or a schedule."""
-  if callable(value):
+def _check_multiplier(value: Any, text: str, what: str = "multiplier",
+                      where: str | None = None) -> Any:
+  """A multiplier (or a weight decay) is a finite number >= 0 or a schedule.
+
+  ``where`` starts the error message, up to the value (``"Rule <text> has
+  <what>"`` by default).
+  """
+  where = f"Rule {text} has {what}" if where is None else where
+  if callable(value) and not isinstance(value, type):
+    _rules.check_arity(value, 1, lambda: (
+        f"{where} {_rules._text_of(value)}, which cannot be "
+        "called as schedule(count); a schedule takes the number of updates "
+        "made so far and returns a number, such as "
+        "optax.linear_schedule(0.0, 1.0, 1000) or lambda count: 0.5."))
     return value
   if isinstance(value, bool) or not isinstance(value,
                                                (int, float, np.number)):
+    hint = ""
+    if type(value).__module__ == "layerwise.clipping":
+      hint = " A clipper goes in lw.clip_by_rules."
+    elif isinstance(value, optax.GradientTransformation):
+      hint = " An optimizer per group goes in lw.partition."
     raise TypeError(
-        f"Rule {text} has {what} {value!r} ({type(value).__name__}); a "
+        f"{where} {value!r} ({type(value).__name__}); a "
         f"{what} is a number or a schedule (count -> number), such as "
-        "optax.linear_schedule(0.0, 1.0, 1000).")
+        "optax.linear_schedule(0.0, 1.0, 1000)." + hint)
   if not math.isfinite(value) or value < 0:
     hint = (" (0 gives a zero update; to freeze leaves without optimizer "
             "state, use lw.freeze)" if what == "multiplier" else "")
     raise ValueError(
-        f"Rule {text} has {what} {value!r}; a {what} must be finite and "
+        f"{where} {value!r}; a {what} must be finite and "
         f">= 0{hint}.")
   return float(value)
+
+
+def _is_inexact(dtype: Any) -> bool:
+  """Whether leaves of ``dtype`` (float or complex) can be scaled."""
+  return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _check_inexact(fn: str, res: _rules.Resolution, what: str,
+                   neutral: float, hint: str) -> None:
+  """Raises for an integer or bool leaf whose rule would change it: only
+  ``neutral`` (the value that leaves an update as it is) passes them."""
+  for i, (path, spec, v) in enumerate(zip(res.paths, res.specs, res.values)):
+    if not _is_inexact(spec.dtype) and (callable(v) or v != neutral):
+      shown = "a schedule" if callable(v) else repr(v)
+      raise TypeError(
+          f"{fn}: parameter {path!r} has dtype {spec.dtype} and {what} "
+          f"{shown} (rule {res.rule_text(i)}); only floating point leaves "
+          f"can {hint}. Give it the {what} {neutral!r} (a rule "
+          f"{{{path!r}: {neutral!r}}} before the others) to leave it as it "
+          "is, or keep it out of the params (lw.freeze and lw.partition "
+          "with None also leave it alone).")
 
 
 def _checked_rules(rules: _rules.Rules, default: Any,
@@ -69,13 +106,30 @@ def _checked_rules(rules: _rules.Rules, default: Any,
   return rule_set, default
 
 
-def _schedule_value(schedule: Callable[[Any], Any], count: jax.Array,
-                    text: str) -> jax.Array:
-  value = jnp.asarray(schedule(count))
+def _schedule_value(fn: str, schedule: Callable[[Any], Any],
+                    count: jax.Array, text: str, path: str) -> jax.Array:
+  """``schedule(count)``, checked (at trace time) to be a real scalar."""
+  raw = schedule(count)
+  try:
+    value = jnp.asarray(raw)
+  except (TypeError, ValueError):
+    value = None
+  if value is None or not (jnp.issubdtype(value.dtype, jnp.floating)
+                           or jnp.issubdtype(value.dtype, jnp.integer)
+                           or value.dtype == jnp.bool_):
+    shown = (f"dtype {value.dtype}" if value is not None
+             else f"{raw!r} ({type(raw).__name__})")
+    raise TypeError(
+        f"{fn}: the schedule of rule {text} returned {shown} for parameter "
+        f"{path!r}; a schedule in a rule must return a real number, as "
+        "optax.linear_schedule(0.0, 1.0, 1000) or lambda count: "
+        "(count >= 100).astype(jnp.float32) do.")
   if value.shape != ():
     raise ValueError(
-        f"The schedule of rule {text} returned shape {value.shape} at step "
-        "count; a schedule in a rule must return a scalar.")
+        f"{fn}: the schedule of rule {text} returned shape {value.shape} for "
+        f"parameter {path!r}; a schedule in a rule must return a scalar, one "
+        "number for all the leaves of its rule. For values per leaf, write "
+        "one rule per leaf.")
   return value
 
 
@@ -84,7 +138,7 @@ def scale_by_rules(
     *,
     default: Any = _rules.MISSING,
     strict: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Multiplies each parameter's update by its rule's multiplier.
 
   Placed after the inner optimizer in an ``optax.chain``, this gives every
@@ -107,6 +161,9 @@ def scale_by_rules(
   The multipliers live in the state as one float32 scalar per leaf, so
   :func:`set_scale` can change them between jitted steps without
   recompiling. The scaled update keeps its dtype (bf16 stays bf16).
+  Integer and bool leaves (step counters, masks) are never scaled: their
+  rule must give them 1.0, and their updates (``float0`` gradients
+  included) pass through.
 
   Args:
     rules: ``{selector: multiplier}``; see :func:`layerwise.resolve`.
@@ -115,12 +172,16 @@ def scale_by_rules(
     strict: as in :func:`layerwise.resolve`.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    An ``optax.GradientTransformationExtraArgs``.
 
   Raises:
     TypeError, ValueError: for a multiplier that is not a finite number
       >= 0 or a schedule; :class:`layerwise.RuleError` at ``init`` for
-      rules that do not fit the params.
+      rules that do not fit the params; ``TypeError`` at ``init`` for an
+      integer or bool leaf whose multiplier is not 1.0; ``ValueError`` at
+      ``update`` for updates whose paths or shapes differ from the params
+      at ``init``, and an error at the first ``update`` (when it is traced)
+      for a schedule that does not return a real scalar.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -146,6 +207,7 @@ def scale_by_rules(
 
   def init_fn(params):
     res = rule_set.resolve(params, default=default, strict=strict)
+    _check_inexact("scale_by_rules", res, "multiplier", 1.0, "be scaled")
     constants = [1.0 if callable(v) else v for v in res.values]
     multipliers = jax.tree_util.tree_unflatten(
         res.treedef, [jnp.asarray(c, jnp.float32) for c in constants])
@@ -154,24 +216,28 @@ def scale_by_rules(
         multipliers=multipliers,
         rules=_rules.StaticRules.from_resolution("scale", res))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as optax.chain passes them, and unused
     del params
     info = state.rules
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    factors, mtreedef = jax.tree_util.tree_flatten(state.multipliers)
-    if treedef != mtreedef:
-      raise info.structure_error("scale_by_rules", len(leaves))
+    leaves, treedef = info.check_tree("scale_by_rules", updates)
+    factors = jax.tree_util.tree_leaves(state.multipliers)
     out = []
-    for u, factor, value, text in zip(leaves, factors, info.values,
-                                      info.rule_texts):
+    for u, factor, value, text, path in zip(leaves, factors, info.values,
+                                            info.rule_texts, info.paths):
+      dtype = jnp.result_type(u)
+      if not _is_inexact(dtype):  # integer, bool and float0 pass through
+        out.append(u)
+        continue
       m = factor
       if callable(value):
-        m = m * _schedule_value(value, state.count, text)
-      out.append(u * m.astype(u.dtype))
+        m = m * _schedule_value("scale_by_rules", value, state.count, text,
+                                path)
+      out.append(u * m.astype(dtype))
     new_state = state._replace(count=optax.safe_int32_increment(state.count))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def set_scale(opt_state: Any, selector: _rules.SelectorLike,
@@ -190,13 +256,17 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
     selector: any selector (glob, regex, callable), matched against the
       paths of the params the state was initialised with.
     value: the new multiplier, a finite number >= 0 (or a scalar array).
+      Integer and bool leaves stay unscaled whatever their multiplier.
 
   Returns:
     The new state.
 
   Raises:
-    ValueError: if the state holds no ``scale_by_rules`` state, or the
-      selector matches no parameter in any of them (with the closest paths).
+    ValueError: if the state holds no ``scale_by_rules`` state, the
+      selector matches no parameter in any of them (with the closest paths),
+      or ``value`` is negative or not finite.
+    TypeError: for a ``value`` that is a schedule, not a number, or an
+      array that is not a real scalar.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -213,8 +283,23 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
         "set_scale takes a number, not a schedule: schedules are part of the "
         "transformation's structure. Build scale_by_rules with the schedule "
         "instead.")
-  if not isinstance(value, jax.Array):
-    value = _check_multiplier(value, "set_scale")
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
+                                 or jnp.issubdtype(value.dtype, jnp.integer)):
+      raise TypeError(
+          f"set_scale: value must be a number or a real scalar array, got an "
+          f"array of shape {value.shape} and dtype {value.dtype}. Each "
+          "leaf's multiplier is one number; call set_scale once per group "
+          "for different values.")
+    try:
+      concrete = float(value)
+    except jax.errors.ConcretizationTypeError:  # traced: checked by no one
+      concrete = None
+    if concrete is not None:
+      _check_multiplier(concrete, "", where="set_scale: the new multiplier is")
+  else:
+    value = _check_multiplier(value, "",
+                              where="set_scale: the new multiplier is")
   states = [s for s in _rules.find_static(opt_state)
             if isinstance(s, ScaleByRulesState)]
   if not states:
@@ -229,7 +314,9 @@ def set_scale(opt_state: Any, selector: _rules.SelectorLike,
     raise ValueError(
         f"set_scale: selector {_rules.compile_selector(selector).text} "
         "matches no parameter" + (f" (closest: {_rules._quote_all(near)})"
-                                  if near else "") + ".")
+                                  if near else "") + ". Fix the selector: "
+        "it is matched against the paths of the params the state was "
+        "initialised with (lw.paths(params) lists them).")
 
   def replace(node):
     if not isinstance(node, ScaleByRulesState):
@@ -279,7 +366,7 @@ def add_decayed_weights(
     *,
     default: Any = _rules.MISSING,
     strict: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Adds each parameter times its rule's weight decay to its update.
 
   Per-group weight decay, as PyTorch param groups give it: the update of
@@ -312,13 +399,16 @@ def add_decayed_weights(
     strict: as in :func:`layerwise.resolve`.
 
   Returns:
-    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
+    ``params``.
 
   Raises:
     TypeError, ValueError: for a coefficient that is not a finite number
       >= 0 or a schedule; :class:`layerwise.RuleError` at ``init`` for rules
-      that do not fit the params; ``ValueError`` at ``update`` without
-      ``params``.
+      that do not fit the params; ``TypeError`` at ``init`` for an integer
+      or bool leaf whose weight decay is not 0.0; ``ValueError`` at
+      ``update`` without ``params``, or with updates or params whose paths
+      or shapes differ from the params at ``init``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -350,24 +440,27 @@ def add_decayed_weights(
 
   def init_fn(params):
     res = rule_set.resolve(params, default=default, strict=strict)
+    _check_inexact("add_decayed_weights", res, "weight decay", 0.0,
+                   "be decayed")
     return AddDecayedWeightsState(
         count=jnp.zeros([], jnp.int32),
         rules=_rules.StaticRules.from_resolution("weight_decay", res))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args  # accepted, as optax.chain passes them, and unused
     if params is None:
       raise ValueError(
           "lw.add_decayed_weights needs the params: call "
           "tx.update(updates, state, params).")
     info = state.rules
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
-    if len(leaves) != len(info.paths):
-      raise info.structure_error("add_decayed_weights", len(leaves))
-    p_leaves = treedef.flatten_up_to(params)
+    leaves, treedef = info.check_tree("add_decayed_weights", updates)
+    p_leaves = _rules.flatten_like("add_decayed_weights", treedef, params)
     out = []
-    for u, p, wd, text in zip(leaves, p_leaves, info.values, info.rule_texts):
+    for u, p, wd, text, path in zip(leaves, p_leaves, info.values,
+                                    info.rule_texts, info.paths):
       if callable(wd):
-        wd = _schedule_value(wd, state.count, text).astype(u.dtype)
+        wd = _schedule_value("add_decayed_weights", wd, state.count, text,
+                             path).astype(jnp.result_type(u))
       elif wd == 0.0:
         out.append(u)
         continue
@@ -375,7 +468,7 @@ def add_decayed_weights(
     new_state = state._replace(count=optax.safe_int32_increment(state.count))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ------------------------------------------------- layer_decay / discriminative

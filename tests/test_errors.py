@@ -1,0 +1,590 @@
+"""The bad input catalogue: every mistake the library names, and how.
+
+Each row of ``CATALOGUE`` is one bad input to a public function or
+transformation: the call that makes it, the exception it must raise, and
+fragments that its message must contain. The fragments prove that the
+message names the offending path or value *and* says what to do instead;
+no row may fail later, or with an opaque JAX error. ``docs/errors.md``
+lists the same rows, with the same ids in the same order (checked below).
+
+Rows made with :func:`at_init` and :func:`at_update` check the stage too:
+the transformation must build (and init) without complaint, and the error
+must come at ``init``, or at the first ``update`` under ``jax.jit`` (its
+trace, never its run).
+"""
+
+import math
+import pathlib
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import layerwise as lw
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+
+# A small model: an embedding, an encoder layer and a head.
+PARAMS = {
+    "embed": jnp.ones((4, 2)),
+    "encoder": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)},
+    "head": {"w": jnp.ones((2, 3))},
+}
+# The same with an integer leaf (a step counter kept with the params).
+WITH_STEP = {**PARAMS, "step": jnp.zeros((), jnp.int32)}
+# The model as it must not be given to update after init: a leaf more, a
+# leaf less, a leaf reshaped, a leaf renamed.
+EXTRA = {**PARAMS, "extra": jnp.ones(3)}
+LESS = {k: v for k, v in PARAMS.items() if k != "embed"}
+RESHAPED = {**PARAMS, "embed": jnp.ones((5, 2))}
+RENAMED = {"embedding": PARAMS["embed"], "encoder": PARAMS["encoder"],
+           "head": PARAMS["head"]}
+# Pretrained weights with a head of another size, for transplant.
+PRETRAINED = {**PARAMS, "head": {"w": jnp.ones((2, 5))}}
+
+
+class Row(NamedTuple):
+  """One bad input: ``trigger()`` must raise ``error`` with a message that
+  contains every one of ``fragments`` (literal substrings)."""
+  id: str
+  trigger: Callable[[], Any]
+  error: type
+  fragments: tuple[str, ...]
+
+
+def _early(fn: Callable[[], Any], stage: str) -> Any:
+  """``fn()``, which must not raise: the row's error belongs to a later
+  stage than ``stage``."""
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except
+    raise AssertionError(
+        f"raised at {stage}, earlier than the catalogue says: {e!r}") from e
+
+
+def at_init(make: Callable[[], Any], params: Any = PARAMS) -> Callable[[], Any]:
+  """A trigger: builds the transformation (no error allowed), then inits."""
+
+  def trigger():
+    tx = _early(make, "construction")
+    return tx.init(params)
+
+  return trigger
+
+
+_SAME = object()
+
+
+def at_update(make: Callable[[], Any], updates: Any, *,
+              params: Any = PARAMS,
+              update_params: Any = _SAME) -> Callable[[], Any]:
+  """A trigger: builds and inits (no error allowed), then traces a jitted
+  update with ``updates`` and ``update_params`` (``params`` by default)."""
+
+  def trigger():
+    tx = _early(make, "construction")
+    state = _early(lambda: tx.init(params), "init")
+    given = params if update_params is _SAME else update_params
+    return jax.jit(tx.update)(updates, state, given)
+
+  return trigger
+
+
+def scale_state(rules: Any = None) -> Any:
+  """An optimizer state holding a scale_by_rules state."""
+  tx = optax.chain(optax.sgd(0.1), lw.scale_by_rules(rules or {"**": 1.0}))
+  return tx.init(PARAMS)
+
+
+def _hidden_rule() -> Any:
+  """lw.partition whose inner rule set names another group's leaves."""
+  return lw.partition({
+      "head/**": lw.scale_by_rules({"encoder/**": 0.1, "**": 1.0}),
+      "**": optax.sgd(0.1)})
+
+
+def _describe_with_wrong_state() -> Any:
+  tx = lw.scale_by_rules({"**": 1.0})
+  return lw.describe(tx, PARAMS, opt_state=optax.sgd(0.1).init(PARAMS))
+
+
+# Fragments shared by the structure rows.
+INIT_AGAIN = "call init again with the new params"
+NOT_AT_INIT = "do not have the structure of the params given to init"
+
+CATALOGUE = [
+    # ------------------------------------------------------- rule sets
+    Row("rules-string", lambda: lw.scale_by_rules("encoder/**"), TypeError,
+        ("got str: 'encoder/**'", "{'encoder/**': <multiplier>}")),
+    Row("rules-set", lambda: lw.clip_by_rules({"encoder/**", "head/**"}),
+        TypeError, ("got set", "write a dict {selector: clipper, ...}")),
+    Row("rules-number", lambda: lw.scale_by_rules(0.5), TypeError,
+        ("got float: 0.5", "write {'**': 0.5}")),
+    Row("rules-list-of-selectors", lambda: lw.resolve(["encoder/**"], PARAMS),
+        TypeError, ("Rule 0 is 'encoder/**'",
+                    "write [(selector, value), ...]")),
+    Row("selector-wrong-type", lambda: lw.any_of("**/b", 3), TypeError,
+        ("3 (int) is not a selector", "A selector is a glob string")),
+    Row("selector-wrong-signature",
+        lambda: lw.resolve({lambda path: True: 1.0}, PARAMS), TypeError,
+        ("cannot be called as selector(path, leaf)",
+         "lambda path, leaf: leaf.ndim == 1")),
+    Row("selector-class-not-callable", lambda: lw.Selector("**/b", "biases"),
+        TypeError, ("got str and str", "lw.Selector(lambda path, leaf:")),
+    Row("selector-returns-non-bool",
+        lambda: lw.resolve({lambda path, leaf: leaf.shape: 0.1, "**": 1.0},
+                           PARAMS), TypeError,
+        ("returned tuple for parameter 'embed'", "must return a Python bool")),
+    Row("combinator-empty", lambda: lw.all_of(), ValueError,
+        ("all_of() needs at least one selector",)),
+    Row("ndim-negative", lambda: lw.ndim_at_most(-1), ValueError,
+        ("ndim_at_most(k) needs a non-negative int k, got -1",)),
+    Row("glob-unclosed-bracket",
+        lambda: lw.resolve({"layers_[01/**": 0.1, "**": 1.0}, PARAMS),
+        ValueError, ("'layers_[01/**' has an unclosed '['",
+                     "Close the character class")),
+    Row("glob-empty-segment", lambda: lw.resolve({"encoder//w": 0.1}, PARAMS),
+        ValueError, ("'encoder//w' has an empty path segment", "Remove it")),
+    Row("glob-partial-double-star", lambda: lw.resolve({"enc**": 0.1}, PARAMS),
+        ValueError, ("segment 'enc**'", "Use '*' to match part of one")),
+    Row("glob-empty", lambda: lw.resolve({"": 0.1}, PARAMS), ValueError,
+        ("Glob selector '' is empty", "Use '**' to select every parameter")),
+    Row("selector-typo",
+        lambda: lw.resolve({"encodr/**": 0.1, "**": 1.0}, PARAMS),
+        lw.RuleError, ("rule 0: 'encodr/**'", "closest: 'encoder/**'",
+                       "Fix the pattern", "lw.paths(params)")),
+    Row("regex-partial-match",
+        lambda: lw.resolve({re.compile("enc"): 0.1, "**": 1.0}, PARAMS),
+        lw.RuleError, ("rule 0: re.compile('enc')",
+                       "must match the whole path", "r'.*bias'")),
+    Row("leaf-unmatched", lambda: lw.resolve({"encoder/**": 0.1}, PARAMS),
+        lw.RuleError, ("2 parameter(s) match no rule", "'embed'", "'head/w'",
+                       "catch-all '**'", "default=<value>")),
+    Row("rule-shadowed",
+        lambda: lw.resolve({"**": 1.0, "head/**": 0.1}, PARAMS), lw.RuleError,
+        ("rule 1: 'head/**' never applies", "taken by rule 0 ('**')",
+         "put more specific rules first")),
+    Row("params-none-at-init", at_init(lambda: lw.scale_by_rules({"**": 1.0}),
+                                       None),
+        lw.RuleError, ("rule 0: '**'", "no array leaves at all",
+                       "pass the params")),
+    Row("leaf-not-an-array",
+        lambda: lw.resolve({"**": 1.0}, {"w": jnp.ones(2), "name": "bert"}),
+        TypeError, ("Parameter 'name' is a str",
+                    "keep other values out of the tree")),
+    Row("label-none", lambda: lw.labels({"head/**": None, "**": "train"}),
+        TypeError, ("Label None of rule 'head/**'", "(use strings)")),
+    # ---------------------------------------------- multipliers and decay
+    Row("multiplier-string", lambda: lw.scale_by_rules({"**": "0.1"}),
+        TypeError, ("Rule '**' has multiplier '0.1' (str)",
+                    "a number or a schedule")),
+    Row("multiplier-clipper",
+        lambda: lw.scale_by_rules({"head/**": lw.clip_norm(1.0), "**": 1.0}),
+        TypeError, ("Rule 'head/**' has multiplier clip_norm(1.0)",
+                    "A clipper goes in lw.clip_by_rules")),
+    Row("multiplier-optimizer",
+        lambda: lw.scale_by_rules({"head/**": optax.adam(1e-3)}), TypeError,
+        ("Rule 'head/**' has multiplier", "goes in lw.partition")),
+    Row("multiplier-negative",
+        lambda: lw.scale_by_rules({"head/**": -0.5, "**": 1.0}), ValueError,
+        ("Rule 'head/**' has multiplier -0.5", "finite and >= 0",
+         "use lw.freeze")),
+    Row("multiplier-nan",
+        lambda: lw.scale_by_rules({"head/**": math.nan, "**": 1.0}),
+        ValueError, ("Rule 'head/**' has multiplier nan", "finite and >= 0")),
+    Row("multiplier-inf", lambda: lw.scale_by_rules({"**": math.inf}),
+        ValueError, ("Rule '**' has multiplier inf", "finite and >= 0")),
+    Row("multiplier-on-integer-leaf",
+        at_init(lambda: lw.scale_by_rules({"**": 0.5}), WITH_STEP), TypeError,
+        ("parameter 'step' has dtype int32 and multiplier 0.5",
+         "Give it the multiplier 1.0", "{'step': 1.0}")),
+    Row("schedule-on-bool-leaf",
+        at_init(lambda: lw.scale_by_rules(
+            {"mask": optax.linear_schedule(0.0, 1.0, 10), "**": 1.0}),
+            {**PARAMS, "mask": jnp.array([True, False])}), TypeError,
+        ("parameter 'mask' has dtype bool and multiplier a schedule",
+         "{'mask': 1.0}")),
+    Row("schedule-wrong-signature",
+        lambda: lw.scale_by_rules({"**": lambda: 1.0}), TypeError,
+        ("cannot be called as schedule(count)", "lambda count: 0.5")),
+    Row("schedule-returns-vector",
+        at_update(lambda: lw.scale_by_rules(
+            {"head/**": lambda count: jnp.ones(2), "**": 1.0}), PARAMS),
+        ValueError, ("schedule of rule 'head/**' returned shape (2,) for "
+                     "parameter 'head/w'", "write one rule per leaf")),
+    Row("schedule-returns-non-number",
+        at_update(lambda: lw.scale_by_rules({"**": lambda count: "fast"}),
+                  PARAMS), TypeError,
+        ("returned 'fast' (str) for parameter 'embed'",
+         "must return a real number")),
+    Row("weight-decay-negative",
+        lambda: lw.add_decayed_weights({"head/**": -0.1, "**": 0.0}),
+        ValueError, ("Rule 'head/**' has weight decay -0.1",
+                     "finite and >= 0")),
+    Row("weight-decay-on-integer-leaf",
+        at_init(lambda: lw.add_decayed_weights({"**": 0.1}), WITH_STEP),
+        TypeError, ("parameter 'step' has dtype int32 and weight decay 0.1",
+                    "Give it the weight decay 0.0")),
+    Row("weight-decay-schedule-returns-vector",
+        at_update(lambda: lw.add_decayed_weights(
+            {"**": lambda count: jnp.full(3, 0.1)}), PARAMS), ValueError,
+        ("returned shape (3,) for parameter 'embed'", "one rule per leaf")),
+    Row("weight-decay-params-none",
+        at_update(lambda: lw.add_decayed_weights({"**": 0.1}), PARAMS,
+                  update_params=None), ValueError,
+        ("needs the params", "tx.update(updates, state, params)")),
+    Row("weight-decay-params-other-tree",
+        at_update(lambda: lw.add_decayed_weights({"**": 0.1}), PARAMS,
+                  update_params=EXTRA), ValueError,
+        ("only in the params: 'extra'", "Pass the params the updates are for")),
+    # ------------------------------------------------------------ set_scale
+    Row("set-scale-typo", lambda: lw.set_scale(scale_state(), "encodr/**", 0.5),
+        ValueError, ("selector 'encodr/**' matches no parameter",
+                     "closest: 'encoder/**'", "Fix the selector")),
+    Row("set-scale-negative",
+        lambda: lw.set_scale(scale_state(), "head/**", -1),
+        ValueError, ("the new multiplier is -1", "finite and >= 0")),
+    Row("set-scale-nan",
+        lambda: lw.set_scale(scale_state(), "head/**", jnp.float32(jnp.nan)),
+        ValueError, ("the new multiplier is nan", "finite and >= 0")),
+    Row("set-scale-schedule",
+        lambda: lw.set_scale(scale_state(), "**",
+                             optax.linear_schedule(0.0, 1.0, 10)),
+        TypeError, ("takes a number, not a schedule",
+                    "Build scale_by_rules with the schedule")),
+    Row("set-scale-vector",
+        lambda: lw.set_scale(scale_state(), "head/**", jnp.ones(3)), TypeError,
+        ("array of shape (3,)", "call set_scale once per group")),
+    Row("set-scale-no-state",
+        lambda: lw.set_scale(optax.sgd(0.1).init(PARAMS), "**", 0.5),
+        ValueError, ("holds no lw.scale_by_rules state",
+                     "chain lw.scale_by_rules(...) into the optimizer")),
+    # -------------------------------------------- layer_decay, discriminative
+    Row("layer-decay-out-of-range",
+        lambda: lw.layer_decay(0.0, {"layers_0": {"w": jnp.ones(2)}}),
+        ValueError, ("decay must be in (0, 1], got 0.0",
+                     "0.65 to 0.9 are usual")),
+    Row("layer-decay-no-block",
+        lambda: lw.layer_decay(0.7, PARAMS), ValueError,
+        ("found no block", "'embed'", "Pass block=<regex>")),
+    Row("layer-decay-no-head",
+        lambda: lw.layer_decay(0.7, {"layers_0": {"w": jnp.ones(2)}}),
+        ValueError, ("found no head", "or pass head=None")),
+    Row("discriminative-non-positive",
+        lambda: lw.discriminative(["embed", "**"], -1.0, 1.0), ValueError,
+        ("lo must be finite and > 0, got -1.0",
+         "give it multiplier 0.0 in a rule of its own")),
+    Row("discriminative-groups-string",
+        lambda: lw.discriminative("encoder/**", 1.0), TypeError,
+        ("groups must be a list of selectors", "write [selector]")),
+    # ------------------------------------------------------------- clipping
+    Row("clip-rule-number", lambda: lw.clip_by_rules({"**": 1.0}), TypeError,
+        ("rule '**' has value 1.0 (float)", "must be a clipper",
+         "lw.clip_group_norm(1.0)")),
+    Row("clip-value-zero", lambda: lw.clip_value(0), ValueError,
+        ("lw.clip_value: threshold must be finite and > 0, got 0.0",
+         "to freeze leaves, use lw.freeze")),
+    Row("clip-value-negative", lambda: lw.clip_value(-1.0), ValueError,
+        ("lw.clip_value: threshold must be finite and > 0, got -1.0",)),
+    Row("clip-norm-nan", lambda: lw.clip_norm(math.nan), ValueError,
+        ("lw.clip_norm: threshold must be finite and > 0, got nan",)),
+    Row("clip-norm-ord", lambda: lw.clip_norm(1.0, ord=3), ValueError,
+        ("ord must be 1, 2 or inf", "got 3")),
+    Row("clip-group-norm-negative", lambda: lw.clip_group_norm(-1.0),
+        ValueError, ("lw.clip_group_norm: threshold must be finite and > 0",)),
+    Row("clip-adaptive-zero", lambda: lw.clip_adaptive(0.0), ValueError,
+        ("lw.clip_adaptive: clipping must be finite and > 0, got 0.0",)),
+    Row("clip-adaptive-eps-negative", lambda: lw.clip_adaptive(0.01, eps=-1),
+        ValueError, ("eps must be finite and >= 0, got -1.0",)),
+    Row("clip-adaptive-params-none",
+        at_update(lambda: lw.clip_by_rules({"**": lw.clip_adaptive(0.1)}),
+                  PARAMS, update_params=None), ValueError,
+        ("clip_adaptive(0.1) (group 'embed') needs the parameters",
+         "call update(updates, state, params)")),
+    Row("clip-adaptive-params-other-tree",
+        at_update(lambda: lw.clip_by_rules({"**": lw.clip_adaptive(0.1)}),
+                  PARAMS, update_params=RENAMED), ValueError,
+        ("only in the params: 'embedding'", "only in the updates: 'embed'",
+         "Pass the params the updates are for")),
+    Row("clip-adaptive-no-unit",
+        at_init(lambda: lw.clip_by_rules({"**": lw.clip_adaptive(0.1)}),
+                {"w": jnp.ones((1, 2, 1, 2, 1, 2))}), ValueError,
+        ("parameter 'w' has shape (1, 2, 1, 2, 1, 2)", "Pass axis=...")),
+    Row("clip-quantile-percent", lambda: lw.clip_quantile(90, 100), ValueError,
+        ("q must be in [0, 1], got 90", "0.9, not 90")),
+    Row("clip-quantile-negative", lambda: lw.clip_quantile(-0.1, 100),
+        ValueError, ("q must be in [0, 1], got -0.1",)),
+    Row("clip-quantile-nan", lambda: lw.clip_quantile(math.nan, 100),
+        ValueError, ("q must be in [0, 1], got nan",)),
+    Row("clip-quantile-window-zero", lambda: lw.clip_quantile(0.9, 0),
+        ValueError, ("window must be >= 1, got 0",)),
+    Row("clip-quantile-window-float", lambda: lw.clip_quantile(0.9, 2.5),
+        TypeError, ("window must be an int, got 2.5",)),
+    Row("clip-zscore-z-zero", lambda: lw.clip_zscore(z=0), ValueError,
+        ("lw.clip_zscore: z must be finite and > 0, got 0.0",)),
+    Row("clip-zscore-alpha-one", lambda: lw.clip_zscore(alpha=1.0), ValueError,
+        ("alpha must be in (0, 1), got 1.0",)),
+    Row("clip-zscore-warmup-zero", lambda: lw.clip_zscore(warmup=0),
+        ValueError, ("warmup must be >= 1, got 0",)),
+    Row("clip-integer-leaf",
+        at_init(lambda: lw.clip_by_rules({"**": lw.clip_norm(1.0)}),
+                WITH_STEP), TypeError,
+        ("parameter 'step' has dtype int32", "Give it the rule None")),
+    # ---------------------------------------------- track_norms, map_updates
+    Row("track-norms-name-not-string", lambda: lw.track_norms({"**": 1}),
+        TypeError, ("rule '**' has value 1 (int)",
+                    "must be a group name (a string")),
+    Row("track-norms-unknown-field", lambda: lw.track_norms({"**": "{layer}"}),
+        ValueError, ("has name '{layer}'", "write literal braces")),
+    Row("track-norms-integer-leaf",
+        at_init(lambda: lw.track_norms({"**": "{path}"}), WITH_STEP),
+        TypeError, ("parameter 'step' has dtype int32",
+                    "Give it the rule None")),
+    Row("map-fn-not-callable", lambda: lw.map_updates(0.5), TypeError,
+        ("fn must be callable (update, param, path) -> update",)),
+    Row("map-fn-wrong-signature", lambda: lw.map_updates(lambda u, p: u),
+        TypeError, ("cannot be called as fn(update, param, path)",
+                    "lambda u, p, path:")),
+    Row("map-fn-needs-params",
+        at_update(lambda: lw.map_updates(lambda u, p, path: u + 0.1 * p),
+                  PARAMS, update_params=None), TypeError,
+        ("fn failed for parameter 'embed' with param=None",
+         "call tx.update(updates, state, params)")),
+    Row("map-fn-wrong-shape",
+        at_update(lambda: lw.map_updates(lambda u, p, path: u.sum()), PARAMS),
+        ValueError, ("fn returned shape () for parameter 'embed' of shape "
+                     "(4, 2)", "it must keep the update's shape")),
+    Row("map-fn-returns-none",
+        at_update(lambda: lw.map_updates(lambda u, p, path: None), PARAMS),
+        TypeError, ("fn returned None (NoneType) for parameter 'embed'",
+                    "it must return the new update")),
+    Row("map-where-typo",
+        at_init(lambda: lw.map_updates(lambda u, p, path: u, "haed/**")),
+        lw.RuleError, ("rule 0: 'haed/**'", "closest: 'head/**'")),
+    # ------------------------------------- partition, freeze, stop_gradient
+    Row("partition-value-string", lambda: lw.partition({"**": "adam"}),
+        TypeError, ("Rule '**' of lw.partition has value 'adam' (str)",
+                    "must be an optax transformation", "or None to freeze")),
+    Row("partition-value-factory", lambda: lw.partition({"**": optax.adam}),
+        TypeError, ("has value <function adam", "Call the factory")),
+    Row("partition-inner-rule-names-hidden-leaf", at_init(_hidden_rule),
+        lw.RuleError, ("rule 0: 'encoder/**'", "sees only its 1 parameter(s)",
+                       "Pass strict=False")),
+    Row("freeze-inner-not-transformation",
+        lambda: lw.freeze("adam", "embed"), TypeError,
+        ("lw.freeze wraps an optax transformation, got str",
+         "lw.freeze(optax.adam(...), frozen)")),
+    Row("freeze-flag-not-bool",
+        lambda: lw.freeze(optax.sgd(0.1), {"embed": 1, "**": 0}), TypeError,
+        ("rule 'embed' has value 1", "True (frozen) or False (trained)")),
+    Row("freeze-typo", at_init(lambda: lw.freeze(optax.sgd(0.1), "embd")),
+        lw.RuleError, ("rule 0: 'embd'", "closest: 'embed'")),
+    Row("stop-gradient-typo", lambda: lw.stop_gradient(PARAMS, "embd/**"),
+        lw.RuleError, ("rule 0: 'embd/**'", "(closest: ", "'embed'")),
+    # -------------------------------------------------------- reparameterize
+    Row("reparam-scale-zero",
+        lambda: lw.reparameterize(optax.sgd(0.1), {"head/**": 0.0, "**": 1.0}),
+        ValueError, ("the scale of rule 'head/**' must be finite and > 0, "
+                     "got 0.0", "to freeze leaves, use lw.freeze")),
+    Row("reparam-scale-negative",
+        lambda: lw.reparameterize(optax.sgd(0.1), {"**": -2.0}), ValueError,
+        ("the scale of rule '**' must be finite and > 0, got -2.0",)),
+    Row("reparam-scale-nan",
+        lambda: lw.reparameterize(optax.sgd(0.1), {"**": math.nan}),
+        ValueError, ("the scale of rule '**' must be finite and > 0, "
+                     "got nan",)),
+    Row("reparam-scale-schedule",
+        lambda: lw.reparameterize(optax.sgd(0.1),
+                                  {"**": optax.linear_schedule(1.0, 0.1, 10)}),
+        TypeError, ("the scale of rule '**' must be a number",
+                    "chain lw.scale_by_rules with a schedule")),
+    Row("reparam-inner-not-transformation",
+        lambda: lw.reparameterize("adam", {"**": 1.0}), TypeError,
+        ("inner must be an optax transformation", "got str 'adam'")),
+    Row("reparam-integer-leaf",
+        at_init(lambda: lw.reparameterize(optax.sgd(0.1), {"**": 2.0}),
+                WITH_STEP), TypeError,
+        ("parameter 'step' has dtype int32 and scale 2.0",
+         "Give it the scale 1.0")),
+    Row("reparam-params-none",
+        at_update(lambda: lw.reparameterize(optax.adamw(0.1), {"**": 0.5}),
+                  PARAMS, update_params=None), ValueError,
+        ("lw.reparameterize: the inner optimizer failed without params",
+         "Call tx.update(updates, state, params)")),
+    Row("reparam-params-other-tree",
+        at_update(lambda: lw.reparameterize(optax.adamw(0.1), {"**": 0.5}),
+                  PARAMS, update_params=LESS), ValueError,
+        ("only in the updates: 'embed'",
+         "Pass the params the updates are for")),
+    Row("equivalent-unknown-optimizer",
+        lambda: lw.equivalent_multipliers(0.5, "adamm"), ValueError,
+        ("unknown optimizer 'adamm'", "known: adabelief")),
+    Row("equivalent-no-multiplier",
+        lambda: lw.equivalent_multipliers({"**": 0.5}, "adafactor"),
+        ValueError, ("no per-layer multiplier equals a reparameterization "
+                     "for 'adafactor'",
+                     "Use lw.reparameterize(inner, scales)")),
+    Row("equivalent-scales-zero",
+        lambda: lw.equivalent_scales({"head/**": 0.0, "**": 1.0}, "sgd"),
+        ValueError, ("the multiplier of rule 'head/**' must be finite and > 0",
+                     "use lw.freeze")),
+    Row("mup-different-paths", lambda: lw.mup_scales(PARAMS, EXTRA),
+        ValueError, ("Not in the base model: ['extra']",
+                     "Build the base model from the same code")),
+    Row("mup-three-width-dims",
+        lambda: lw.mup_scales({"w": jnp.ones((2, 2, 2))},
+                              {"w": jnp.ones((4, 4, 4))}), ValueError,
+        ("parameter 'w' has shape (4, 4, 4)", "override={'w': multiplier}")),
+    Row("mup-override-negative",
+        lambda: lw.mup_scales(PARAMS, PARAMS, override={"head/**": -1.0}),
+        ValueError, ("the override of rule 'head/**' must be finite and > 0",)),
+    # ------------------------------------------------------------- transplant
+    Row("transplant-shape-mismatch",
+        lambda: lw.transplant(PARAMS, PRETRAINED, "**"), ValueError,
+        ("'head/w': target (2, 3), source (2, 5)",
+         "Leave these layers new (exclude them from the rules)")),
+    Row("transplant-missing-source-leaf",
+        lambda: lw.transplant(EXTRA, PARAMS, "**"), ValueError,
+        ("1 selected leaf is not in the source", "'extra'",
+         "map their paths with rename=", "strict=False")),
+    Row("transplant-dtype-mismatch",
+        lambda: lw.transplant(PARAMS, jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.bfloat16), PARAMS), "embed"), ValueError,
+        ("'embed': target float32, source bfloat16", "Pass cast=True")),
+    Row("transplant-typo", lambda: lw.transplant(PARAMS, PARAMS, "haed/**"),
+        lw.RuleError, ("rule 0: 'haed/**'", "closest: 'head/**'")),
+    Row("transplant-rename-not-callable",
+        lambda: lw.transplant(PARAMS, PARAMS, "**", rename="backbone/"),
+        TypeError, ("rename must be a function from a target path to a source "
+                    "path", "got 'backbone/'")),
+    # -------------------------------------------------------------- describe
+    Row("describe-not-rules", lambda: lw.describe(0.1, PARAMS), TypeError,
+        ("describe() takes a rule set", "got float")),
+    Row("describe-wrong-state", _describe_with_wrong_state, ValueError,
+        ("opt_state does not have the structure of tx.init(params)",
+         "pass the state of this transformation")),
+    # ------------------------------- trees that changed between init and update
+    Row("changed-scale-by-rules-extra-leaf",
+        at_update(lambda: lw.scale_by_rules({"**": 0.5}), EXTRA), ValueError,
+        ("scale_by_rules: the updates " + NOT_AT_INIT,
+         "not in the params at init: 'extra'", INIT_AGAIN)),
+    Row("changed-add-decayed-weights-missing-leaf",
+        at_update(lambda: lw.add_decayed_weights({"**": 0.1}), LESS,
+                  update_params=LESS), ValueError,
+        ("add_decayed_weights: the updates " + NOT_AT_INIT,
+         "missing from the updates: 'embed'", INIT_AGAIN)),
+    Row("changed-clip-by-rules-shape",
+        at_update(lambda: lw.clip_by_rules({"**": lw.clip_group_norm(1.0)}),
+                  RESHAPED), ValueError,
+        ("lw.clip_by_rules: the updates " + NOT_AT_INIT,
+         "'embed' has shape (5, 2) now, (4, 2) at init", INIT_AGAIN)),
+    Row("changed-track-norms-renamed-leaf",
+        at_update(lambda: lw.track_norms({"**": "{path}"}), RENAMED),
+        ValueError, ("lw.track_norms: the updates " + NOT_AT_INIT,
+                     "not in the params at init: 'embedding'",
+                     "missing from the updates: 'embed'", INIT_AGAIN)),
+    Row("changed-map-updates-shape",
+        at_update(lambda: lw.map_updates(lambda u, p, path: -u), RESHAPED),
+        ValueError, ("lw.map_updates: the updates " + NOT_AT_INIT,
+                     "'embed' has shape (5, 2) now", INIT_AGAIN)),
+    Row("changed-partition-shape",
+        at_update(lambda: lw.partition({"embed": optax.adam(0.1),
+                                        "**": optax.sgd(0.1)}), RESHAPED),
+        ValueError, ("lw.partition: the updates " + NOT_AT_INIT,
+                     "'embed' has shape (5, 2) now, (4, 2) at init",
+                     INIT_AGAIN)),
+    Row("changed-freeze-list-for-dict",
+        at_update(lambda: lw.freeze(optax.adam(0.1), "encoder/**"),
+                  list(jax.tree_util.tree_leaves(PARAMS))), ValueError,
+        ("lw.freeze: the updates " + NOT_AT_INIT,
+         "not in the params at init: '0', '1', '2', '3'", INIT_AGAIN)),
+    Row("changed-reparameterize-extra-leaf",
+        at_update(lambda: lw.reparameterize(optax.adam(0.1), {"**": 0.5}),
+                  EXTRA, update_params=EXTRA), ValueError,
+        ("lw.reparameterize: the updates " + NOT_AT_INIT,
+         "not in the params at init: 'extra'", INIT_AGAIN)),
+]
+
+
+def _pattern(fragments: tuple[str, ...]) -> str:
+  """A regex that finds every fragment, in any order."""
+  return "(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments)
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r.id) for r in CATALOGUE])
+def test_bad_input_raises_a_clear_error(row):
+  with pytest.raises(row.error, match=_pattern(row.fragments)):
+    row.trigger()
+
+
+def test_catalogue_ids_are_unique_kebab_case():
+  ids = [row.id for row in CATALOGUE]
+  assert len(ids) == len(set(ids))
+  for i in ids:
+    assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", i), i
+
+
+def _docs_table() -> list[list[str]]:
+  """The cells of each row of the table in docs/errors.md."""
+  text = (DOCS / "errors.md").read_text(encoding="utf-8")
+  rows = []
+  for line in text.splitlines():
+    if line.startswith("| `"):
+      rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+  return rows
+
+
+def test_docs_table_lists_the_catalogue_in_order():
+  ids = [cells[0].strip("`") for cells in _docs_table()]
+  assert ids == [row.id for row in CATALOGUE], (
+      "docs/errors.md and CATALOGUE disagree: list the same ids, in the same "
+      "order, one table row per catalogue row.")
+
+
+# Public names that take no input that could be wrong in a way worth a row.
+_NO_BAD_INPUT = {
+    "NO_DECAY", "AddDecayedWeightsState", "ClipByRulesState", "Description",
+    "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
+    "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
+    "norms", "paths",
+}
+
+
+def test_every_public_function_has_a_row():
+  raised_by = " ".join(cells[2] for cells in _docs_table())
+  named = set(re.findall(r"lw\.(\w+)", raised_by))
+  missing = sorted(set(lw.__all__) - _NO_BAD_INPUT - named)
+  assert not missing, (
+      f"no row of docs/errors.md is raised by {missing}: add catalogue rows "
+      "for their bad input (or list them in _NO_BAD_INPUT).")
+
+
+# ------------------------------------------- integer leaves that pass through
+
+
+def test_integer_leaves_pass_through_where_documented():
+  """An integer leaf with a neutral rule keeps its update and dtype (frozen:
+  a zero of its dtype), and so does its float0 gradient
+  (``jax.grad(..., allow_int=True)``) where no optimizer sees it."""
+  params = WITH_STEP
+  grads = jax.grad(lambda p: jnp.sum(p["embed"]) * p["step"],
+                   allow_int=True)(params)
+  assert grads["step"].dtype == jax.dtypes.float0
+  ints = {**grads, "step": jnp.array(7, jnp.int32)}
+  for tx, expected in [
+      (lw.scale_by_rules({"step": 1.0, "**": 0.5}), 7),
+      (lw.add_decayed_weights({"step": 0.0, "**": 0.1}), 7),
+      (lw.clip_by_rules({"step": None, "**": lw.clip_norm(1.0)}), 7),
+      (lw.track_norms({"step": None, "**": "all"}), 7),
+      (lw.freeze(optax.adam(0.1), "step"), 0),
+      (lw.partition({"step": None, "**": optax.adam(0.1)}), 0),
+  ]:
+    state = tx.init(params)
+    updates, _ = jax.jit(tx.update)(grads, state, params)
+    assert updates["step"].dtype == jax.dtypes.float0
+    updates, _ = jax.jit(tx.update)(ints, state, params)
+    assert updates["step"].dtype == jnp.int32
+    assert int(updates["step"]) == expected
