@@ -2,6 +2,16 @@
 the helpers several test modules use."""
 
 import inspect
+import os
+
+# test_sharding runs on a mesh of 8 CPU devices. XLA reads the flag when jax
+# starts its CPU backend, so it is set before jax is imported; computations
+# elsewhere still run on the first device. A device count given by the user
+# is kept.
+_FLAG = "--xla_force_host_platform_device_count"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" {_FLAG}=8").strip()
 
 import jax
 import jax.numpy as jnp
