@@ -113,7 +113,7 @@ class _Routes:
 
   def update(self, txs: Sequence[Any], updates: Any, states: Sequence[Any],
              params: Any, extra_args: Mapping[str, Any]) -> tuple[Any, Any]:
-    leaves = self.flatten(updates)
+    leaves = self.treedef.flatten_up_to(updates)  # a None tree has none
     param_leaves = self.flatten(params)
     out: list[Any] = [None] * len(leaves)
     new_states = []
