@@ -1,6 +1,7 @@
 """Shared models for the tests (a Flax linen CNN and a Flax NNX MLP), and
 the helpers several test modules use."""
 
+import fnmatch
 import inspect
 import os
 
@@ -26,6 +27,24 @@ def flat(tree):
   """``{path: leaf}`` of a tree, paths as ``lw.paths`` names them."""
   return dict(zip(jax.tree_util.tree_leaves(lw.paths(tree)),
                   jax.tree_util.tree_leaves(tree)))
+
+
+def reference_glob(pattern, path):
+  """The documented glob semantics, written independently of the library:
+  fnmatch within a segment, '**' any number of whole segments, one leading
+  '/' ignored."""
+  pat = (pattern[1:] if pattern.startswith("/") else pattern).split("/")
+  segs = path.split("/") if path else []
+
+  def go(i, j):
+    if i == len(pat):
+      return j == len(segs)
+    if pat[i] == "**":
+      return any(go(i + 1, k) for k in range(j, len(segs) + 1))
+    return (j < len(segs) and fnmatch.fnmatchcase(segs[j], pat[i])
+            and go(i + 1, j + 1))
+
+  return go(0, 0)
 
 
 def optimizer_update(optimizer, model, grads):

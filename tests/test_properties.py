@@ -10,7 +10,6 @@ the bare optax optimizer. Examples are derandomized: CI runs the same ones.
 """
 
 import dataclasses
-import fnmatch
 import math
 import re
 from typing import Any, NamedTuple
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import layerwise as lw
+from conftest import reference_glob
 from layerwise import _rules
 
 
@@ -155,22 +155,6 @@ def flat_up_to(like, tree):
 # ------------------------------------------------------------ rule sets
 
 
-def ref_glob(pattern, path):
-  """Reference: fnmatch within a segment, '**' any number of segments."""
-  pat = (pattern[1:] if pattern.startswith("/") else pattern).split("/")
-  segs = path.split("/") if path else []
-
-  def go(i, j):
-    if i == len(pat):
-      return j == len(segs)
-    if pat[i] == "**":
-      return any(go(i + 1, k) for k in range(j, len(segs) + 1))
-    return (j < len(segs) and fnmatch.fnmatchcase(segs[j], pat[i])
-            and go(i + 1, j + 1))
-
-  return go(0, 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
   """A selector, the text errors show for it, and a reference predicate
@@ -181,7 +165,7 @@ class Case:
 
 
 def glob_case(pattern):
-  return Case(pattern, repr(pattern), lambda p, x: ref_glob(pattern, p))
+  return Case(pattern, repr(pattern), lambda p, x: reference_glob(pattern, p))
 
 
 def regex_case(source, ref):

@@ -1,6 +1,5 @@
 """Tests for layerwise._rules: selectors, resolution, labels and errors."""
 
-import fnmatch
 import re
 
 import jax
@@ -13,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerwise as lw
+from conftest import reference_glob
 from layerwise import _rules
 
 
@@ -84,22 +84,6 @@ def test_glob_semantics(pattern, path, expected):
 def test_bad_globs(pattern, message):
   with pytest.raises(ValueError, match=re.escape(message)):
     _rules.compile_selector(pattern)
-
-
-def reference_glob(pattern, path):
-  """Independent reference: fnmatch per segment, recursion for '**'."""
-  pat = pattern.lstrip("/").split("/")
-  segs = path.split("/") if path else []
-
-  def go(i, j):
-    if i == len(pat):
-      return j == len(segs)
-    if pat[i] == "**":
-      return any(go(i + 1, k) for k in range(j, len(segs) + 1))
-    return j < len(segs) and fnmatch.fnmatchcase(segs[j], pat[i]) and go(
-        i + 1, j + 1)
-
-  return go(0, 0)
 
 
 segment = st.text(alphabet="abc_01", min_size=1, max_size=4)

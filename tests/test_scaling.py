@@ -324,7 +324,7 @@ def test_abstract_init_and_state_layout():
     (None, TypeError, "is a number or a schedule"),
 ])
 def test_bad_multipliers(value, error, message):
-  with pytest.raises(error, match=re.escape(f"Rule 'head/**' has multiplier")
+  with pytest.raises(error, match=re.escape("Rule 'head/**' has multiplier")
                      + ".*" + re.escape(message)):
     lw.scale_by_rules({"head/**": value, "**": 1.0})
 
