@@ -76,9 +76,10 @@ def _zero_like(x: jax.Array) -> jax.Array:
 class _Routes:
   """Each leaf's group (an index into the transformations, or -1: frozen)."""
 
-  def __init__(self, groups: Sequence[int], treedef: Any):
+  def __init__(self, groups: Sequence[int], treedef: Any, fn: str):
     self.groups = tuple(groups)
     self.treedef = treedef
+    self.fn = fn
 
   def mask(self, leaves: Sequence[Any] | None, group: int) -> Any:
     """The tree of ``leaves`` (flattened with ``treedef``), with the leaves
@@ -90,7 +91,10 @@ class _Routes:
          for x, g in zip(leaves, self.groups)])
 
   def flatten(self, tree: Any) -> list[Any] | None:
-    return None if tree is None else self.treedef.flatten_up_to(tree)
+    """The leaves of the (optional) params, which must have the structure
+    of the updates."""
+    return None if tree is None else _rules.flatten_like(self.fn, self.treedef,
+                                                         tree)
 
   def init(self, txs: Sequence[Any], params: Any,
            names: Sequence[str]) -> tuple[Any, ...]:
@@ -243,7 +247,7 @@ def partition(
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
     res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _Routes(res.values, res.treedef)
+    return res, _Routes(res.values, res.treedef, "lw.partition")
 
   def static(res: _rules.Resolution) -> _rules.StaticRules:
     return _rules.StaticRules.from_resolution(
@@ -336,7 +340,8 @@ def freeze(
 
   def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
     res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _Routes([-1 if f else 0 for f in res.values], res.treedef)
+    return res, _Routes([-1 if f else 0 for f in res.values], res.treedef,
+                        "lw.freeze")
 
   def init_fn(params):
     res, routes = resolve(params)

@@ -61,6 +61,11 @@ def _check_multiplier(value: Any, text: str, what: str = "multiplier",
       hint = " A clipper goes in lw.clip_by_rules."
     elif isinstance(value, optax.GradientTransformation):
       hint = " An optimizer per group goes in lw.partition."
+    elif isinstance(value, (jax.Array, np.ndarray)):
+      hint = (" Multipliers live in the optimizer state, as numbers given "
+              "here: change them between steps with lw.set_scale. Under "
+              "optax.inject_hyperparams, which turns number arguments into "
+              "arrays, list them in static_args (static_args=('default',)).")
     raise TypeError(
         f"{where} {value!r} ({type(value).__name__}); a "
         f"{what} is a number or a schedule (count -> number), such as "
