@@ -870,18 +870,6 @@ class StaticRules:
                res.values if values is None else tuple(values),
                None if groups is None else tuple(groups))
 
-  def check_paths(self, fn: str, paths: Sequence[str],
-                  specs: Sequence[Any] | None = None) -> None:
-    """Raises unless ``paths`` (of the updates) are the paths at init, and
-    ``specs`` (if given) have the shapes at init."""
-    paths = tuple(paths)
-    if paths != self.paths:
-      raise self.structure_error(fn, paths)
-    if specs is not None:
-      shapes = tuple(tuple(s.shape) for s in specs)
-      if shapes != self.shapes:
-        raise self.structure_error(fn, paths, shapes)
-
   def check_tree(self, fn: str, tree: Any) -> tuple[list[Any], Any]:
     """``tree``'s leaves and treedef, after checking that its paths and
     shapes are those at init (paths are built once per treedef)."""

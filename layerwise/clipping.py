@@ -827,9 +827,8 @@ def clip_by_rules(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted, as optax.chain passes them, and unused
-    state.rules.check_tree("lw.clip_by_rules", updates)
+    leaves, _ = state.rules.check_tree("lw.clip_by_rules", updates)
     res, groups = resolve(updates)
-    leaves = res.treedef.flatten_up_to(updates)
     param_leaves = None
     if params is not None:
       param_leaves = _rules.flatten_like("lw.clip_by_rules", res.treedef,
@@ -1005,9 +1004,8 @@ def track_norms(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted, as optax.chain passes them, and unused
     del params
-    state.rules.check_tree("lw.track_norms", updates)
+    leaves, _ = state.rules.check_tree("lw.track_norms", updates)
     res, keys = resolve(updates)
-    leaves = res.treedef.flatten_up_to(updates)
     members: dict[str, list[jax.Array]] = {}
     for k, u in zip(keys, leaves):
       if k is not None:
@@ -1117,9 +1115,8 @@ def map_updates(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args  # accepted, as optax.chain passes them, and unused
-    state.rules.check_tree("lw.map_updates", updates)
+    leaves, _ = state.rules.check_tree("lw.map_updates", updates)
     res = resolve(updates)
-    leaves = res.treedef.flatten_up_to(updates)
     param_leaves = (None if params is None
                     else _rules.flatten_like("lw.map_updates", res.treedef,
                                              params))

@@ -200,10 +200,9 @@ def reparameterize(
         rules=_rules.StaticRules.from_resolution("lam", res))
 
   def update_fn(updates, state, params=None, **extra_args):
-    state.rules.check_tree(fn, updates)
+    leaves, _ = state.rules.check_tree(fn, updates)
     res = resolve(updates)
     lams = state.rules.values
-    leaves = res.treedef.flatten_up_to(updates)
     g_phi = res.treedef.unflatten(
         to_phi(leaves, lams, lambda g, lam: g * lam))
     p_phi = None
