@@ -176,10 +176,15 @@ def main():
   write_json(args.out, results)
 
 
-def print_header(second_column):
-  """The versions, the machine, and the header of ``compare``'s rows."""
+def print_versions():
+  """The versions and the machine, the first line of every benchmark."""
   print(f"jax {jax.__version__}, optax {optax.__version__}, "
         f"{jax.devices()[0].platform}, {platform.platform()}")
+
+
+def print_header(second_column):
+  """The versions, the machine, and the header of ``compare``'s rows."""
+  print_versions()
   header = (f"{'tree':<12} {second_column:>6} {'variant':<10} {'compile s':>9} "
             f"{'step ms':>9} {'state MB':>9} {'compile x':>9} {'step x':>7} {'state x':>7}")
   print(header)
