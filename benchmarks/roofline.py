@@ -27,16 +27,26 @@ parameters, 201 leaves) this script measures, in one process:
   first. Before timing, one step of each PyTorch variant is checked against
   the layerwise variant it mirrors, from the same parameters and gradients.
 
-Steps are jitted with donated parameters and state, run back to back (the
-time includes dispatch, as a training loop sees it) and synchronised at the
-end of each round; rounds are interleaved across variants and the median
-round is reported. Each row gives the step time, its ratio to ``optax``,
-the achieved bandwidth (the variant's minimal bytes over the step time) as a
-fraction of the copy bandwidth, and XLA's own count of the bytes the
+Each variant is timed two ways, interleaved round by round (the median round
+is reported):
+
+* ``loop``: the jitted step (parameters and state donated) called from a
+  Python loop, as a training loop calls it: the time includes JAX's
+  dispatch, which for ~800 arrays per call can exceed the GPU's work. For
+  PyTorch, the eager ``step()``.
+* ``device``: ``--inner`` steps inside one jitted ``lax.fori_loop`` (the
+  gradients rescaled by a carried scalar each step so nothing can be
+  hoisted out of the loop), which leaves the dispatch out: the optimizer's
+  own cost, as it is inside a jitted training step. For PyTorch, the step
+  captured in a CUDA graph (``capturable=True``) and replayed.
+
+Each row gives both times, the ratio of each to ``optax``'s, the achieved
+bandwidth of the device time (the variant's minimal bytes over the time) as
+a fraction of the copy bandwidth, and XLA's own count of the bytes the
 compiled step accesses (``cost_analysis``) over the minimal bytes: above 1
 means the compiled step moves more than it must.
 
-Run:  python benchmarks/roofline.py [--steps 20] [--repeats 5] [--groups 14,200]
+Run:  python benchmarks/roofline.py [--steps 20] [--inner 20] [--repeats 5] [--groups 14,200]
       [--torch | --no-torch] [--hlo-dir DIR] [--out roofline.json]
 """
 
@@ -133,6 +143,26 @@ def xla_bytes(compiled):
   return float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
 
 
+def compile_device_loop(tx, params, state, grads, inner):
+  """``inner`` steps in one jitted fori_loop, params and state donated."""
+  def steps(params, state, grads):
+    def body(_, carry):
+      p, s, k = carry
+      g = jax.tree_util.tree_map(lambda x: x * k, grads)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s, k * jnp.float32(1.0000001)
+    p, s, _ = jax.lax.fori_loop(0, inner, body, (params, state, jnp.float32(1.0)))
+    return p, s
+  return jax.jit(steps, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+
+
+def run_device(compiled, carry, grads, inner):
+  t0 = time.perf_counter()
+  carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+  jax.block_until_ready(carry)
+  return (time.perf_counter() - t0) / inner
+
+
 def run_jax(compiled, carry, grads, steps):
   t0 = time.perf_counter()
   for _ in range(steps):
@@ -144,8 +174,8 @@ def run_jax(compiled, carry, grads, steps):
 class TorchAdamW:
   """PyTorch's fused AdamW on copies of the same params, grads and groups."""
 
-  def __init__(self, torch, tree, params, grads, settings, clip):
-    self.torch, self.clip = torch, clip
+  def __init__(self, torch, tree, params, grads, settings, clip, graph=False):
+    self.torch, self.clip, self.graph = torch, clip, None
     self.params = [torch.tensor(np.asarray(p), device="cuda").requires_grad_()
                    for p in jax.tree_util.tree_leaves(params)]
     for p, g in zip(self.params, jax.tree_util.tree_leaves(grads)):
@@ -155,10 +185,22 @@ class TorchAdamW:
         lw.resolve(dict(zip(selectors, range(len(selectors)))), tree))
     self.groups = [[p for p, i in zip(self.params, index) if i == k]
                    for k in range(len(selectors))]
+    # For graph capture the learning rates must be tensors on the device.
+    lr = (lambda x: torch.tensor(x, device="cuda")) if graph else float
     self.opt = torch.optim.AdamW(
-        [{"params": ps, "lr": LR * m, "weight_decay": wd}
+        [{"params": ps, "lr": lr(LR * m), "weight_decay": wd}
          for ps, m, wd in zip(self.groups, mults, wds) if ps],
-        lr=LR, fused=True)
+        lr=lr(LR), fused=True, capturable=graph)
+    if graph:
+      side = torch.cuda.Stream()
+      side.wait_stream(torch.cuda.current_stream())
+      with torch.cuda.stream(side):  # warm-up before capture, as torch asks
+        for _ in range(3):
+          self.step()
+      torch.cuda.current_stream().wait_stream(side)
+      self.graph = torch.cuda.CUDAGraph()
+      with torch.cuda.graph(self.graph):
+        self.step()
 
   def step(self):
     if self.clip:
@@ -171,7 +213,10 @@ class TorchAdamW:
     self.torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-      self.step()
+      if self.graph is not None:
+        self.graph.replay()
+      else:
+        self.step()
     self.torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
 
@@ -196,6 +241,8 @@ def check_torch(name, runner, tx, params, grads):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=20, help="steps per round")
+  parser.add_argument("--inner", type=int, default=20,
+                      help="steps per device-loop call")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
   parser.add_argument("--groups", default="14,200")
   parser.add_argument("--torch", dest="torch", action="store_true", default=None,
@@ -233,7 +280,8 @@ def main():
   built, info = {}, {}
   for name, (tx, per_param, settings) in txs.items():
     compiled, carry, grads, compile_s = bench.build(tx, tree, jax.random.PRNGKey(0))
-    built[name] = (compiled, carry, grads)
+    device_loop = compile_device_loop(tx, *carry, grads, args.inner)
+    built[name] = (compiled, device_loop, carry, grads)
     info[name] = dict(per_param=per_param, compile_s=compile_s,
                       xla_bytes=xla_bytes(compiled))
     if args.hlo_dir:
@@ -249,43 +297,58 @@ def main():
         continue
       clip = name.endswith("+clip")
       tname = "torch." + name[len("lw."):]
-      runner = TorchAdamW(torch, tree, params0, grads0, settings, clip)
-      worst = check_torch(tname, runner, tx, params0, grads0)
-      runners[tname] = runner
+      eager = TorchAdamW(torch, tree, params0, grads0, settings, clip)
+      worst = check_torch(tname, eager, tx, params0, grads0)
+      try:
+        graph = TorchAdamW(torch, tree, params0, grads0, settings, clip, graph=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"{tname}: no CUDA graph ({e!r:.200}); its device time is the eager time")
+        graph = eager
+      runners[tname] = (eager, graph)
       info[tname] = dict(per_param=per_param, compile_s=None, xla_bytes=None,
                          check=worst)
     del params0, grads0
 
-  for compiled, carry, grads in built.values():  # warm-up
+  for compiled, device_loop, carry, grads in built.values():  # warm-up
     run_jax(compiled, carry, grads, 3)
-  for runner in runners.values():
-    runner.run(3)
-  samples = {name: [] for name in list(built) + list(runners)}
+    run_device(device_loop, carry, grads, args.inner)
+  for eager, graph in runners.values():
+    eager.run(3)
+    graph.run(3)
+  loop = {name: [] for name in list(built) + list(runners)}
+  on_device = {name: [] for name in loop}
   for _ in range(args.repeats):
-    for name, (compiled, carry, grads) in built.items():
-      samples[name].append(run_jax(compiled, carry, grads, args.steps))
-    for name, runner in runners.items():
-      samples[name].append(runner.run(args.steps))
+    for name, (compiled, device_loop, carry, grads) in built.items():
+      loop[name].append(run_jax(compiled, carry, grads, args.steps))
+      on_device[name].append(run_device(device_loop, carry, grads, args.inner))
+    for name, (eager, graph) in runners.items():
+      loop[name].append(eager.run(args.steps))
+      on_device[name].append(graph.run(args.steps))
 
-  header = (f"{'variant':<16} {'step ms':>8} {'x optax':>8} {'GB/s':>7} "
-            f"{'of copy':>8} {'xla bytes/min':>13} {'compile s':>9}")
+  header = (f"{'variant':<16} {'loop ms':>8} {'x optax':>8} {'device ms':>9} "
+            f"{'x optax':>8} {'GB/s':>7} {'of copy':>8} {'xla bytes/min':>13} "
+            f"{'compile s':>9}")
   print(header)
   print("-" * len(header))
-  base = statistics.median(samples["optax"])
+  nan = float("nan")
+  base_loop = statistics.median(loop["optax"])
+  base_device = statistics.median(on_device["optax"])
   results = []
-  for name, times in samples.items():
-    t = statistics.median(times)
-    row = dict(variant=name, step_ms=1e3 * t, step_ratio=t / base,
+  for name in loop:
+    t_loop, t_device = statistics.median(loop[name]), statistics.median(on_device[name])
+    row = dict(variant=name, loop_ms=1e3 * t_loop, loop_ratio=t_loop / base_loop,
+               device_ms=1e3 * t_device, device_ratio=t_device / base_device,
                min_bytes=info[name]["per_param"] * n,
                **{k: v for k, v in info[name].items() if k != "per_param"})
-    row["bandwidth"] = row["min_bytes"] / t
+    row["bandwidth"] = row["min_bytes"] / t_device
     row["of_copy"] = row["bandwidth"] / ceiling
     xb = row["xla_bytes"]
     results.append(row)
-    print(f"{name:<16} {row['step_ms']:>8.2f} {row['step_ratio']:>8.2f} "
+    print(f"{name:<16} {row['loop_ms']:>8.2f} {row['loop_ratio']:>8.2f} "
+          f"{row['device_ms']:>9.2f} {row['device_ratio']:>8.2f} "
           f"{row['bandwidth'] / 1e9:>7.1f} {row['of_copy']:>8.2f} "
-          f"{(xb / row['min_bytes']) if xb else float('nan'):>13.2f} "
-          f"{row['compile_s'] if row['compile_s'] is not None else float('nan'):>9.2f}",
+          f"{(xb / row['min_bytes']) if xb else nan:>13.2f} "
+          f"{row['compile_s'] if row['compile_s'] is not None else nan:>9.2f}",
           flush=True)
   bench.write_json(args.out, dict(
       device=device.device_kind, platform=device.platform,

@@ -72,7 +72,9 @@ def main():
   print("\nThe restored state, with the norms of step 6:\n\n"
         f"{lw.describe(tx, params, opt_state=restored['opt_state'])}")
   opt_state = lw.set_scale(restored["opt_state"], "encoder/**", 0.1)
-  print("\nencoder multiplier now:", opt_state[2].multipliers["encoder"]["w"])
+  scale = opt_state[2]  # the multipliers are one vector, in the order of the paths
+  print("\nencoder multiplier now:",
+        f'{dict(zip(scale.rules.paths, scale.multipliers.tolist()))["encoder/w"]:g}')
 
 
 if __name__ == "__main__":

@@ -356,17 +356,17 @@ def describe(obj: Any, params: Any, *, opt_state: Any = None,
     >>> print(lw.describe(tx, params))
     path        shape    dtype    size  scale  state_bytes
     ----------  -------  -------  ----  -----  -----------
-    embed       (10, 4)  float32    40  0.1            324
-    layers/0/b  (4,)     float32     4  1.0             36
-    layers/0/w  (4, 4)   float32    16  1.0            132
-    layers/1/b  (4,)     float32     4  1.0             36
-    layers/1/w  (4, 4)   float32    16  1.0            132
+    embed       (10, 4)  float32    40  0.1            320
+    layers/0/b  (4,)     float32     4  1.0             32
+    layers/0/w  (4, 4)   float32    16  1.0            128
+    layers/1/b  (4,)     float32     4  1.0             32
+    layers/1/w  (4, 4)   float32    16  1.0            128
     <BLANKLINE>
     scale  leaves  params   share  state bytes
-    0.1         1      40   50.0%          324
-    1.0         4      40   50.0%          336
+    0.1         1      40   50.0%          320
+    1.0         4      40   50.0%          320
     total       5      80  100.0%          668
-    (total state bytes include 8 not held by one parameter, such as step counts)
+    (total state bytes include 28 not held by one parameter, such as step counts)
   """
   if isinstance(obj, optax.GradientTransformation) or (
       callable(getattr(obj, "init", None))

@@ -135,8 +135,8 @@ def test_train_state_per_layer_rates_clipping_and_set_scale():
   assert repr(rows["conv1/bias"]["clip"]) == "clip_value(0.01)"
   assert rows["dense/kernel"]["clip_norm"] == pytest.approx(group_norm,
                                                             rel=1e-6)
-  # Adam's two moments and the multiplier.
-  assert rows["conv1/kernel"]["state_bytes"] == 2 * 4 * 3 * 3 * 1 * 8 + 4
+  # Adam's two moments (the multiplier is an entry of one shared vector).
+  assert rows["conv1/kernel"]["state_bytes"] == 2 * 4 * 3 * 3 * 1 * 8
 
   # Between jitted steps: stop the convolutions, double the head's rate.
   opt_state = lw.set_scale(state.opt_state, "conv*/**", 0.0)
@@ -280,7 +280,7 @@ def test_nnx_freezing_by_filter_and_by_lw_freeze():
               "layers/0/bias": 0, "layers/0/kernel": 0, "layers/1/bias": 0,
               "layers/1/kernel": 0}
   assert {r["path"]: r["state_bytes"] for r in rows if r["path"].startswith(
-      "head/")} == {"head/bias": 2 * 4 * 3 + 4, "head/kernel": 2 * 4 * 48 + 4}
+      "head/")} == {"head/bias": 2 * 4 * 3, "head/kernel": 2 * 4 * 48}
 
   # A rule for a Variable outside the filter is a typo-like error.
   with pytest.raises(lw.RuleError, match=r"'layers/\*\*'"):
@@ -445,8 +445,8 @@ def test_multisteps_accumulates_then_steps_the_chain_once():
   rows = {r["path"]: r for r in lw.describe(tx, params, opt_state=state).rows}
   assert [rows[p]["scale"] for p in ("embed", "head/w")] == [0.25, 1.0]
   assert repr(rows["head/w"]["clip"]) == "clip_norm(0.5)"
-  # The accumulator, AdamW's two moments, and the multiplier.
-  assert rows["embed"]["state_bytes"] == 3 * 4 * 18 + 4
+  # The accumulator and AdamW's two moments.
+  assert rows["embed"]["state_bytes"] == 3 * 4 * 18
   params = optax.apply_updates(params, updates)
   grads, halved, _ = window(params, lw.set_scale(state, "head/**", 0.5), k)
   _, updates, _ = window(params, state, k)

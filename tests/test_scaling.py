@@ -234,8 +234,9 @@ def test_describe_shows_decay_scale_and_frozen():
   assert rows["block/b"]["weight_decay_rule"] == "lw.NO_DECAY"
   assert rows["block/w"]["weight_decay"] == 0.1
   assert rows["block/w"]["scale"] == 0.5
-  # Adam's mu and nu (8 bytes per entry) and one float32 multiplier.
-  assert rows["block/w"]["state_bytes"] == 9 * 8 + 4
+  # Adam's mu and nu (8 bytes per entry); the multiplier is an entry of
+  # scale_by_rules' vector, counted with the state no one leaf holds.
+  assert rows["block/w"]["state_bytes"] == 9 * 8
 
 
 # ------------------------------------------------------------- schedules
@@ -305,7 +306,11 @@ def test_abstract_init_and_state_layout():
   params = jax.eval_shape(lambda: PARAMS)
   state = lw.scale_by_rules(RULES).init(params)
   assert isinstance(state, lw.ScaleByRulesState)
-  assert flat(state.multipliers) == pytest.approx(
+  # One float32 vector, an entry per leaf in the order of the paths: a
+  # jitted step takes one array for all the multipliers.
+  assert state.multipliers.shape == (4,)
+  assert state.multipliers.dtype == jnp.float32
+  assert dict(zip(state.rules.paths, state.multipliers.tolist())) == pytest.approx(
       {"embed": 0.1, "block/b": 0.5, "block/w": 0.5, "head/w": 1.0})
   assert state.rules.paths == ("block/b", "block/w", "embed", "head/w")
   assert state.rules.rule_texts == ("'block/**'", "'block/**'", "'embed'",
@@ -427,8 +432,10 @@ def test_set_scale_keeps_a_committed_state_committed():
     new = lw.set_scale(state, "a", 0.5)
     updates, _ = step(params, new, params)
     assert step._cache_size() == size
-    old_m, new_m = state[1].multipliers["a"], new[1].multipliers["a"]
+    old_m, new_m = state[1].multipliers, new[1].multipliers
     assert new_m.sharding == old_m.sharding
+    np.testing.assert_array_equal(new_m, [0.5, 1.0])
+    np.testing.assert_array_equal(old_m, [1.0, 1.0])  # the old state is kept
     np.testing.assert_array_equal(updates["a"], [-0.5, -0.5])
 
 
@@ -464,9 +471,10 @@ def test_describe_chain_reads_rules_without_allocating():
   assert rows["embed"]["scale"] is sched
   assert rows["embed"]["scale_rule"] == "'embed'"
   assert rows["block/w"]["scale"] == 0.5 and rows["head/w"]["scale"] == 1.0
-  # adamw: mu and nu (2 x 4 bytes per entry) plus one float32 multiplier.
-  assert rows["block/w"]["state_bytes"] == 9 * 8 + 4
-  assert rows["embed"]["state_bytes"] == 18 * 8 + 4
-  assert d.shared_state_bytes == 8  # adam's count and scale_by_rules' count
+  # adamw: mu and nu (2 x 4 bytes per entry).
+  assert rows["block/w"]["state_bytes"] == 9 * 8
+  assert rows["embed"]["state_bytes"] == 18 * 8
+  # adam's count, scale_by_rules' count and its vector of 4 multipliers.
+  assert d.shared_state_bytes == 4 + 4 + 4 * 4
   assert [(t["value"], t["leaves"]) for t in d.totals()] == [
       (0.5, 2), (sched, 1), (1.0, 1)]
