@@ -94,10 +94,10 @@ def frozen_selector(blocks):
                    *(f"layers_{i}/**" for i in range(lower)))
 
 
-def optimizers(params, frozen):
+def optimizers(frozen, mask):
+  """The variants; ``mask`` is ``frozen`` resolved to a tree of bools."""
   inner = lambda: optax.chain(optax.clip_by_global_norm(1.0),
                               optax.adamw(1e-4, weight_decay=0.01))
-  mask = lw.resolve({frozen: True, "**": False}, params)
   labels = lw.labels({frozen: "frozen", "**": "train"})
   return {
       "full": (inner(), False),
@@ -126,9 +126,7 @@ def make_step(model, tx, frozen, stop, grads_used):
 
 def compiled_costs(compiled):
   """Flops and peak bytes of a compiled step, from XLA's analyses."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
+  cost = bench.cost_analysis(compiled)
   mem = compiled.memory_analysis()
   peak = getattr(mem, "peak_memory_in_bytes", 0) or (
       mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -155,9 +153,9 @@ def main():
   params = jax.jit(model.init)(key_p, tokens)["params"]
   frozen = frozen_selector(sizes["blocks"])
   n = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  n_frozen = sum(x.size for x, f in zip(
-      jax.tree_util.tree_leaves(params),
-      jax.tree_util.tree_leaves(lw.resolve({frozen: True, "**": False}, params))) if f)
+  mask = lw.resolve({frozen: True, "**": False}, params)
+  n_frozen = sum(x.size for x, f in zip(jax.tree_util.tree_leaves(params),
+                                        jax.tree_util.tree_leaves(mask)) if f)
   print(f"model {args.model}: {sizes}; {n / 1e6:.1f}M parameters, "
         f"{n_frozen / n:.0%} of them frozen (the embeddings and "
         f"{int(sizes['blocks'] * FROZEN_SHARE)} of {sizes['blocks']} blocks)"
@@ -165,7 +163,7 @@ def main():
         flush=True)
 
   built, rows = {}, []
-  for name, (tx, stop) in optimizers(params, frozen).items():
+  for name, (tx, stop) in optimizers(frozen, mask).items():
     step = make_step(model, tx, frozen, stop, args.grads_used)
     p = jax.tree_util.tree_map(jnp.copy, params)
     state = tx.init(p)
@@ -174,8 +172,7 @@ def main():
         p, state, tokens, labels).compile()
     compile_s = time.perf_counter() - t0
     flops, peak = compiled_costs(compiled)
-    state_bytes = sum(x.size * x.dtype.itemsize
-                      for x in jax.tree_util.tree_leaves(state))
+    state_bytes = bench.state_bytes(tx, p)
     built[name] = (compiled, [p, state])
     rows.append(dict(variant=name, compile_s=compile_s, flops=flops,
                      peak_bytes=peak, state_bytes=state_bytes))

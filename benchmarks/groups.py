@@ -38,9 +38,14 @@ import _trees
 LR, WD = 1e-4, 0.01
 
 
-def optimizers(tree, groups, with_partition):
+def group_rates(tree, groups):
+  """``groups`` selectors and a distinct learning-rate multiplier for each."""
   selectors = _trees.group_selectors(tree, groups)
-  mults = [0.5 ** (k / max(groups - 1, 1)) for k in range(groups)]  # distinct
+  return selectors, [0.5 ** (k / max(groups - 1, 1)) for k in range(groups)]
+
+
+def optimizers(tree, groups, with_partition):
+  selectors, mults = group_rates(tree, groups)
   out = {
       "plain": optax.adamw(LR, weight_decay=WD),
       "layerwise": optax.chain(
@@ -113,6 +118,15 @@ def state_bytes(tx, tree):
   return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
 
 
+def cost_analysis(compiled):
+  """XLA's cost analysis of a compiled step as one dict ({} if none): older
+  jax returns a list with one dict per computation."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return cost or {}
+
+
 def compile_step(tx, params, state, grads):
   """Lowers and compiles the donated step; returns it and the seconds taken.
 
@@ -127,13 +141,18 @@ def compile_step(tx, params, state, grads):
   return compiled, time.perf_counter() - t0
 
 
-def build(tx, tree, key):
-  """Allocates params, grads and state; compiles a donated step."""
+def params_and_grads(tree, key):
+  """Random params shaped like ``tree`` and gradients derived from them."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   keys = jax.random.split(key, len(leaves))
   params = treedef.unflatten(
       [jax.random.normal(k, x.shape, x.dtype) * 0.02 for k, x in zip(keys, leaves)])
-  grads = jax.tree_util.tree_map(lambda p: p * 1e-3 + 1e-4, params)
+  return params, jax.tree_util.tree_map(lambda p: p * 1e-3 + 1e-4, params)
+
+
+def build(tx, tree, key):
+  """Allocates params, grads and state; compiles a donated step."""
+  params, grads = params_and_grads(tree, key)
   state = jax.jit(tx.init)(params)
   compiled, compile_s = compile_step(tx, params, state, grads)
   return compiled, [params, state], grads, compile_s

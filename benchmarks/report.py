@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 MACHINES = {"cpu": "2-core x86-64 CPU", "h100": "NVIDIA H100 80GB HBM3"}
-COMMANDS = {
+COMMANDS = {  # as run for the committed results (CPU/GPU where they differ)
     "groups": "python benchmarks/groups.py --trees bert_base --no-freeze "
-              "--steps {steps} --repeats {repeats} --compile-repeats 1",
-    "frozen": "python benchmarks/frozen.py --model {model}{used}",
+              "--steps 5/30 --repeats 3/5 --compile-repeats 1",
+    "frozen": "python benchmarks/frozen.py [--model bert_base] [--grads-used]",
     "roofline": "python benchmarks/roofline.py",
 }
 
@@ -60,8 +60,7 @@ def groups_chart(results, images):
       ax.set_title(f"{MACHINES[machine]}: {what.split(',')[0]}", fontsize=10)
       ax.legend(fontsize=8)
   fig.suptitle("AdamW on bert_base (110M parameters), per-group learning rates\n"
-               + "; ".join(caption(d, COMMANDS["groups"].format(steps="5/30", repeats="3/5"))
-                           .replace("\n", " ") for d in list(runs.values())[:1]),
+               + caption(next(iter(runs.values())), COMMANDS["groups"]).replace("\n", " "),
                fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(images, "bench_groups.png"), dpi=110)
@@ -118,8 +117,7 @@ def frozen_chart(results, images):
             f"({r['state_bytes'] / 2**20:.0f} MiB) |")
   first = runs[0][2]
   fig.suptitle("A transformer encoder with the embeddings and 9 of 12 blocks frozen: "
-               "one training step\n" + caption(first, "python benchmarks/frozen.py "
-                                               "[--model bert_base] [--grads-used]")
+               "one training step\n" + caption(first, COMMANDS["frozen"])
                .replace("\n", "; "), fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(images, "bench_frozen.png"), dpi=110)

@@ -70,8 +70,7 @@ LR, WD = 1e-3, 0.01
 
 def group_settings(tree, groups):
   """Selectors and each group's learning-rate multiplier and weight decay."""
-  selectors = _trees.group_selectors(tree, groups)
-  mults = [0.5 ** (k / max(groups - 1, 1)) for k in range(groups)]  # distinct
+  selectors, mults = bench.group_rates(tree, groups)
   wds = [0.0 if k % 3 == 2 else WD * (1 + k % 2) for k in range(groups)]
   return selectors, mults, wds
 
@@ -135,12 +134,10 @@ def copy_bandwidth(nbytes, repeats, torch=None):
 def xla_bytes(compiled):
   """Bytes the compiled step accesses, by XLA's cost analysis (or None)."""
   try:
-    cost = compiled.cost_analysis()
+    cost = bench.cost_analysis(compiled)
   except Exception:  # pylint: disable=broad-except
     return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["bytes accessed"]) if cost and "bytes accessed" in cost else None
+  return float(cost["bytes accessed"]) if "bytes accessed" in cost else None
 
 
 def compile_device_loop(tx, params, state, grads, inner):
@@ -290,8 +287,7 @@ def main():
         f.write(compiled.as_text())
   runners = {}
   if torch is not None:
-    params0, grads0 = bench.build(optax.identity(), tree, jax.random.PRNGKey(0))[1:3]
-    params0 = params0[0]
+    params0, grads0 = bench.params_and_grads(tree, jax.random.PRNGKey(0))
     for name, (tx, per_param, settings) in txs.items():
       if settings is None:
         continue
