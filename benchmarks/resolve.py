@@ -26,7 +26,7 @@ import time
 import jax
 
 import layerwise as lw
-from layerwise import _rules
+from layerwise import _resolve
 
 import _trees
 
@@ -74,9 +74,9 @@ def main():
       # Same answers from both before timing anything.
       assert lw.resolve(rules, tree) == hand_written(selectors, tree)
       hand = median_ms(lambda: hand_written(selectors, tree), args.repeats)
-      cold = median_ms(lambda: _rules.RuleSet(rules).resolve(tree),
+      cold = median_ms(lambda: _resolve.RuleSet(rules).resolve(tree),
                        args.repeats)
-      rule_set = _rules.RuleSet(rules)
+      rule_set = _resolve.RuleSet(rules)
       rule_set.resolve(tree)
       cached = median_ms(lambda: rule_set.resolve(tree), args.repeats)
       row = dict(tree=name, leaves=leaves, rules=groups, hand_ms=hand,

@@ -1,8 +1,8 @@
 """layerwise: per-parameter optimizer rules for JAX, as pure Optax transformations.
 
 Rules are ordered mappings ``{selector: value}`` over parameter paths
-(``"encoder/layers/3/attn/kernel"``); see :mod:`layerwise._rules` for the rule
-language and :func:`describe` to see which rule each parameter got.
+(``"encoder/layers/3/attn/kernel"``); see :mod:`layerwise._resolve` for the
+rule language and :func:`describe` to see which rule each parameter got.
 
 Examples:
   >>> import jax.numpy as jnp
@@ -12,22 +12,20 @@ Examples:
   {'encoder': {'kernel': 0.1}, 'head': {'bias': 1.0}}
 """
 
+from layerwise._diagnostics import RuleError
 from layerwise._paths import paths
-from layerwise._rules import (
-    RuleError,
+from layerwise._resolve import Rules, labels, resolve
+from layerwise._selectors import (
     Selector,
+    SelectorLike,
     all_of,
     any_of,
-    labels,
     ndim_at_least,
     ndim_at_most,
     not_,
-    resolve,
 )
 from layerwise.clipping import (
     ClipByRulesState,
-    MapUpdatesState,
-    TrackNormsState,
     clip_adaptive,
     clip_by_rules,
     clip_group_norm,
@@ -35,10 +33,10 @@ from layerwise.clipping import (
     clip_quantile,
     clip_value,
     clip_zscore,
-    map_updates,
-    track_norms,
 )
 from layerwise.inspect import Description, describe, norms
+from layerwise.layer_rates import DEFAULT_HEAD, discriminative, layer_decay
+from layerwise.mapping import MapUpdatesState, map_updates
 from layerwise.partition import (
     FreezeState,
     PartitionState,
@@ -58,16 +56,16 @@ from layerwise.scaling import (
     AddDecayedWeightsState,
     ScaleByRulesState,
     add_decayed_weights,
-    discriminative,
-    layer_decay,
     scale_by_rules,
     set_scale,
 )
+from layerwise.tracking import TrackNormsState, track_norms
 from layerwise.transfer import TransplantReport, transplant
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "DEFAULT_HEAD",
     "NO_DECAY",
     "AddDecayedWeightsState",
     "ClipByRulesState",
@@ -77,8 +75,10 @@ __all__ = [
     "PartitionState",
     "ReparameterizeState",
     "RuleError",
+    "Rules",
     "ScaleByRulesState",
     "Selector",
+    "SelectorLike",
     "TrackNormsState",
     "TransplantReport",
     "add_decayed_weights",

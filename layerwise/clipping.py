@@ -1,4 +1,4 @@
-"""Per-leaf and per-group gradient clipping, norm tracking, free-form maps.
+"""Per-leaf and per-group gradient clipping.
 
 ``clip_by_rules`` takes a rule set whose values are *clippers*, small
 objects made by the ``clip_*`` functions below, and clips the leaves each
@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from layerwise import _rules
+from layerwise import _core, _norms, _validate
+from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
 
 __all__ = [
     "ClipByRulesState",
-    "MapUpdatesState",
-    "TrackNormsState",
     "clip_adaptive",
     "clip_by_rules",
     "clip_group_norm",
@@ -43,33 +41,11 @@ __all__ = [
     "clip_quantile",
     "clip_value",
     "clip_zscore",
-    "map_updates",
-    "track_norms",
 ]
 
-_F32 = jnp.float32
+_F32 = _norms.F32
 
 # ---------------------------------------------------------------- helpers
-
-
-def _sq_sum(x: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.square(x.astype(_F32)))
-
-
-def _l2(leaves: Sequence[jax.Array]) -> jax.Array:
-  """The L2 norm of several leaves jointly, in float32."""
-  return jnp.sqrt(sum((_sq_sum(x) for x in leaves), jnp.zeros([], _F32)))
-
-
-def _norm(leaves: Sequence[jax.Array], ord: float) -> jax.Array:
-  """The ``ord`` norm (1, 2 or inf) of several leaves jointly, in float32."""
-  if ord == 2:
-    return _l2(leaves)
-  if ord == 1:
-    return sum((jnp.sum(jnp.abs(x.astype(_F32))) for x in leaves),
-               jnp.zeros([], _F32))
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(x.astype(_F32)), initial=0.0)
-                            for x in leaves]))
 
 
 def _scaled(leaves: Sequence[jax.Array],
@@ -83,11 +59,11 @@ def _ratio(after: jax.Array, before: jax.Array) -> jax.Array:
                    1.0)
 
 
-def _positive(fn: str, name: str, value: Any, *,
-              allow_zero: bool = False) -> float:
-  return _rules.positive(
-      fn, name, value, allow_zero=allow_zero,
-      zero_hint=" (a threshold of 0 would zero every update; to freeze "
+def _threshold(fn: str, name: str, value: Any) -> float:
+  """A threshold: a finite number > 0."""
+  return _validate.bounded(
+      fn, name, value, low=0.0, low_open=True,
+      zero_advice=" (a threshold of 0 would zero every update; to freeze "
       "leaves, use lw.freeze)")
 
 
@@ -98,15 +74,6 @@ def _check_ord(fn: str, ord: Any) -> float:
     raise ValueError(f"{fn}: ord must be 1, 2 or inf (math.inf or 'inf'), "
                      f"got {ord!r}.")
   return float(ord)
-
-
-def _integer(fn: str, name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{fn}: {name} must be an int, got {value!r} "
-                    f"({type(value).__name__}).")
-  if value < minimum:
-    raise ValueError(f"{fn}: {name} must be >= {minimum}, got {value}.")
-  return int(value)
 
 
 def _fmt(value: float) -> str:
@@ -127,9 +94,20 @@ class Clipper:
   per_leaf: ClassVar[bool] = True
   needs_params: ClassVar[bool] = False
   has_stats: ClassVar[bool] = False
+  # Says "a clipper goes in lw.clip_by_rules" where a rule set of numbers
+  # is given one (layerwise._validate.rate).
+  is_clipper: ClassVar[bool] = True
 
   def check_leaf(self, path: str, spec: Any) -> None:
-    """Raises if the clipper cannot handle a leaf of this shape."""
+    """Raises if the clipper cannot handle a leaf of this shape or dtype."""
+
+  def stats_key(self) -> str | None:
+    """The key of the group's statistics in the state (``None``: it keeps
+    none). Groups whose clippers have equal keys share one set of arrays,
+    stacked. It names arrays in checkpoints: it is part of the state's
+    format, never derived from ``repr``, and changing it breaks restoring
+    states saved before."""
+    return None
 
   def init(self) -> dict[str, jax.Array]:
     """The group's statistics (a history, averages), as state."""
@@ -157,7 +135,16 @@ class _ClipValue(Clipper):
     # one more reduction of u (the norm of the clipped update would need it
     # written out first, which costs XLA:CPU a pass over memory).
     largest = jnp.max(jnp.abs(u.astype(_F32)), initial=0.0)
-    return [out], _l2([u]), _norm_factor(largest, jnp.float32(self.c)), stats
+    return ([out], _norms.l2([u]), _norm_factor(largest, jnp.float32(self.c)),
+            stats)
+
+  def check_leaf(self, path, spec):
+    if jnp.issubdtype(spec.dtype, jnp.complexfloating):
+      raise TypeError(
+          f"lw.clip_by_rules: parameter {path!r} has dtype {spec.dtype}; "
+          "clip_value clips each entry to [-c, c], and complex numbers have "
+          "no order. Clip it by its norm (lw.clip_norm), which scales its "
+          "magnitude.")
 
   def __repr__(self):
     return f"clip_value({_fmt(self.c)})"
@@ -175,7 +162,7 @@ class _ClipNorm(Clipper):
   ord: float = 2.0
 
   def clip(self, leaves, params, stats):
-    norm = _norm(leaves, self.ord)
+    norm = _norms.norm(leaves, self.ord)
     factor = _norm_factor(norm, jnp.float32(self.c))
     return _scaled(leaves, factor), norm, factor, stats
 
@@ -231,10 +218,10 @@ class _ClipAdaptive(Clipper):
 
   def clip(self, leaves, params, stats):
     (u,), (p,) = leaves, params
-    axes = _unit_axes(u.shape, self.axis)
+    axes = _unit_axes(tuple(u.shape), self.axis)
 
     def unit_norm(x):
-      return jnp.sqrt(jnp.sum(jnp.square(x.astype(_F32)), axis=axes,
+      return jnp.sqrt(jnp.sum(jnp.square(_norms.magnitude(x)), axis=axes,
                               keepdims=True))
 
     g_norm, p_norm = unit_norm(u), unit_norm(p)
@@ -297,7 +284,7 @@ class _ClipQuantile(Clipper):
             "threshold": jnp.asarray(jnp.inf, _F32)}
 
   def clip(self, leaves, params, stats):
-    norm = _l2(leaves)
+    norm = _norms.l2(leaves)
     finite = jnp.isfinite(norm)
     # A non-finite norm is not recorded: it would poison the threshold for
     # `window` steps. Its updates pass on unscaled (NaN) or zeroed (inf).
@@ -313,6 +300,10 @@ class _ClipQuantile(Clipper):
            "filled": filled,
            "threshold": threshold}
     return _scaled(leaves, factor), norm, factor, new
+
+  def stats_key(self):
+    # The format of states saved since layerwise 0.1 (tests/test_state_format.py).
+    return f"clip_quantile({self.q:g}, window={self.window})"
 
   def __repr__(self):
     return f"clip_quantile({self.q:g}, window={self.window})"
@@ -337,7 +328,7 @@ class _ClipZScore(Clipper):
             "threshold": jnp.asarray(jnp.inf, _F32)}
 
   def clip(self, leaves, params, stats):
-    norm = _l2(leaves)
+    norm = _norms.l2(leaves)
     finite = jnp.isfinite(norm)
     count, mean, var = stats["count"], stats["mean"], stats["var"]
     warming = count < self.warmup
@@ -372,6 +363,11 @@ class _ClipZScore(Clipper):
                                   mean + self.z * (std + _ZCLIP_EPS))}
     return _scaled(leaves, factor), norm, factor, new
 
+  def stats_key(self):
+    # The format of states saved since layerwise 0.1 (tests/test_state_format.py).
+    return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
+            f"warmup={self.warmup})")
+
   def __repr__(self):
     return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
             f"warmup={self.warmup})")
@@ -400,7 +396,7 @@ def clip_value(threshold: float) -> Clipper:
     >>> tx.update(grads, tx.init(grads))[0]["w"]
     Array([-1. ,  0.5,  1. ], dtype=float32)
   """
-  return _ClipValue(_positive("lw.clip_value", "threshold", threshold))
+  return _ClipValue(_threshold("lw.clip_value", "threshold", threshold))
 
 
 def clip_norm(threshold: float, ord: int | float | str = 2) -> Clipper:
@@ -428,7 +424,7 @@ def clip_norm(threshold: float, ord: int | float | str = 2) -> Clipper:
     >>> updates["a"], updates["b"]   # norm 5 -> 1; norm 0.5 stays
     (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
   """
-  return _ClipNorm(_positive("lw.clip_norm", "threshold", threshold),
+  return _ClipNorm(_threshold("lw.clip_norm", "threshold", threshold),
                    _check_ord("lw.clip_norm", ord))
 
 
@@ -460,8 +456,8 @@ def clip_group_norm(threshold: float, ord: int | float | str = 2) -> Clipper:
     >>> lw.norms(state)
     {'clip/**/norm': Array(5., dtype=float32), 'clip/**/scale': Array(0.2, dtype=float32)}
   """
-  return _ClipGroupNorm(_positive("lw.clip_group_norm", "threshold",
-                                  threshold),
+  return _ClipGroupNorm(_threshold("lw.clip_group_norm", "threshold",
+                                   threshold),
                         _check_ord("lw.clip_group_norm", ord))
 
 
@@ -512,8 +508,8 @@ def clip_adaptive(clipping: float, eps: float = 1e-3, *,
     raise TypeError(f"lw.clip_adaptive: axis must be an int or a tuple of "
                     f"ints, got {axis!r}.")
   return _ClipAdaptive(
-      _positive("lw.clip_adaptive", "clipping", clipping),
-      _positive("lw.clip_adaptive", "eps", eps, allow_zero=True), axis)
+      _threshold("lw.clip_adaptive", "clipping", clipping),
+      _validate.bounded("lw.clip_adaptive", "eps", eps), axis)
 
 
 def clip_quantile(q: float, window: int) -> Clipper:
@@ -552,12 +548,10 @@ def clip_quantile(q: float, window: int) -> Clipper:
     Seetharaman et al., `AutoClip: Adaptive Gradient Clipping for Source
     Separation Networks <https://arxiv.org/abs/2007.14469>`_, 2020
   """
-  q = _rules.number("lw.clip_quantile", "q", q)
-  if not 0 <= q <= 1:
-    raise ValueError(f"lw.clip_quantile: q must be in [0, 1], got {q!r} "
-                     "(a quantile, not a percentile: 0.9, not 90).")
-  return _ClipQuantile(q, _integer("lw.clip_quantile", "window",
-                                          window, 1))
+  q = _validate.bounded("lw.clip_quantile", "q", q, low=0.0, high=1.0,
+                        advice="A quantile, not a percentile: 0.9, not 90.")
+  return _ClipQuantile(q, _validate.integer("lw.clip_quantile", "window",
+                                            window, 1))
 
 
 def clip_zscore(z: float = 2.5, alpha: float = 0.97,
@@ -599,13 +593,11 @@ def clip_zscore(z: float = 2.5, alpha: float = 0.97,
     Kumar et al., `ZClip: Adaptive Spike Mitigation for LLM Pre-Training
     <https://arxiv.org/abs/2504.02507>`_, 2025
   """
-  z = _positive("lw.clip_zscore", "z", z)
-  alpha = _rules.number("lw.clip_zscore", "alpha", alpha)
-  if not 0 < alpha < 1:
-    raise ValueError(f"lw.clip_zscore: alpha must be in (0, 1), got "
-                     f"{alpha!r}.")
-  return _ClipZScore(z, alpha, _integer("lw.clip_zscore", "warmup",
-                                               warmup, 1))
+  z = _threshold("lw.clip_zscore", "z", z)
+  alpha = _validate.bounded("lw.clip_zscore", "alpha", alpha, low=0.0,
+                            high=1.0, low_open=True, high_open=True)
+  return _ClipZScore(z, alpha, _validate.integer("lw.clip_zscore", "warmup",
+                                                 warmup, 1))
 
 
 # ----------------------------------------------------------- clip_by_rules
@@ -626,98 +618,121 @@ class ClipByRulesState(NamedTuple):
       :func:`clip_adaptive`, ``||clipped|| / ||update||``).
     stats: the statistics of :func:`clip_quantile` and :func:`clip_zscore`
       (history, moving averages, and the threshold of the last update),
-      ``{clipper: {name: array}}`` stacked over the groups that use the
-      clipper, in group order. Fixed thresholds are constants of the
-      compiled step, as the coefficients of ``add_decayed_weights``: read
-      per group from one state vector, 200 of them took XLA:CPU 5 s more
-      to compile.
+      ``{key: {name: array}}`` stacked over the groups whose clippers share
+      the key (:meth:`Clipper.stats_key`), in group order. Fixed thresholds
+      are constants of the compiled step, as the coefficients of
+      ``add_decayed_weights``: read per group from one state vector, 200 of
+      them took XLA:CPU 5 s more to compile.
     rules: static metadata: each leaf's path, rule, clipper and group.
   """
   norms: jax.Array
   scales: jax.Array
   stats: dict[str, dict[str, jax.Array]]
-  rules: _rules.StaticRules
+  rules: _core.Plan
 
   def group_names(self) -> list[str]:
     """The groups, in the order of the vectors."""
-    return _group_names(self.rules)
+    return list(self.rules.group_names)
+
+  def measured(self) -> dict[str, jax.Array]:
+    """Each group's norm and scale at the last update (the state
+    protocol)."""
+    return {"norm": self.norms, "scale": self.scales}
 
   def metrics(self) -> list[tuple[str, jax.Array]]:
     """``(key, value)`` pairs for :func:`layerwise.norms`."""
-    names = self.group_names()
-    return [item for g, n, s in zip(names, _items(self.norms, len(names)),
-                                    _items(self.scales, len(names)))
+    names = self.rules.group_names
+    return [item for g, n, s in zip(names, _core.entries(self.norms, len(names)),
+                                    _core.entries(self.scales, len(names)))
             for item in ((f"clip/{g}/norm", n), (f"clip/{g}/scale", s))]
 
 
-def _group_names(info: _rules.StaticRules) -> list[str]:
-  return [g for g in dict.fromkeys(info.groups) if g is not None]
+def _stack_stats(per_group: Iterable[tuple[str | None, dict[str, jax.Array]]]
+                 ) -> dict[str, dict[str, jax.Array]]:
+  """``{key: {field: array}}`` from each group's ``(key, stats)``, stacked
+  over the groups that share a key, in group order (``None``: no stats)."""
+  fields: dict[str, dict[str, list[jax.Array]]] = {}
+  for key, stats in per_group:
+    for f, v in stats.items():
+      fields.setdefault(key, {}).setdefault(f, []).append(v)
+  return {k: {f: jnp.stack(v) for f, v in fs.items()}
+          for k, fs in fields.items()}
 
 
-def _items(vector: jax.Array, n: int) -> list[jax.Array]:
-  """The entries of a vector as scalars (one operation, not ``n``)."""
-  return list(vector) if n else []
+def _check_clipper(fn: str, value: Any, where: str) -> Any:
+  if value is not None and not isinstance(value, Clipper):
+    raise TypeError(
+        f"{fn}: {where} has value {value!r} ({type(value).__name__}); each "
+        "value must be a clipper (lw.clip_value(0.1), lw.clip_norm(1.0), "
+        "lw.clip_group_norm(1.0), lw.clip_adaptive(0.01), "
+        "lw.clip_quantile(0.9, 100), lw.clip_zscore()) or None to leave the "
+        "leaves unclipped.")
+  return value
 
 
-def _stats_keys(groups: Sequence[tuple[str, Clipper, list[int]]]
-                ) -> list[str | None]:
-  """Per group, the key of its clipper's statistics (None: stateless)."""
-  names: dict[Clipper, str] = {}
-  keys = []
-  for _, clipper, _ in groups:
-    if not clipper.has_stats:
-      keys.append(None)
-      continue
-    if clipper not in names:
-      base, k, name = repr(clipper), 2, repr(clipper)
-      while name in names.values():
-        name, k = f"{base}#{k}", k + 1
-      names[clipper] = name
-    keys.append(names[clipper])
-  return keys
-
-
-def _group_name(res: _rules.Resolution, r: int, selector: Any) -> str:
+def _group_name(res: Resolution, rule: int, selector: Any) -> str:
   """A group's name: the glob of its rule, or how the selector prints."""
-  if r < 0:
+  if rule < 0:
     return "(default)"
   return selector.source if isinstance(selector.source, str) else (
-      res.rule_texts[r])
+      res.rule_texts[rule])
 
 
-def _clip_groups(res: _rules.Resolution, selectors: Sequence[Any]
-                 ) -> list[tuple[str, Clipper, list[int]]]:
-  """``(name, clipper, leaf indices)`` per group, in leaf order."""
-  groups: dict[Any, tuple[str, Clipper, list[int]]] = {}
+def _groups(res: Resolution, selectors: Sequence[Any]
+            ) -> tuple[list[int], list[str]]:
+  """Each leaf's group (-1: unclipped) and the groups' names, in leaf
+  order: a leaf of its own for a per-leaf clipper, all the leaves of its
+  rule for a group clipper."""
+  index: dict[Any, int] = {}
+  names: list[str] = []
   taken: set[str] = set()
+  groups = []
   for i, (clipper, r) in enumerate(zip(res.values, res.rule_index)):
     if clipper is None:
+      groups.append(-1)
       continue
     key = i if clipper.per_leaf else ("rule", r)
-    if key not in groups:
+    if key not in index:
       name = res.paths[i] if clipper.per_leaf else _group_name(
           res, r, selectors[r] if r >= 0 else None)
       base, k = name, 2
       while name in taken:  # two selectors that print alike
         name, k = f"{base}#{k}", k + 1
       taken.add(name)
-      groups[key] = (name, clipper, [])
-    groups[key][2].append(i)
-  return list(groups.values())
+      index[key] = len(names)
+      names.append(name)
+    groups.append(index[key])
+  return groups, names
 
 
-def _check_inexact(fn: str, path: str, spec: Any) -> None:
-  if not jnp.issubdtype(spec.dtype, jnp.floating):
-    raise TypeError(
-        f"{fn}: parameter {path!r} has dtype {spec.dtype}; only floating "
-        "point leaves can be clipped or measured. Give it the rule None "
-        "(or freeze it with lw.freeze).")
+def _stats_layout(clippers: Sequence[Clipper]
+                  ) -> tuple[tuple[str | None, int], ...]:
+  """Per group, the key of its statistics in the state and its row there
+  (``(None, 0)``: it keeps none). Equal clippers share a key; unequal ones
+  whose keys coincide get ``#2``, ``#3``..."""
+  keys: dict[Clipper, str] = {}
+  rows: dict[str, int] = {}
+  layout = []
+  for clipper in clippers:
+    base = clipper.stats_key()
+    if base is None:
+      layout.append((None, 0))
+      continue
+    if clipper not in keys:
+      key, k = base, 2
+      while key in keys.values():
+        key, k = f"{base}#{k}", k + 1
+      keys[clipper] = key
+    key = keys[clipper]
+    rows[key] = rows.get(key, -1) + 1
+    layout.append((key, rows[key]))
+  return tuple(layout)
 
 
 def clip_by_rules(
-    rules: _rules.Rules,
+    rules: Rules[Clipper | None],
     *,
-    default: Any = _rules.MISSING,
+    default: Clipper | None = MISSING,
     strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each parameter group its own way.
@@ -797,341 +812,64 @@ def clip_by_rules(
     >>> {k: float(v) for k, v in lw.norms(state).items()}
     {'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1..., 'clip/**/norm': 5.0, 'clip/**/scale': 0.2...}
   """
-  given = _rules.RuleSet(rules, what="clipper")
-  for c, v in zip(given.selectors, given.values):
-    _check_clipper(v, f"rule {c.text}")
-  if default is not _rules.MISSING:
-    _check_clipper(default, "default")
+  fn = "lw.clip_by_rules"
+  given = RuleSet(rules, what="clipper").map_values(
+      lambda v, text: _check_clipper(fn, v, f"rule {text}"))
+  if default is not MISSING:
+    _check_clipper(fn, default, "default")
 
-  def resolve(tree: Any):
-    res = given.resolve(tree, default=default, strict=strict)
-    return res, _clip_groups(res, given.selectors)
-
-  def init_fn(params):
-    res, groups = resolve(params)
-    group_of: list[str | None] = [None] * len(res.paths)
-    for name, clipper, members in groups:
-      for i in members:
-        _check_inexact("lw.clip_by_rules", res.paths[i], res.specs[i])
-        clipper.check_leaf(res.paths[i], res.specs[i])
-        group_of[i] = name
-    n = len(groups)
+  def init(res: Resolution, params: list[Any]) -> ClipByRulesState:
+    del params
+    _validate.check_dtypes(
+        fn, res.paths, res.specs, res.values,
+        [res.rule_text(i) for i in range(len(res.paths))], what="rule",
+        neutral=None, verb="be clipped or measured")
+    for path, spec, clipper in zip(res.paths, res.specs, res.values):
+      if clipper is not None:
+        clipper.check_leaf(path, spec)
+    groups, names = _groups(res, given.selectors)
+    clippers = [res.values[groups.index(g)] for g in range(len(names))]
+    plan = _core.Plan.of("clip", res, groups=groups, group_names=names,
+                         layout=_stats_layout(clippers))
+    n = len(names)
     return ClipByRulesState(
         norms=jnp.zeros([n], _F32),
         scales=jnp.ones([n], _F32),
-        stats=_stack_stats(
-            (key, clipper.init())
-            for (_, clipper, _), key in zip(groups, _stats_keys(groups))),
-        rules=_rules.StaticRules.from_resolution("clip", res,
-                                                 groups=group_of))
+        stats=_stack_stats((key, clipper.init()) for (key, _), clipper
+                           in zip(plan.layout, clippers)),
+        rules=plan)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args  # accepted, as optax.chain passes them, and unused
-    leaves, _ = state.rules.check_tree("lw.clip_by_rules", updates)
-    res, groups = resolve(updates)
-    param_leaves = None
-    if params is not None:
-      param_leaves = _rules.flatten_like("lw.clip_by_rules", res.treedef,
-                                         params)
-    out = list(leaves)
+  def needs_params(plan: _core.Plan) -> str | None:
+    for g, name in enumerate(plan.group_names):
+      clipper = plan.values[plan.members(g)[0]]
+      if clipper.needs_params:
+        return f"{clipper!r} (group {name!r})"
+    return None
+
+  def update(step: _core.Step, state: ClipByRulesState
+             ) -> tuple[list[Any], ClipByRulesState]:
+    plan = step.plan
+    out = list(step.updates)
     norms, scales, new_stats = [], [], []
-    rows: dict[str, int] = {}
-    for (name, clipper, members), key in zip(groups, _stats_keys(groups)):
+    for g, (key, row) in enumerate(plan.layout):
+      members = plan.members(g)
+      clipper = plan.values[members[0]]
       group_params = None
       if clipper.needs_params:
-        if param_leaves is None:
-          raise ValueError(
-              f"lw.clip_by_rules: {clipper!r} (group {name!r}) needs the "
-              "parameters: call update(updates, state, params).")
-        group_params = [param_leaves[i] for i in members]
-      group_stats = {}
-      if key is not None:
-        row = rows[key] = rows.get(key, -1) + 1
-        group_stats = {f: v[row] for f, v in state.stats[key].items()}
+        assert step.params is not None  # needs_params says so
+        group_params = [step.params[i] for i in members]
+      group_stats = ({} if key is None else
+                     {f: v[row] for f, v in state.stats[key].items()})
       clipped, norm, scale, group_stats = clipper.clip(
-          [leaves[i] for i in members], group_params, group_stats)
+          [step.updates[i] for i in members], group_params, group_stats)
       norms.append(norm)
       scales.append(scale)
       new_stats.append((key, group_stats))
       for i, u in zip(members, clipped):
         out[i] = u
-    n = len(groups)
-    return res.treedef.unflatten(out), ClipByRulesState(
-        _stack(norms, n), _stack(scales, n), _stack_stats(new_stats),
-        state.rules)
+    n = len(plan.layout)
+    return out, ClipByRulesState(_core.stack(norms, n), _core.stack(scales, n),
+                                 _stack_stats(new_stats), plan)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _stack(scalars: Sequence[jax.Array], n: int) -> jax.Array:
-  return (jnp.stack([jnp.asarray(s, _F32) for s in scalars]) if n
-          else jnp.zeros([0], _F32))
-
-
-def _stack_stats(per_group: Iterable[tuple[str | None, dict[str, jax.Array]]]
-                 ) -> dict[str, dict[str, jax.Array]]:
-  """``{key: {field: array}}`` from each group's ``(key, stats)``, stacked
-  over the groups that share a key, in group order (``None``: no stats)."""
-  fields: dict[str, dict[str, list[jax.Array]]] = {}
-  for key, stats in per_group:
-    for f, v in stats.items():
-      fields.setdefault(key, {}).setdefault(f, []).append(v)
-  return {k: {f: jnp.stack(v) for f, v in fs.items()}
-          for k, fs in fields.items()}
-
-
-def _check_clipper(value: Any, where: str) -> None:
-  if value is not None and not isinstance(value, Clipper):
-    raise TypeError(
-        f"lw.clip_by_rules: {where} has value {value!r} "
-        f"({type(value).__name__}); each value must be a clipper "
-        "(lw.clip_value(0.1), lw.clip_norm(1.0), lw.clip_group_norm(1.0), "
-        "lw.clip_adaptive(0.01), lw.clip_quantile(0.9, 100), "
-        "lw.clip_zscore()) or None to leave the leaves unclipped.")
-
-
-# ------------------------------------------------------------ track_norms
-
-
-class TrackNormsState(NamedTuple):
-  """State of :func:`track_norms`.
-
-  Attributes:
-    norms: a float32 vector: each group's L2 norm at the last update (0
-      before the first update), in the order of :meth:`group_names`.
-    rules: static metadata: each leaf's path, rule and key.
-  """
-  norms: jax.Array
-  rules: _rules.StaticRules
-
-  def group_names(self) -> list[str]:
-    """The groups' keys, as :func:`layerwise.norms` reports them, in the
-    order of ``norms``."""
-    return _group_names(self.rules)
-
-  def metrics(self) -> list[tuple[str, jax.Array]]:
-    """``(key, value)`` pairs for :func:`layerwise.norms`."""
-    names = self.group_names()
-    return list(zip(names, _items(self.norms, len(names))))
-
-
-def _parent(path: str) -> str:
-  return path.rsplit("/", 1)[0] if "/" in path else path
-
-
-def _check_name(value: Any, where: str) -> None:
-  if value is None:
-    return
-  if not isinstance(value, str):
-    raise TypeError(
-        f"lw.track_norms: {where} has value {value!r} "
-        f"({type(value).__name__}); each value must be a group name (a "
-        "string, which may contain {path} or {parent}) or None.")
-  try:
-    value.format(path="p", parent="p")
-  except (KeyError, IndexError, ValueError) as e:
-    raise ValueError(
-        f"lw.track_norms: {where} has name {value!r}, which names a field "
-        f"other than {{path}} and {{parent}} ({e}); write literal braces "
-        "as {{ and }}.") from None
-
-
-def track_norms(
-    rules: _rules.Rules,
-    *,
-    prefix: str = "grad_norm",
-    default: Any = _rules.MISSING,
-    strict: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  """Records the L2 norm of each named group of updates; changes nothing.
-
-  ``rules`` maps selectors to group names; leaves whose names are equal
-  form one group, whose joint L2 norm is kept in the state under
-  ``"<prefix>/<name>"`` for :func:`layerwise.norms`. A name may contain
-  ``{path}`` (the leaf's path: one group per leaf) or ``{parent}`` (the
-  path without its last part: one group per module, its kernel and bias
-  together). ``None`` leaves leaves out. Placed first in a chain it
-  measures gradients; placed last, the updates the optimizer made (give it
-  another ``prefix``).
-
-  Args:
-    rules: ``{selector: name or None}``; see :func:`layerwise.resolve`.
-    prefix: the first part of every key.
-    default: the name (or ``None``) of leaves no rule matches. Without it,
-      unmatched leaves are an error.
-    strict: as in :func:`layerwise.resolve`.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` that passes updates through.
-
-  Examples:
-    >>> import jax.numpy as jnp, optax
-    >>> import layerwise as lw
-    >>> params = {"layers": [{"w": jnp.zeros(2), "b": jnp.zeros(1)}] * 2}
-    >>> tx = optax.chain(lw.track_norms({"**": "{parent}"}), optax.sgd(0.1))
-    >>> grads = {"layers": [{"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])},
-    ...                     {"w": jnp.array([1.0, 0.0]), "b": jnp.array([0.0])}]}
-    >>> _, state = tx.update(grads, tx.init(params))
-    >>> lw.norms(state)
-    {'grad_norm/layers/0': Array(5., dtype=float32), 'grad_norm/layers/1': Array(1., dtype=float32)}
-  """
-  if not isinstance(prefix, str):
-    raise TypeError(f"lw.track_norms: prefix must be a string, got "
-                    f"{prefix!r}.")
-  given = _rules.RuleSet(rules, what="group name")
-  for c, v in zip(given.selectors, given.values):
-    _check_name(v, f"rule {c.text}")
-  if default is not _rules.MISSING:
-    _check_name(default, "default")
-
-  def resolve(tree: Any):
-    res = given.resolve(tree, default=default, strict=strict)
-    keys = [None if v is None else
-            f"{prefix}/{v.format(path=p, parent=_parent(p))}"
-            for v, p in zip(res.values, res.paths)]
-    return res, keys
-
-  def init_fn(params):
-    res, keys = resolve(params)
-    for i, k in enumerate(keys):
-      if k is not None:
-        _check_inexact("lw.track_norms", res.paths[i], res.specs[i])
-    return TrackNormsState(
-        jnp.zeros([len(set(keys) - {None})], _F32),
-        _rules.StaticRules.from_resolution("track", res, values=keys,
-                                           groups=keys))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args  # accepted, as optax.chain passes them, and unused
-    del params
-    leaves, _ = state.rules.check_tree("lw.track_norms", updates)
-    res, keys = resolve(updates)
-    members: dict[str, list[jax.Array]] = {}
-    for k, u in zip(keys, leaves):
-      if k is not None:
-        members.setdefault(k, []).append(u)
-    return updates, TrackNormsState(
-        _stack([_l2(us) for us in members.values()], len(members)),
-        state.rules)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-# ------------------------------------------------------------ map_updates
-
-
-def _map_one(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
-             path: str) -> jax.Array:
-  """``fn(u, p, path)`` as an array, with errors that name ``path``."""
-  try:
-    new = fn(u, p, path)
-  except (TypeError, AttributeError) as e:
-    if p is not None:
-      raise
-    raise TypeError(
-        f"lw.map_updates: fn failed for parameter {path!r} with param=None "
-        f"({type(e).__name__}: {e}). update was called without params: "
-        "call tx.update(updates, state, params) if fn reads the param, or "
-        "handle param is None in fn.") from e
-  try:
-    if new is None:  # jax < 0.5 reads None as NaN
-      raise TypeError
-    return jnp.asarray(new)
-  except (TypeError, ValueError):
-    raise TypeError(
-        f"lw.map_updates: fn returned {new!r} ({type(new).__name__}) for "
-        f"parameter {path!r}; it must return the new update, an array "
-        "shaped like the update.") from None
-
-
-class MapUpdatesState(NamedTuple):
-  """State of :func:`map_updates`: no arrays, only the static rules.
-
-  Attributes:
-    rules: static metadata: each leaf's path and the function applied to
-      it (``None`` where none is).
-  """
-  rules: _rules.StaticRules
-
-
-def map_updates(
-    fn: Callable[[jax.Array, jax.Array | None, str], jax.Array],
-    where: _rules.SelectorLike = "**",
-    *,
-    strict: bool = True,
-) -> optax.GradientTransformationExtraArgs:
-  """Applies ``fn(update, param, path)`` to the updates ``where`` selects.
-
-  Any per-parameter operation on gradients or updates in one line: noise,
-  masks, sign, a custom clip, a different rule per path (``path`` is the
-  leaf's '/'-joined path, a Python string, so ``fn`` may branch on it).
-  ``param`` is the leaf's parameter, or ``None`` when ``update`` is called
-  without params. The result must have the update's shape; it is cast to
-  the update's dtype. Other leaves pass through.
-
-  Args:
-    fn: ``(update, param, path) -> new update``, traceable by JAX.
-    where: a selector (glob, regex, callable) of the leaves to map.
-    strict: if True, a selector that matches no leaf is an error.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Raises:
-    TypeError: for an ``fn`` that cannot be called as ``fn(update, param,
-      path)``; at the first ``update``, for an ``fn`` that fails with
-      ``param=None`` (no params given) or returns something that is not an
-      array, naming the path.
-    ValueError: at the first ``update``, for an ``fn`` that changes a
-      shape, or updates or params whose paths or shapes differ from the
-      params at ``init``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import layerwise as lw
-    >>> tx = lw.map_updates(lambda u, p, path: jnp.sign(u), "encoder/**")
-    >>> grads = {"encoder": {"w": jnp.array([-2.0, 3.0])}, "head": jnp.array([-2.0])}
-    >>> updates, _ = tx.update(grads, tx.init(grads))
-    >>> updates["encoder"]["w"], updates["head"]
-    (Array([-1.,  1.], dtype=float32), Array([-2.], dtype=float32))
-  """
-  if not callable(fn):
-    raise TypeError(f"lw.map_updates: fn must be callable (update, param, "
-                    f"path) -> update, got {type(fn).__name__}.")
-  _rules.check_arity(fn, 3, lambda: (
-      f"lw.map_updates: fn {_rules._text_of(fn)} cannot be called as "
-      "fn(update, param, path); it takes the three (param is None when "
-      "update is called without params), e.g. lambda u, p, path: "
-      "jnp.sign(u)."))
-  rule_set = _rules.RuleSet([(where, True)], what="selection")
-
-  def resolve(tree: Any) -> _rules.Resolution:
-    return rule_set.resolve(tree, default=False, strict=strict)
-
-  def init_fn(params):
-    res = resolve(params)
-    return MapUpdatesState(_rules.StaticRules.from_resolution(
-        "map", res, values=[fn if v else None for v in res.values]))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args  # accepted, as optax.chain passes them, and unused
-    leaves, _ = state.rules.check_tree("lw.map_updates", updates)
-    res = resolve(updates)
-    param_leaves = (None if params is None
-                    else _rules.flatten_like("lw.map_updates", res.treedef,
-                                             params))
-    out = []
-    for i, (u, selected) in enumerate(zip(leaves, res.values)):
-      if selected:
-        p = None if param_leaves is None else param_leaves[i]
-        new = _map_one(fn, u, p, res.paths[i])
-        if new.shape != jnp.shape(u):
-          raise ValueError(
-              f"lw.map_updates: fn returned shape {new.shape} for parameter "
-              f"{res.paths[i]!r} of shape {jnp.shape(u)}; it must keep the "
-              "update's shape.")
-        u = new.astype(jnp.result_type(u))
-      out.append(u)
-    return res.treedef.unflatten(out), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.ruled(fn, given, default=default, strict=strict, init=init,
+                     update=update, needs_params=needs_params)

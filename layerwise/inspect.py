@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _paths, _rules
+from layerwise import _core, _paths
+from layerwise._resolve import MISSING, RuleSet, paths_and_specs
 
 __all__ = ["Description", "describe", "norms"]
 
@@ -173,9 +174,9 @@ def _describe_transformation(tx: Any, params: Any,
           "tx.init(params); pass the state of this transformation, "
           "initialised with these params.")
     state = opt_state
-  found = _rules.find_static(state)
+  found = _core.find_states(state)
   statics = [s.rules for s in found]
-  path_strs, specs, _ = _rules.paths_and_specs(params)
+  path_strs, specs, _ = paths_and_specs(params)
   per_param, shared = _state_bytes(state, path_strs)
   rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
            "size": math.prod(s.shape)} for p, s in zip(path_strs, specs)]
@@ -199,8 +200,8 @@ def _describe_transformation(tx: Any, params: Any,
     for row in rows:
       if row["path"] in by_path:
         row[name], row[name + "_rule"] = by_path[row["path"]]
-    if opt_state is not None and info.groups is not None:
-      _add_norm_columns(node, info, name, rows, columns)
+    if opt_state is not None:
+      _add_measured_columns(node, info, name, rows, columns)
   for row, nbytes in zip(rows, per_param):
     row["state_bytes"] = nbytes
   columns.append("state_bytes")
@@ -209,30 +210,30 @@ def _describe_transformation(tx: Any, params: Any,
                      shared_state_bytes=shared)
 
 
-def _add_norm_columns(node: Any, info: _rules.StaticRules, name: str,
-                      rows: Sequence[dict[str, Any]],
-                      columns: list[str]) -> None:
-  """The latest ``<name>_norm`` (and ``<name>_scale``) of each leaf's group,
-  read from a state with ``norms`` (and ``scales``) keyed by group; none
-  from an abstract state (``jax.eval_shape``), which holds no values."""
-  if isinstance(node.norms, jax.ShapeDtypeStruct):
+def _add_measured_columns(node: Any, info: _core.Plan, name: str,
+                          rows: Sequence[dict[str, Any]],
+                          columns: list[str]) -> None:
+  """The latest ``<name>_<field>`` of each leaf's group, for everything the
+  state measures per group (``clip_norm``, ``clip_scale``, ``track_norm``);
+  none from an abstract state (``jax.eval_shape``), which holds no values."""
+  measured = _core.measured_of(node)
+  if not measured or info.groups is None:
     return
-  fields = [("norm", node.norms)]
-  if hasattr(node, "scales"):
-    fields.append(("scale", node.scales))
-  index = {g: k for k, g in enumerate(node.group_names())}
   group_of = dict(zip(info.paths, info.groups))
-  for field, values in fields:
+  for field, vector in measured.items():
+    vector = _core.unboxed(vector)
+    if isinstance(vector, jax.ShapeDtypeStruct):
+      return
     column = f"{name}_{field}"
     if column not in columns:
       columns.append(column)
       for row in rows:
         row[column] = None
-    values = np.asarray(values)
+    values = np.asarray(vector)
     for row in rows:
-      group = group_of.get(row["path"])
-      if group is not None:
-        row[column] = float(values[index[group]])
+      group = group_of.get(row["path"], -1)
+      if group >= 0:
+        row[column] = float(values[group])
 
 
 def norms(opt_state: Any) -> dict[str, jax.Array]:
@@ -267,11 +268,10 @@ def norms(opt_state: Any) -> dict[str, jax.Array]:
     {'clip/head/norm': Array(10., dtype=float32), 'clip/head/scale': Array(0.1, dtype=float32)}
   """
   out: dict[str, jax.Array] = {}
-  for node in _rules.find_static(opt_state):
-    metrics = getattr(node, "metrics", None)
-    if not callable(metrics):
+  for node in _core.find_states(opt_state):
+    items = _core.metrics_of(node)
+    if not items:
       continue
-    items = metrics()
     keys = [k for k, _ in items]
     k = 2
     while any(key in out for key in keys):
@@ -283,7 +283,7 @@ def norms(opt_state: Any) -> dict[str, jax.Array]:
 
 
 def describe(obj: Any, params: Any, *, opt_state: Any = None,
-             default: Any = _rules.MISSING,
+             default: Any = MISSING,
              strict: bool = True) -> Description:
   """Tells which rule applies to each parameter, as a table and as data.
 
@@ -372,7 +372,7 @@ def describe(obj: Any, params: Any, *, opt_state: Any = None,
       callable(getattr(obj, "init", None))
       and callable(getattr(obj, "update", None))):  # optax.MultiSteps, ...
     return _describe_transformation(obj, params, opt_state)
-  if (not isinstance(obj, (Mapping, Sequence, _rules.RuleSet))
+  if (not isinstance(obj, (Mapping, Sequence, RuleSet))
       or isinstance(obj, (str, bytes)) or hasattr(obj, "_fields")):
     raise TypeError(
         f"describe() takes a rule set ({{selector: value}} or a list of "
@@ -381,7 +381,7 @@ def describe(obj: Any, params: Any, *, opt_state: Any = None,
   if opt_state is not None:
     raise TypeError("describe: opt_state is for a transformation, not for a "
                     "rule set.")
-  res = _rules.RuleSet(obj).resolve(params, default=default, strict=strict)
+  res = RuleSet(obj).resolve(params, default=default, strict=strict)
   rows = tuple({
       "path": path,
       "shape": tuple(spec.shape),

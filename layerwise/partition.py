@@ -18,14 +18,16 @@ add nothing to any norm computed downstream.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise import _rules
+from layerwise import _core, _diagnostics, _validate
+from layerwise._resolve import MISSING, Resolution, Rules, RuleSet, flag_rules
+from layerwise._selectors import SelectorLike
 
 __all__ = ["FreezeState", "PartitionState", "freeze", "partition",
            "stop_gradient"]
@@ -44,7 +46,7 @@ class PartitionState(NamedTuple):
       selector text of the group's first rule, or ``"frozen"``).
   """
   inner_states: tuple[Any, ...]
-  rules: _rules.StaticRules
+  rules: _core.Plan
 
 
 class FreezeState(NamedTuple):
@@ -55,7 +57,7 @@ class FreezeState(NamedTuple):
     rules: static metadata: each leaf's path and whether it is frozen.
   """
   inner_state: Any
-  rules: _rules.StaticRules
+  rules: _core.Plan
 
 
 def _zero_like(x: jax.Array) -> jax.Array:
@@ -73,81 +75,90 @@ def _zero_like(x: jax.Array) -> jax.Array:
   return jnp.where(False, x, jnp.zeros((), jnp.result_type(x)))
 
 
-class _Routes:
-  """Each leaf's group (an index into the transformations, or -1: frozen)."""
+#: What a leaf's group can be: an optax transformation, or ``None`` (frozen).
+Transformation = Any
+#: What ``frozen`` can be: a selector, or a rule set ``{selector: bool}``.
+FrozenLike = Any
 
-  def __init__(self, groups: Sequence[int], treedef: Any, fn: str):
-    self.groups = tuple(groups)
-    self.treedef = treedef
-    self.fn = fn
 
-  def mask(self, leaves: Sequence[Any] | None, group: int) -> Any:
-    """The tree of ``leaves`` (flattened with ``treedef``), with the leaves
-    of other groups replaced by ``MaskedNode``; ``None`` stays ``None``."""
-    if leaves is None:
-      return None
-    return self.treedef.unflatten(
-        [x if g == group else optax.MaskedNode()
-         for x, g in zip(leaves, self.groups)])
+def _masked(treedef: Any, leaves: Sequence[Any] | None,
+            groups: Sequence[int], group: int) -> Any:
+  """The tree of ``leaves`` with the leaves of other groups replaced by
+  ``MaskedNode`` (``None`` stays ``None``)."""
+  if leaves is None:
+    return None
+  return treedef.unflatten([x if g == group else optax.MaskedNode()
+                            for x, g in zip(leaves, groups)])
 
-  def flatten(self, tree: Any) -> list[Any] | None:
-    """The leaves of the (optional) params, which must have the structure
-    of the updates."""
-    return None if tree is None else _rules.flatten_like(self.fn, self.treedef,
-                                                         tree)
 
-  def init(self, txs: Sequence[Any], params: Any,
-           names: Sequence[str]) -> tuple[Any, ...]:
+def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
+            txs: Sequence[Any], names: Sequence[str], kind: str,
+            shown: Callable[[int], Any],
+            pack: Callable[[tuple[Any, ...], _core.Plan], Any],
+            unpack: Callable[[Any], tuple[Any, ...]]
+            ) -> optax.GradientTransformationExtraArgs:
+  """A transformation that routes each leaf to ``txs[group]``, its rule's
+  value (-1: frozen), on the shared skeleton.
+
+  ``shown(group)`` is the value ``describe`` shows for a leaf of ``group``;
+  ``pack`` and ``unpack`` make the state from the inner states and back.
+  """
+
+  def init(res: Resolution, params: list[Any]) -> Any:
+    groups = tuple(res.values)
+    plan = _core.Plan.of(kind, res, values=[shown(g) for g in groups],
+                         groups=groups, group_names=names)
     states = []
-    param_leaves = self.flatten(params)
     for k, tx in enumerate(txs):
       try:
-        states.append(tx.init(self.mask(param_leaves, k)))
-      except _rules.RuleError as e:
+        states.append(tx.init(_masked(res.treedef, params, groups, k)))
+      except _diagnostics.RuleError as e:
         # A rule set inside sees the group's leaves only: say so.
-        n = sum(g == k for g in self.groups)
-        raise _rules.RuleError(
+        raise _diagnostics.RuleError(
             f"{e}\n\n(This rule set belongs to the optimizer of {names[k]}, "
-            f"which sees only its {n} parameter(s); the other parameters are "
-            "hidden from it, so its rules must not name them. Pass "
-            "strict=False to a rule set shared with other groups.)",
-            unmatched=e.unmatched, unused=e.unused,
+            f"which sees only its {len(plan.members(k))} parameter(s); the "
+            "other parameters are hidden from it, so its rules must not "
+            "name them. Pass strict=False to a rule set shared with other "
+            "groups.)", unmatched=e.unmatched, unused=e.unused,
             shadowed=e.shadowed) from None
-    return tuple(states)
+    return pack(tuple(states), plan)
 
-  def update(self, txs: Sequence[Any], updates: Any, states: Sequence[Any],
-             params: Any, extra_args: Mapping[str, Any]) -> tuple[Any, Any]:
-    leaves = self.treedef.flatten_up_to(updates)  # a None tree has none
-    param_leaves = self.flatten(params)
-    out: list[Any] = [None] * len(leaves)
+  def update(step: _core.Step, state: Any) -> tuple[list[Any], Any]:
+    plan = step.plan
+    assert plan.groups is not None
+    out: list[Any] = [None] * len(step.updates)
     new_states = []
-    for k, (tx, state) in enumerate(zip(txs, states)):
-      members = [i for i, g in enumerate(self.groups) if g == k]
+    for k, (tx, inner) in enumerate(zip(txs, unpack(state))):
+      members = plan.members(k)
       new_updates, new_state = tx.update(
-          self.mask(leaves, k), state, self.mask(param_leaves, k),
-          **extra_args)
+          _masked(step.treedef, step.updates, plan.groups, k), inner,
+          _masked(step.treedef, step.params, plan.groups, k), **step.extra)
       new_leaves = jax.tree_util.tree_leaves(new_updates)
       if len(new_leaves) != len(members):
         raise ValueError(
-            f"The transformation of group {k} returned {len(new_leaves)} "
-            f"updates for {len(members)} parameters; a transformation must "
-            "keep the structure of the updates it is given.")
+            f"{fn}: the transformation of group {names[k]} returned "
+            f"{len(new_leaves)} updates for {len(members)} parameters; a "
+            "transformation must keep the structure of the updates it is "
+            "given.")
       for i, u in zip(members, new_leaves):
         out[i] = u
       new_states.append(new_state)
-    for i, g in enumerate(self.groups):
+    for i, g in enumerate(plan.groups):
       if g < 0:  # frozen: exactly zero, whatever the gradient (NaN included)
-        out[i] = _zero_like(leaves[i])
-    return self.treedef.unflatten(out), tuple(new_states)
+        out[i] = _zero_like(step.updates[i])
+    return out, pack(tuple(new_states), plan)
+
+  return _core.ruled(fn, rule_set, default=default, strict=strict,
+                     init=init, update=update)
 
 
 # ---------------------------------------------------------------- partition
 
 
 def partition(
-    rules: _rules.Rules,
+    rules: Rules[Transformation],
     *,
-    default: Any = _rules.MISSING,
+    default: Transformation = MISSING,
     strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Sends each parameter group to its own optimizer; ``None`` freezes.
@@ -215,75 +226,56 @@ def partition(
     >>> tx = lw.partition({lw.ndim_at_least(2): optax.sgd(0.1, momentum=0.9),
     ...                    "**": optax.adam(1e-3)})
   """
-  given = _rules.RuleSet(rules, what="optimizer")
+  fn = "lw.partition"
+  given = RuleSet(rules, what="optimizer")
   txs: list[Any] = []
   names: list[str] = []
   index: dict[int, int] = {}
-  rule_group: list[int] = []
 
   def group_of(value: Any, text: str) -> int:
     if value is None:
       return -1
-    tx = _rules.as_transformation(value)
+    tx = _validate.as_transformation(value)
     if tx is None:
       raise TypeError(
-          f"Rule {text} of lw.partition has value {value!r} "
-          f"({type(value).__name__}); each value must be an optax "
-          "transformation (optax.adam(1e-3), optax.chain(...)) or None to "
-          "freeze the leaves." + (" Call the factory: optax.adam(1e-3), not "
-                                  "optax.adam." if callable(value) else ""))
+          f"{fn}: {text} has value {value!r} ({type(value).__name__}); each "
+          "value must be an optax transformation (optax.adam(1e-3), "
+          "optax.chain(...)) or None to freeze the leaves."
+          + (" Call the factory: optax.adam(1e-3), not optax.adam."
+             if callable(value) else ""))
     if id(value) not in index:
       index[id(value)] = len(txs)
       txs.append(tx)
-      names.append(text)
+      names.append(text.removeprefix("rule "))
     return index[id(value)]
 
-  for c, v in zip(given.selectors, given.values):
-    rule_group.append(group_of(v, c.text))
-  rule_set = _rules.RuleSet(list(zip(given.selectors, rule_group)),
-                            what="optimizer")
-  if default is not _rules.MISSING:
+  rule_set = given.map_values(lambda v, text: group_of(v, f"rule {text}"))
+  if default is not MISSING:
     default = group_of(default, "default")
-
-  def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
-    res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _Routes(res.values, res.treedef, "lw.partition")
-
-  def static(res: _rules.Resolution) -> _rules.StaticRules:
-    return _rules.StaticRules.from_resolution(
-        "group", res, [FROZEN if g < 0 else names[g] for g in res.values])
-
-  def init_fn(params):
-    res, routes = resolve(params)
-    return PartitionState(routes.init(txs, params, names), static(res))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    state.rules.check_tree("lw.partition", updates)
-    res, routes = resolve(updates)
-    new_updates, inner = routes.update(txs, updates, state.inner_states,
-                                       params, extra_args)
-    return new_updates, PartitionState(inner, state.rules)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _routed(
+      fn, rule_set, default=default, strict=strict, txs=txs, names=names,
+      kind="group", shown=lambda g: FROZEN if g < 0 else names[g],
+      pack=lambda states, plan: PartitionState(states, plan),
+      unpack=lambda state: state.inner_states)
 
 
 # ------------------------------------------------------ freeze / stop_gradient
 
 
-def _frozen_rules(fn: str, frozen: Any) -> tuple[_rules.RuleSet, Any]:
+def _frozen_rules(fn: str, frozen: Any) -> tuple[RuleSet, Any]:
   """``frozen`` as a rule set of bools, and its default."""
-  return _rules.flag_rules(fn, frozen, what="frozen flag",
-                           meaning="True (frozen) or False (trained)")
+  return flag_rules(fn, frozen, what="frozen flag",
+                    meaning="True (frozen) or False (trained)")
 
 
 @functools.lru_cache(maxsize=32)
-def _stop_gradient_rules(frozen: Any) -> tuple[_rules.RuleSet, Any]:
+def _stop_gradient_rules(frozen: Any) -> tuple[RuleSet, Any]:
   return _frozen_rules("lw.stop_gradient", frozen)
 
 
 def freeze(
     inner: optax.GradientTransformation,
-    frozen: Any,
+    frozen: FrozenLike,
     *,
     strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -330,36 +322,27 @@ def freeze(
     >>> sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # 2 moments of head/w
     20
   """
-  tx = _rules.as_transformation(inner)
+  fn = "lw.freeze"
+  tx = _validate.as_transformation(inner)
   if tx is None:
     raise TypeError(
-        f"lw.freeze wraps an optax transformation, got "
-        f"{type(inner).__name__}; call lw.freeze(optax.adam(...), frozen).")
-  rule_set, default = _frozen_rules("lw.freeze", frozen)
-  txs = [tx]
-
-  def resolve(tree: Any) -> tuple[_rules.Resolution, _Routes]:
-    res = rule_set.resolve(tree, default=default, strict=strict)
-    return res, _Routes([-1 if f else 0 for f in res.values], res.treedef,
-                        "lw.freeze")
-
-  def init_fn(params):
-    res, routes = resolve(params)
-    (inner_state,) = routes.init(txs, params, ["the trainable leaves"])
-    return FreezeState(inner_state,
-                       _rules.StaticRules.from_resolution("frozen", res))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    state.rules.check_tree("lw.freeze", updates)
-    res, routes = resolve(updates)
-    new_updates, (inner_state,) = routes.update(
-        txs, updates, (state.inner_state,), params, extra_args)
-    return new_updates, FreezeState(inner_state, state.rules)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+        f"{fn} wraps an optax transformation, got {type(inner).__name__}; "
+        "call lw.freeze(optax.adam(...), frozen).")
+  flags, default = _frozen_rules(fn, frozen)
+  # freeze(inner, frozen) is partition({frozen: None, "**": inner}), with
+  # the flags as the values describe shows.
+  rule_set = flags.map_values(lambda frozen, text: -1 if frozen else 0)
+  if default is not MISSING:
+    default = -1 if default else 0
+  return _routed(
+      fn, rule_set, default=default, strict=strict, txs=[tx],
+      names=["the trainable leaves"], kind="frozen", shown=lambda g: g < 0,
+      pack=lambda states, plan: FreezeState(states[0], plan),
+      unpack=lambda state: (state.inner_state,))
 
 
-def stop_gradient(params: Any, frozen: Any, *, strict: bool = True) -> Any:
+def stop_gradient(params: Any, frozen: FrozenLike, *,
+                  strict: bool = True) -> Any:
   """``params`` with ``jax.lax.stop_gradient`` on the frozen leaves.
 
   Call it on the params inside the loss function: the frozen leaves then

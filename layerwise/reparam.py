@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from layerwise import _rules
+from layerwise import _core, _validate
+from layerwise._resolve import MISSING, Resolution, Rules, RuleSet, paths_and_specs
+from layerwise._selectors import Selector
 
 __all__ = ["ReparameterizeState", "equivalent_multipliers",
            "equivalent_scales", "mup_scales", "reparameterize"]
@@ -41,9 +43,9 @@ __all__ = ["ReparameterizeState", "equivalent_multipliers",
 
 def _number(fn: str, name: str, value: Any) -> float:
   """A scale (or multiplier): a finite number > 0."""
-  return _rules.positive(
-      fn, name, value,
-      zero_hint=" (lam = 0 would make theta a constant; to freeze leaves, "
+  return _validate.bounded(
+      fn, name, value, low=0.0, low_open=True,
+      zero_advice=" (lam = 0 would make theta a constant; to freeze leaves, "
       "use lw.freeze)",
       schedule_hint=" A reparameterization scale is a constant of the "
       "model's parametrization; for a rate that changes over training, chain "
@@ -62,14 +64,14 @@ class ReparameterizeState(NamedTuple):
     rules: static metadata: each leaf's path, rule and ``lam``.
   """
   inner_state: Any
-  rules: _rules.StaticRules
+  rules: _core.Plan
 
 
 def reparameterize(
     inner: optax.GradientTransformation,
-    scales: _rules.Rules,
+    scales: Rules[float],
     *,
-    default: Any = _rules.MISSING,
+    default: float = MISSING,
     strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trains each parameter as if the model were written ``theta = lam * phi``.
@@ -168,65 +170,47 @@ def reparameterize(
     2022 (the equivalences between parametrizations and learning rates).
   """
   fn = "lw.reparameterize"
-  tx = _rules.as_transformation(inner)
-  if tx is None:
-    raise TypeError(
-        f"{fn}: inner must be an optax transformation (such as "
-        f"optax.adam(1e-3)), got {type(inner).__name__} {inner!r}.")
-  rule_set = _rules.RuleSet(scales, what="scale").map_values(
+  tx = _validate.transformation(fn, inner)
+  rule_set = RuleSet(scales, what="scale").map_values(
       lambda v, text: _number(fn, f"the scale of rule {text}", v))
-  if default is not _rules.MISSING:
+  if default is not MISSING:
     default = _number(fn, "default", default)
-
-  def resolve(tree):
-    return rule_set.resolve(tree, default=default, strict=strict)
 
   def to_phi(leaves, lams, op):
     return [x if lam == 1.0 else op(x, lam)
             for x, lam in zip(leaves, lams)]
 
-  def init_fn(params):
-    res = resolve(params)
-    for path, spec, lam in zip(res.paths, res.specs, res.values):
-      if lam != 1.0 and not jnp.issubdtype(spec.dtype, jnp.inexact):
-        raise TypeError(
-            f"{fn}: parameter {path!r} has dtype {spec.dtype} and scale "
-            f"{lam}; only floating point leaves can be reparameterized. Give "
-            "it the scale 1.0 (or freeze it with lw.freeze).")
-    leaves = res.treedef.flatten_up_to(params)
-    phi = res.treedef.unflatten(to_phi(leaves, res.values, _divide))
-    return ReparameterizeState(
-        inner_state=tx.init(phi),
-        rules=_rules.StaticRules.from_resolution("lam", res))
+  def init(res: Resolution, params: list[Any]) -> ReparameterizeState:
+    _validate.check_dtypes(
+        fn, res.paths, res.specs, res.values,
+        [res.rule_text(i) for i in range(len(res.paths))], what="scale",
+        neutral=1.0, verb="be reparameterized")
+    phi = res.treedef.unflatten(to_phi(params, res.values, _divide))
+    return ReparameterizeState(inner_state=tx.init(phi),
+                               rules=_core.Plan.of("lam", res))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    leaves, _ = state.rules.check_tree(fn, updates)
-    res = resolve(updates)
-    lams = state.rules.values
-    g_phi = res.treedef.unflatten(
-        to_phi(leaves, lams, lambda g, lam: g * lam))
-    p_phi = None
-    if params is not None:
-      p_phi = res.treedef.unflatten(
-          to_phi(_rules.flatten_like(fn, res.treedef, params), lams,
-                 _divide))
+  def update(step: _core.Step, state: ReparameterizeState
+             ) -> tuple[list[Any], ReparameterizeState]:
+    lams = step.plan.values
+    g_phi = step.treedef.unflatten(
+        to_phi(step.updates, lams, lambda g, lam: g * lam))
+    p_phi = (None if step.params is None else
+             step.treedef.unflatten(to_phi(step.params, lams, _divide)))
     try:
       u_phi, inner_state = tx.update(g_phi, state.inner_state, p_phi,
-                                     **extra_args)
+                                     **step.extra)
     except ValueError as e:
-      if (params is not None or isinstance(e, _rules.RuleError)
-          or "param" not in str(e)):
+      if step.params is not None or not _validate.is_missing_params(e):
         raise
-      raise ValueError(
-          f"{fn}: the inner optimizer failed without params ({e}). Call "
-          "tx.update(updates, state, params): the wrapper gives the inner "
-          "optimizer the params in phi-space (theta / lam).") from e
-    out = res.treedef.flatten_up_to(u_phi)
-    out = to_phi(out, lams, lambda u, lam: u * lam)
-    return (res.treedef.unflatten(out),
+      raise _validate.missing_params(
+          fn, "the inner optimizer",
+          "the wrapper gives it the params in phi-space, theta / lam") from e
+    out = step.treedef.flatten_up_to(u_phi)
+    return (to_phi(out, lams, lambda u, lam: u * lam),
             state._replace(inner_state=inner_state))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _core.ruled(fn, rule_set, default=default, strict=strict, init=init,
+                     update=update)
 
 
 def _divide(x: Any, lam: float) -> Any:
@@ -286,7 +270,7 @@ def _map_values(fn: str, rules: Any, what: str, f: Any) -> Any:
   if not isinstance(rules, (Mapping, Sequence)) or isinstance(rules,
                                                               (str, bytes)):
     return f(_number(fn, what, rules))
-  rule_set = _rules.RuleSet(rules, what=what).map_values(
+  rule_set = RuleSet(rules, what=what).map_values(
       lambda v, text: f(_number(fn, f"the {what} of rule {text}", v)))
   if isinstance(rules, Mapping):
     return dict(zip(rules.keys(), rule_set.values))
@@ -430,8 +414,8 @@ def mup_scales(
     optimizer: str = "adam",
     *,
     layout: str = "in_out",
-    override: _rules.Rules | None = None,
-) -> list[tuple[_rules.Selector, float]]:
+    override: Rules[float] | None = None,
+) -> list[tuple[Selector, float]]:
   r"""Per-layer learning-rate multipliers of the maximal-update parametrization.
 
   muP (Yang et al., Tensor Programs V) lets the learning rate tuned on a
@@ -534,8 +518,8 @@ def mup_scales(
   if layout not in _LAYOUTS:
     raise ValueError(f"{fn}: layout must be 'in_out' (Flax kernels) or "
                      f"'out_in' (PyTorch, Equinox), got {layout!r}.")
-  base_paths, base_specs, _ = _rules.paths_and_specs(base_params)
-  paths, specs, _ = _rules.paths_and_specs(params)
+  base_paths, base_specs, _ = paths_and_specs(base_params)
+  paths, specs, _ = paths_and_specs(params)
   if base_paths != paths:
     missing = sorted(set(paths) - set(base_paths))
     extra = sorted(set(base_paths) - set(paths))
@@ -549,7 +533,7 @@ def mup_scales(
   rules: list[tuple[Any, float]] = []
   overridden = [False] * len(paths)
   if override is not None:
-    checked = _rules.RuleSet(override, what="multiplier").map_values(
+    checked = RuleSet(override, what="multiplier").map_values(
         lambda v, text: _number(fn, f"the override of rule {text}", v))
     res = checked.resolve(params, default=None)
     overridden = [r >= 0 for r in res.rule_index]
@@ -566,7 +550,7 @@ def mup_scales(
   order = {"hidden": 0, "vector-like": 1, "fixed": 2}
   for kind, m in sorted(groups, key=lambda g: (order[g[0]], -g[1])):
     members = frozenset(groups[kind, m])
-    rules.append((_rules.Selector(lambda path, leaf, members=members:
+    rules.append((Selector(lambda path, leaf, members=members:
                                   path in members, f"muP {kind} (x{m:.4g})"),
                   m))
   return rules

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layerwise import _rules
+from layerwise import _diagnostics
+from layerwise._resolve import flag_rules, paths_and_specs
 
 __all__ = ["TransplantReport", "transplant"]
 
@@ -179,11 +180,11 @@ def transplant(
     ...
   """
   fn = "lw.transplant"
-  rule_set, default = _rules.flag_rules(fn, rules, what="copy flag",
+  rule_set, default = flag_rules(fn, rules, what="copy flag",
                                         meaning="True (copy) or False (keep)")
   res = rule_set.resolve(target, default=default, strict=strict)
   target_leaves = res.treedef.flatten_up_to(target)
-  src_paths, src_specs, src_treedef = _rules.paths_and_specs(source)
+  src_paths, src_specs, src_treedef = paths_and_specs(source)
   src_leaves = src_treedef.flatten_up_to(source)
   by_path = {p: i for i, p in enumerate(src_paths)}
   if rename is not None and not callable(rename):
@@ -218,7 +219,7 @@ def transplant(
 
   absent = []
   for path, src_path in missing if strict else ():
-    near = _rules.close(src_path, src_paths)
+    near = _diagnostics.close(src_path, src_paths)
     shown = path if src_path == path else f"{path} <- {src_path}"
     absent.append(f"{shown!r}" + (
         f"  (closest in source: {', '.join(map(repr, near))})" if near else ""))
@@ -233,7 +234,7 @@ def transplant(
        "Pass cast=True to convert the source values to the target dtypes."),
   ]
   sections = [f"{_leaves(len(lines), verb)} {what}:\n"
-              + "\n".join(_rules.listed(lines)) + "\n" + advice
+              + "\n".join(_diagnostics.listed(lines)) + "\n" + advice
               for lines, verb, what, advice in problems if lines]
   if sections:
     raise ValueError(f"{fn}: " + "\n\n".join(sections))

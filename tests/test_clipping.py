@@ -220,7 +220,7 @@ def test_clip_adaptive_units():
 def test_clip_adaptive_needs_params():
   tx = lw.clip_by_rules({"**": lw.clip_adaptive(0.1)})
   grads = {"w": jnp.ones((2, 2))}
-  with pytest.raises(ValueError, match="needs the parameters"):
+  with pytest.raises(ValueError, match="needs the params"):
     tx.update(grads, tx.init(grads))
 
 

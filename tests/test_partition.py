@@ -157,7 +157,7 @@ def test_extra_args_reach_every_group():
 
 
 def test_partition_errors():
-  with pytest.raises(TypeError, match=r"Rule 'generator/\*\*' of lw.partition "
+  with pytest.raises(TypeError, match=r"lw.partition: rule 'generator/\*\*' "
                      r"has value 0.1 \(float\); each value must be an optax "
                      "transformation"):
     lw.partition({"generator/**": 0.1})

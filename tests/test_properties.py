@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import layerwise as lw
 from conftest import reference_glob
-from layerwise import _rules
+from layerwise import _resolve, _selectors
 
 
 def cfg(n):
@@ -432,7 +432,7 @@ def test_resolution_is_total_and_deterministic(data):
   # are distinct, a RuleSet), on other values, on ShapeDtypeStructs.
   assert lw.resolve(rules, tree, strict=False) == out
   assert lw.resolve(list(rules), materialize(skeleton, 1), strict=False) == out
-  assert lw.resolve(_rules.RuleSet(_rules.RuleSet(rules)), specs_of(tree),
+  assert lw.resolve(_resolve.RuleSet(_resolve.RuleSet(rules)), specs_of(tree),
                     strict=False) == out
   if len({s for s, _ in rules}) == len(rules):
     assert lw.resolve(dict(rules), tree, strict=False) == out
@@ -451,14 +451,14 @@ def test_first_match_wins(data):
   skeleton = data.draw(skeletons)
   cases = data.draw(rule_cases(skeleton))
   values = data.draw(distinct_values(len(cases) + 1))
-  default = data.draw(st.sampled_from((_rules.MISSING, values[-1])))
+  default = data.draw(st.sampled_from((_resolve.MISSING, values[-1])))
   tree = materialize(skeleton, 0)
   leaf_list = ref_leaves(skeleton)
-  rule_set = _rules.RuleSet([(c.selector, v) for c, v in zip(cases, values)])
+  rule_set = _resolve.RuleSet([(c.selector, v) for c, v in zip(cases, values)])
 
   def check(tree, leaf_list):
     winner, matches = reference(cases, leaf_list)
-    fallback = None if default is _rules.MISSING else default
+    fallback = None if default is _resolve.MISSING else default
     expected = [fallback if r is None else values[r] for r in winner]
     res = rule_set.resolve(tree, default=default, strict=False)
     assert flat_up_to(tree, res.tree()) == expected
@@ -466,7 +466,7 @@ def test_first_match_wins(data):
     assert list(res.paths) == [p for p, _ in leaf_list]
     # strict=True raises exactly for the documented mistakes, naming them.
     unmatched = ([p for (p, _), r in zip(leaf_list, winner) if r is None]
-                 if default is _rules.MISSING else [])
+                 if default is _resolve.MISSING else [])
     unused = [c.text for c, m in zip(cases, matches) if not m]
     shadowed = [c.text for r, (c, m) in enumerate(zip(cases, matches))
                 if m and all(winner[i] != r for i in m)]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import layerwise as lw
 from conftest import reference_glob
-from layerwise import _rules
+from layerwise import _resolve, _selectors
 
 
 def spec(*shape, dtype="float32"):
@@ -21,7 +21,7 @@ def spec(*shape, dtype="float32"):
 
 
 def glob_matches(pattern, path):
-  return _rules.compile_selector(pattern).match(path, spec())
+  return _selectors.compile_selector(pattern).match(path, spec())
 
 
 # A tree shaped like a small transformer, used throughout.
@@ -83,7 +83,7 @@ def test_glob_semantics(pattern, path, expected):
 ])
 def test_bad_globs(pattern, message):
   with pytest.raises(ValueError, match=re.escape(message)):
-    _rules.compile_selector(pattern)
+    _selectors.compile_selector(pattern)
 
 
 segment = st.text(alphabet="abc_01", min_size=1, max_size=4)
@@ -124,7 +124,7 @@ def test_callable_sees_shape_and_dtype_never_values():
 
 
 def test_callable_under_jit_sees_same_specs():
-  rule_set = _rules.RuleSet({lw.ndim_at_most(1): 0.0, "**": 1.0})
+  rule_set = _resolve.RuleSet({lw.ndim_at_most(1): 0.0, "**": 1.0})
   params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
 
   @jax.jit
@@ -260,7 +260,7 @@ def test_matching_is_cached_per_structure():
     calls.append(path)
     return True
 
-  rule_set = _rules.RuleSet({selector: 1.0})
+  rule_set = _resolve.RuleSet({selector: 1.0})
   m1 = rule_set.match({"a": jnp.ones(2), "b": jnp.ones(3)})
   m2 = rule_set.match({"a": jnp.zeros(2), "b": jnp.zeros(3)})  # new values
   assert m1 is m2 and calls == ["a", "b"]

@@ -205,7 +205,7 @@ def test_weight_decay_keeps_dtype(dtype):
 
 def test_weight_decay_errors():
   with pytest.raises(ValueError, match=re.escape(
-      "Rule 'head/**' has weight decay -0.1; a weight decay must be finite")):
+      "rule 'head/**' has weight decay -0.1; a weight decay must be finite")):
     lw.add_decayed_weights({"head/**": -0.1, "**": 0.0})
   with pytest.raises(TypeError, match="has weight decay True"):
     lw.add_decayed_weights({"**": True})
@@ -329,7 +329,7 @@ def test_abstract_init_and_state_layout():
     (None, TypeError, "is a number or a schedule"),
 ])
 def test_bad_multipliers(value, error, message):
-  with pytest.raises(error, match=re.escape("Rule 'head/**' has multiplier")
+  with pytest.raises(error, match=re.escape("rule 'head/**' has multiplier")
                      + ".*" + re.escape(message)):
     lw.scale_by_rules({"head/**": value, "**": 1.0})
 
@@ -345,7 +345,7 @@ def test_default_multiplier():
   tx = lw.scale_by_rules({"a": 0.5}, default=1.0)
   updates, _ = tx.update(params, tx.init(params))
   np.testing.assert_array_equal(updates["b"], np.ones(2))
-  with pytest.raises(ValueError, match="Rule default has multiplier -1"):
+  with pytest.raises(ValueError, match="default has multiplier -1"):
     lw.scale_by_rules({"a": 0.5}, default=-1)
 
 

@@ -1,4 +1,4 @@
-"""Tests for layer_decay and discriminative (layerwise/scaling.py).
+"""Tests for layer_decay and discriminative (layerwise/layer_rates.py).
 
 Values are compared exactly against references written here from the
 sources: timm's layer-wise decay and fastai's discriminative rates.
@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import layerwise as lw
-from layerwise import scaling
+from layerwise import _resolve, layer_rates
 
 layer_decay, discriminative = lw.layer_decay, lw.discriminative
 
@@ -161,7 +161,7 @@ SCALE_OPTIONS = [
 @pytest.mark.parametrize("decay", [0.65, 0.75])
 @pytest.mark.parametrize("options", SCALE_OPTIONS)
 @pytest.mark.parametrize("block", [
-    scaling.DEFAULT_BLOCK, r"^blocks_(\d+)/", re.compile(r"blocks_(\d+)")])
+    layer_rates.DEFAULT_BLOCK, r"^blocks_(\d+)/", re.compile(r"blocks_(\d+)")])
 def test_vit_matches_timm(decay, options, block):
   params = vit_params()
   got = resolved(layer_decay(decay, params, block=block, **options), params)
@@ -172,7 +172,7 @@ def test_vit_matches_timm(decay, options, block):
 @pytest.mark.parametrize("decay", [0.65, 0.75])
 @pytest.mark.parametrize("options", SCALE_OPTIONS)
 @pytest.mark.parametrize("block", [
-    scaling.DEFAULT_BLOCK, r"^encoder/layer_(\d+)/"])
+    layer_rates.DEFAULT_BLOCK, r"^encoder/layer_(\d+)/"])
 def test_bert_matches_timm(decay, options, block):
   params = bert_params()
   got = resolved(layer_decay(decay, params, block=block, **options), params)
@@ -287,7 +287,7 @@ def test_rule_set_is_strict_and_one_rule_per_depth():
 
 def test_rules_resolve_under_jit():
   params = vit_params(depth=2)
-  rule_set = lw._rules.RuleSet(layer_decay(0.5, params))  # pylint: disable=protected-access
+  rule_set = _resolve.RuleSet(layer_decay(0.5, params))
 
   @jax.jit
   def scaled(p):
@@ -348,7 +348,7 @@ def test_decay_accepts_numpy_and_jax_scalars():
     ({"min_scale": -0.1}, r"min_scale must be in \[0, 1\], got -0\.1\. It is "
      "a floor on the multipliers"),
     ({"min_scale": 2.0}, r"min_scale must be in \[0, 1\], got 2\.0"),
-    ({"freeze_below": 1.5}, r"freeze_below must be in \[0, 1\] or None, got "
+    ({"freeze_below": 1.5}, r"freeze_below must be in \[0, 1\], got "
      r"1\.5\. Depths whose multiplier is below it are frozen"),
     ({"freeze_below": math.nan}, r"freeze_below must be in \[0, 1\]"),
 ])
@@ -394,7 +394,7 @@ def test_no_block_found():
     layer_decay(0.65, params)
   msg = str(info.value)
   assert msg.startswith(
-      "layer_decay found no block: the block pattern "
+      "lw.layer_decay found no block: the block pattern "
       r"r'(?:^|/)(?:layers|blocks|layer|block|h)[_/](\d+)(?:/|$)' ")
   assert ("matches none of the 3 parameter paths outside the head "
           "('dense/kernel', 'embed', 'head/w')") in msg
@@ -408,8 +408,8 @@ def test_two_stacks_are_an_error():
   with pytest.raises(ValueError) as info:
     layer_decay(0.65, params)
   msg = str(info.value)
-  assert msg.startswith("layer_decay needs one stack of blocks, but the block "
-                        "pattern")
+  assert msg.startswith("lw.layer_decay needs one stack of blocks, but the "
+                        "block pattern")
   assert ("finds 2: 'decoder/layers_*' (1 block, e.g. 'decoder/layers_0/w'); "
           "'encoder/layers_*' (2 blocks, e.g. 'encoder/layers_0/w')") in msg
   assert "Anchor the pattern to the stack whose depth should decay" in msg
@@ -425,8 +425,8 @@ def test_no_head_found():
   with pytest.raises(ValueError) as info:
     layer_decay(0.65, params)
   msg = str(info.value)
-  assert msg.startswith("layer_decay found no head: no parameter matches "
-                        "head=any_of('**/head/**', ")
+  assert msg.startswith("lw.layer_decay found no head: no parameter "
+                        "matches head=any_of('**/head/**', ")
   assert "head='classifier/**'" in msg and "head=None" in msg
   with pytest.raises(ValueError, match=r"no parameter matches head='haed/\*\*'"):
     layer_decay(0.65, params, head="haed/**")

@@ -1,0 +1,440 @@
+"""The one skeleton every ruled transformation is written on, and the state protocol.
+
+A *ruled transformation* resolves a rule set against the params at ``init``
+and keeps what it found, a :class:`Plan`, as static metadata in its state. At
+every ``update`` the skeleton (:func:`ruled`) checks the updates against the
+plan, once per tree structure, flattens the params like the updates, raises
+the one "needs the params" error when they are missing, and hands the
+transformation a :class:`Step`: the plan, the update leaves and the param
+leaves, in the plan's order. A transformation only says what it does to the
+leaves; nothing is matched under ``jit``.
+
+Every layerwise state is a ``NamedTuple`` with a ``rules`` field holding its
+plan, and answers one protocol, which :func:`layerwise.describe`,
+:func:`layerwise.norms` and :func:`layerwise.set_scale` use instead of any
+state's field names:
+
+* ``live() -> {name: Live}``: the hyperparameters it holds as arrays, each a
+  float32 vector with one entry per leaf or per group of the plan
+  (``"scale"`` for the multipliers of :func:`layerwise.scale_by_rules`);
+* ``replace_live(name, vector)``: the state with a new vector;
+* ``measured() -> {name: vector}``: what the last update measured, one entry
+  per group (the norms and scales of :func:`layerwise.clip_by_rules`);
+* ``metrics() -> [(key, scalar)]``: the same, named for a metrics logger.
+
+A state implements the methods it has values for; :func:`live_of`,
+:func:`measured_of` and :func:`metrics_of` read any state, giving nothing for
+a method it does not define.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from layerwise import _diagnostics, _paths, _validate
+from layerwise._resolve import Resolution, RuleSet
+from layerwise._selectors import SelectorLike, compile_selector
+
+__all__: list[str] = []
+
+# ---------------------------------------------------------------- the plan
+
+
+class Plan:
+  """What a layerwise state knows about its rules: static pytree metadata.
+
+  A plan is a pytree node with no children: it travels inside optimizer
+  states (through ``jit``, ``jax.eval_shape``, checkpoints of the arrays)
+  without being an array, so :func:`layerwise.describe` and
+  :func:`layerwise.set_scale` can read which rule each leaf got from the
+  state alone. It is immutable; jit compares it on every call, so its hash
+  is computed once.
+
+  Attributes:
+    kind: what the rules set (``"scale"``, ``"clip"``, ...); the column name
+      in ``describe``.
+    paths: each leaf's path, in flattening order.
+    shapes: each leaf's shape.
+    dtypes: each leaf's dtype name.
+    rule_texts: the selector each leaf matched, as shown to users
+      (``"(default)"`` for the default).
+    values: the value each leaf got, as given in the rules.
+    groups: each leaf's group, an index into ``group_names`` (-1: in none),
+      for transformations that act on groups of leaves (clipping, norms,
+      optimizer groups); ``None`` for those that act leaf by leaf.
+    group_names: the groups' names, in the order of the state's vectors.
+    layout: the transformation's own static layout (for clipping, where
+      each group's statistics are kept), hashable.
+  """
+
+  __slots__ = ("kind", "paths", "shapes", "dtypes", "rule_texts", "values",
+               "groups", "group_names", "layout", "_hash", "_members",
+               "_treedefs")
+
+  def __init__(self, kind: str, paths: Sequence[str],
+               shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str],
+               rule_texts: Sequence[str], values: Sequence[Any],
+               groups: Sequence[int] | None = None,
+               group_names: Sequence[str] = (), layout: Any = ()):
+    set_ = object.__setattr__
+    set_(self, "kind", kind)
+    set_(self, "paths", tuple(paths))
+    set_(self, "shapes", tuple(tuple(s) for s in shapes))
+    set_(self, "dtypes", tuple(dtypes))
+    set_(self, "rule_texts", tuple(rule_texts))
+    set_(self, "values", tuple(values))
+    set_(self, "groups", None if groups is None else tuple(groups))
+    set_(self, "group_names", tuple(group_names))
+    set_(self, "layout", layout)
+    # Values need not be hashable (hash what is); equality compares all.
+    set_(self, "_hash", hash((kind, self.paths, self.shapes, self.dtypes,
+                              self.rule_texts, self.groups, self.group_names,
+                              layout)))
+    set_(self, "_members", None)
+    # The update structures already checked against the paths (a cache of
+    # the check, not part of the plan's identity).
+    set_(self, "_treedefs", set())
+
+  @classmethod
+  def of(cls, kind: str, res: Resolution, *, values: Sequence[Any] | None = None,
+         groups: Sequence[int] | None = None, group_names: Sequence[str] = (),
+         layout: Any = ()) -> "Plan":
+    """The plan of a resolution; ``values`` replaces the rules' values."""
+    return cls(kind, res.paths, [s.shape for s in res.specs],
+               [str(s.dtype) for s in res.specs],
+               [res.rule_text(i) for i in range(len(res.paths))],
+               res.values if values is None else values, groups, group_names,
+               layout)
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise AttributeError("a Plan is immutable")
+
+  def _key(self) -> tuple[Any, ...]:
+    return (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
+            self.values, self.groups, self.group_names, self.layout)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: Any) -> bool:
+    if self is other:
+      return True
+    if not isinstance(other, Plan):
+      return NotImplemented
+    return self._hash == other._hash and self._key() == other._key()
+
+  def __reduce__(self) -> tuple[Any, ...]:
+    return (Plan, self._key())
+
+  def __repr__(self) -> str:
+    return f"Plan({self.kind!r}, {len(self.paths)} leaves)"
+
+  # Reading ---------------------------------------------------------------
+
+  def specs(self) -> list[jax.ShapeDtypeStruct]:
+    """Each leaf's shape and dtype."""
+    return [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes,
+                                                       self.dtypes)]
+
+  def members(self, group: int) -> tuple[int, ...]:
+    """The indices of the leaves in ``group``, in leaf order."""
+    if self._members is None:
+      members: list[list[int]] = [[] for _ in self.group_names]
+      for i, g in enumerate(self.groups or ()):
+        if g >= 0:
+          members[g].append(i)
+      object.__setattr__(self, "_members", tuple(map(tuple, members)))
+    return self._members[group]
+
+  def select(self, selector: SelectorLike) -> list[int]:
+    """The indices of the leaves ``selector`` matches."""
+    c = compile_selector(selector)
+    return [i for i, (p, s) in enumerate(zip(self.paths, self.specs()))
+            if c.match(p, s)]
+
+  # Checking trees against the plan ---------------------------------------
+
+  def check_tree(self, fn: str, tree: Any) -> tuple[list[Any], Any]:
+    """``tree``'s leaves and treedef, after checking that its paths and
+    shapes are those at init (paths are built once per treedef)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if treedef not in self._treedefs:
+      paths = tuple(_paths.flatten_with_paths(tree)[0])
+      if paths != self.paths:
+        raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
+      self._treedefs.add(treedef)
+    shapes = tuple(tuple(np.shape(x)) for x in leaves)
+    if shapes != self.shapes:
+      raise _diagnostics.structure_error(fn, self.paths, self.paths,
+                                         self.shapes, shapes)
+    return leaves, treedef
+
+
+jax.tree_util.register_pytree_node(Plan, lambda p: ((), p), lambda aux, _: aux)
+
+
+def flatten_like(fn: str, treedef: Any, tree: Any,
+                 what: str = "params") -> list[Any]:
+  """``treedef.flatten_up_to(tree)``, with an error that says what to pass
+  when ``tree`` (the params, usually) has another structure."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    theirs = _paths.flatten_with_paths(tree)[0] if tree is not None else []
+    ours = _paths.flatten_with_paths(treedef.unflatten(
+        [0] * treedef.num_leaves))[0]
+    raise _diagnostics.other_tree_error(fn, ours, theirs, what,
+                                        str(e)) from None
+
+
+# ------------------------------------------------------------ the skeleton
+
+
+class Step(NamedTuple):
+  """What a ruled transformation's ``update`` is given, in the plan's order.
+
+  Attributes:
+    plan: the state's plan.
+    updates: the update leaves.
+    params: the param leaves, or ``None`` if ``update`` got no params.
+    treedef: the updates' structure.
+    extra: the extra keyword arguments of ``update`` (``optax.chain`` passes
+      them to every transformation).
+  """
+  plan: Plan
+  updates: list[Any]
+  params: list[Any] | None
+  treedef: Any
+  extra: dict[str, Any]
+
+
+def ruled(
+    fn: str,
+    rule_set: RuleSet,
+    *,
+    default: Any,
+    strict: bool,
+    init: Callable[[Resolution, list[Any]], Any],
+    update: Callable[[Step, Any], tuple[list[Any], Any]],
+    needs_params: Callable[[Plan], str | None] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """A ruled transformation: resolve at init, check and hand over at update.
+
+  Args:
+    fn: the public name, as errors show it (``"lw.scale_by_rules"``).
+    rule_set: the (checked) rule set.
+    default: the value of leaves no rule matches (``MISSING``: an error).
+    strict: as in :func:`layerwise.resolve`.
+    init: ``(resolution, param leaves) -> state``; the state's ``rules``
+      field holds the plan made from the resolution.
+    update: ``(step, state) -> (update leaves, new state)``.
+    needs_params: ``plan -> what needs the params`` (a text for the error)
+      or ``None`` when nothing does; ``update`` without params raises then.
+
+  Returns:
+    The ``optax.GradientTransformationExtraArgs``.
+  """
+
+  def init_fn(params: Any) -> Any:
+    res = rule_set.resolve(params, default=default, strict=strict)
+    return init(res, res.treedef.flatten_up_to(params))
+
+  def update_fn(updates: Any, state: Any, params: Any = None,
+                **extra_args: Any) -> tuple[Any, Any]:
+    plan = plan_of(fn, state)
+    leaves, treedef = plan.check_tree(fn, updates)
+    param_leaves = (None if params is None
+                    else flatten_like(fn, treedef, params))
+    if param_leaves is None and needs_params is not None:
+      who = needs_params(plan)
+      if who is not None:
+        raise _validate.missing_params(fn, who)
+    out, new_state = update(Step(plan, leaves, param_leaves, treedef,
+                                 extra_args), state)
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def plan_of(fn: str, state: Any) -> Plan:
+  """The plan of a layerwise state, or an error that says what the state is
+  instead."""
+  plan = getattr(state, "rules", None)
+  if isinstance(plan, Plan):
+    return plan
+  raise TypeError(
+      f"{fn}: the state passed to update is a {type(state).__name__}, not "
+      "the state this transformation's init returned (it has no layerwise "
+      "rules). Pass the state from init, or from the previous update; a "
+      "checkpoint must be restored against a target made from "
+      "jax.eval_shape(tx.init, params) to give the state its structure back.")
+
+
+# ---------------------------------------------------------- the protocol
+
+
+class Live(NamedTuple):
+  """A hyperparameter a state holds as an array.
+
+  Attributes:
+    per: ``"leaf"`` (one entry per path of the plan) or ``"group"`` (one per
+      group name).
+    vector: the float32 vector (possibly in a Flax box, in the state of an
+      ``nnx.Optimizer``).
+  """
+  per: str
+  vector: Any
+
+
+class RuledState(Protocol):
+  """What every layerwise state answers (see the module's docstring)."""
+  rules: Plan
+
+
+def is_ruled(node: Any) -> bool:
+  """Whether ``node`` is a layerwise state (a NamedTuple with a plan)."""
+  return isinstance(getattr(node, "rules", None), Plan) and hasattr(
+      node, "_fields")
+
+
+def find_states(tree: Any) -> list[Any]:
+  """Every layerwise state in ``tree``, in order.
+
+  This finds them in any optax state (chains, ``MultiSteps``,
+  ``inject_hyperparams``, ``partition``, masked states...), also inside one
+  another (a ``scale_by_rules`` state inside an ``lw.partition`` state),
+  outer first.
+  """
+  found = []
+
+  def visit(node: Any) -> bool:
+    # Found states are not leaves: the traversal goes on into them, to the
+    # states of the transformations they wrap (partition, freeze).
+    if is_ruled(node):
+      found.append(node)
+    return False
+
+  jax.tree_util.tree_flatten(tree, is_leaf=visit)
+  return found
+
+
+def live_of(state: Any) -> dict[str, Live]:
+  """The hyperparameters ``state`` holds as arrays (none if it holds none)."""
+  live = getattr(state, "live", None)
+  return dict(live()) if callable(live) else {}
+
+
+def measured_of(state: Any) -> dict[str, Any]:
+  """What the last update measured, per group (nothing if it measures
+  nothing)."""
+  measured = getattr(state, "measured", None)
+  return dict(measured()) if callable(measured) else {}
+
+
+def metrics_of(state: Any) -> list[tuple[str, Any]]:
+  """``(key, scalar)`` pairs of ``state`` for a metrics logger."""
+  metrics = getattr(state, "metrics", None)
+  return list(metrics()) if callable(metrics) else []
+
+
+def entries(vector: Any, n: int) -> list[Any]:
+  """The ``n`` entries of a state vector as scalars."""
+  return list(unboxed(vector)) if n else []
+
+
+def stack(scalars: Sequence[Any], n: int) -> jax.Array:
+  """``n`` scalars as a float32 vector (an empty one for none)."""
+  return (jnp.stack([jnp.asarray(s, jnp.float32) for s in scalars]) if n
+          else jnp.zeros([0], jnp.float32))
+
+
+# --------------------------------------------------- vectors in Flax boxes
+
+
+def unboxed(vector: Any) -> Any:
+  """A state vector, out of the Flax box it may be in (the Variables of an
+  ``nnx.Optimizer``'s state before flax 0.11)."""
+  (leaf,) = jax.tree_util.tree_leaves(vector)
+  return leaf.value if isinstance(leaf, _paths.box_types()) else leaf
+
+
+def reboxed(old: Any, new: Any) -> Any:
+  """``new`` in the box ``old`` is in, if any."""
+  if isinstance(old, _paths.box_types()):
+    return old.replace(value=new)
+  return new
+
+
+def set_entries(vector: Any, indices: Sequence[int], value: Any) -> Any:
+  """``vector`` with ``value`` at ``indices``, kept in its box.
+
+  The new vector is computed from the old one, so that a committed state
+  (restored, sharded) stays committed where it was, and a jitted step takes
+  it without compiling again.
+  """
+  old = unboxed(vector)
+  mask = np.zeros(old.shape, bool)
+  mask[list(indices)] = True
+  return reboxed(vector, jnp.where(mask, jnp.asarray(value, old.dtype), old))
+
+
+def no_state_error(fn: str, what: str, transformation: str) -> ValueError:
+  """The error for a state that holds none of the layerwise states ``fn``
+  changes."""
+  return ValueError(
+      f"{fn}: this optimizer state holds no {transformation} state; chain "
+      f"{transformation}(...) into the optimizer to set {what}.")
+
+
+def unmatched_error(fn: str, selector: SelectorLike,
+                    paths: Sequence[str]) -> ValueError:
+  """The error for a selector that matches no leaf of any state."""
+  c = compile_selector(selector)
+  return ValueError(
+      f"{fn}: selector {c.text} matches no parameter"
+      + _diagnostics.no_match_hint(c.text, c.pattern, paths)
+      + ". Fix the selector: it is matched against the paths of the params "
+      "the state was initialised with (lw.paths(params) lists them).")
+
+
+
+def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
+             value: Any, *, what: str, transformation: str) -> Any:
+  """``opt_state`` with the live value ``name`` set to ``value`` for the
+  leaves ``selector`` picks, in every layerwise state that holds it.
+
+  For a value kept per group, the groups of the picked leaves are set. The
+  new state has the old one's structure, shapes and dtypes, so a jitted step
+  takes it without compiling again.
+  """
+  def holds(node: Any) -> bool:
+    return is_ruled(node) and name in live_of(node)
+
+  states = [s for s in find_states(opt_state) if holds(s)]
+  if not states:
+    raise no_state_error(fn, what, transformation)
+  picked = {}
+  for s in states:
+    indices = s.rules.select(selector)
+    if live_of(s)[name].per == "group":
+      groups = s.rules.groups or ()
+      indices = sorted({groups[i] for i in indices if groups[i] >= 0})
+    picked[id(s)] = indices
+  if not any(picked.values()):
+    raise unmatched_error(fn, selector, [p for s in states
+                                         for p in s.rules.paths])
+
+  def replace(node: Any) -> Any:
+    if not holds(node) or not picked.get(id(node)):
+      return node
+    vector = live_of(node)[name].vector
+    return node.replace_live(name, set_entries(vector, picked[id(node)],
+                                               value))
+
+  return jax.tree_util.tree_map(replace, opt_state, is_leaf=holds)

@@ -1,0 +1,348 @@
+"""Resolution: which rule each leaf of a tree takes, and the public read-outs.
+
+A rule set is an ordered mapping ``{selector: value}`` (a dict, or a list of
+``(selector, value)`` pairs); see :mod:`layerwise._selectors` for the
+selectors. Each leaf takes the value of the first rule that matches it.
+Matching runs in Python on the tree's structure (paths, shapes and dtypes,
+never values), once per structure (it is cached), so under ``jax.jit`` it runs
+at trace time only.
+
+A rule set is checked when it is resolved against a tree: a leaf no rule
+matches, a selector that matches no leaf (a typo) and a rule that matches
+leaves but never wins them (shadowed by earlier rules) are errors that name
+the paths and the closest selectors or paths (:mod:`layerwise._diagnostics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layerwise import _diagnostics, _paths
+from layerwise._selectors import compile_selector
+
+__all__ = ["Rules", "labels", "resolve"]
+
+V = TypeVar("V")
+
+#: A rule set: an ordered mapping ``{selector: value}`` or a sequence of
+#: ``(selector, value)`` pairs; the first rule that matches a leaf wins.
+Rules = Union[Mapping[Any, V], Sequence[tuple[Any, V]], "RuleSet"]
+
+
+class _Missing:
+
+  def __repr__(self) -> str:
+    return "<no default>"
+
+
+#: The ``default`` of a rule set that has none: unmatched leaves are errors.
+MISSING: Any = _Missing()
+
+_CACHE_SIZE = 32
+
+
+def leaf_spec(leaf: Any, path: str) -> jax.ShapeDtypeStruct:
+  """The shape and dtype of a leaf, without reading its values."""
+  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+  if shape is not None and dtype is not None:
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+  try:
+    return jax.ShapeDtypeStruct(np.shape(leaf), jnp.result_type(leaf))
+  except TypeError as e:
+    raise TypeError(
+        f"Parameter {path!r} is a {type(leaf).__name__}, not an array. "
+        "Rules apply to array leaves; keep other values out of the tree "
+        "(or mark them static).") from e
+
+
+def paths_and_specs(tree: Any
+                    ) -> tuple[list[str], list[jax.ShapeDtypeStruct], Any]:
+  """Each leaf's path and shape/dtype (never its values), and the treedef."""
+  path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
+  return (path_strs, [leaf_spec(x, p) for x, p in zip(leaves, path_strs)],
+          treedef)
+
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Match:
+  """Which rules match which leaves of one tree structure (cached)."""
+  treedef: Any
+  paths: tuple[str, ...]
+  specs: tuple[jax.ShapeDtypeStruct, ...]
+  winner: tuple[int, ...]          # first matching rule per leaf, -1 if none
+  matches: tuple[tuple[int, ...], ...]  # per rule: indices of leaves matched
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+  """The outcome of resolving a rule set against one tree structure.
+
+  Attributes:
+    treedef: the tree's structure.
+    paths: each leaf's path, in flattening order.
+    specs: each leaf's shape and dtype.
+    rule_index: the index of the rule each leaf took, -1 for the default
+      (or, with ``strict=False``, for no rule).
+    values: the value each leaf took.
+    rule_texts: every rule's selector as shown to users.
+  """
+  treedef: Any
+  paths: tuple[str, ...]
+  specs: tuple[jax.ShapeDtypeStruct, ...]
+  rule_index: tuple[int, ...]
+  values: tuple[Any, ...]
+  rule_texts: tuple[str, ...]
+
+  def tree(self) -> Any:
+    """The values as a tree with the resolved tree's structure."""
+    return jax.tree_util.tree_unflatten(self.treedef, list(self.values))
+
+  def rule_text(self, i: int) -> str:
+    """How leaf ``i``'s rule is shown."""
+    r = self.rule_index[i]
+    return self.rule_texts[r] if r >= 0 else "(default)"
+
+
+
+class RuleSet:
+  """A compiled rule set: its selectors, values, and a cache of matches.
+
+  Transformations compile their rules once, at construction; resolving the
+  same tree structure again (as ``update`` does at every trace) is a lookup.
+
+  Args:
+    rules: a mapping or a sequence of ``(selector, value)`` pairs, or a
+      ``RuleSet``.
+    what: what the values are, for error messages (``"value"``, ``"label"``).
+  """
+
+  def __init__(self, rules: Rules, *, what: str = "value"):
+    if isinstance(rules, RuleSet):
+      items = list(zip(rules.selectors, rules.values))
+    elif isinstance(rules, Mapping):
+      items = list(rules.items())
+    elif (isinstance(rules, Sequence)
+          and not isinstance(rules, (str, bytes))
+          and not hasattr(rules, "_fields")):  # NamedTuples are not rule sets
+      items = []
+      for i, item in enumerate(rules):
+        if not (isinstance(item, tuple) and len(item) == 2):
+          raise TypeError(
+              f"Rule {i} is {item!r}; a rule set given as a sequence holds "
+              f"(selector, {what}) pairs: write [(selector, {what}), ...] "
+              f"or a dict {{selector: {what}}}.")
+        items.append(item)
+    else:
+      raise TypeError(
+          f"Rules must be a mapping {{selector: {what}}} or a list of "
+          f"(selector, {what}) pairs, got {type(rules).__name__}: {rules!r}."
+          + _diagnostics.rules_hint(rules, what))
+    self.selectors = tuple(compile_selector(s) for s, _ in items)
+    self.values = tuple(v for _, v in items)
+    self.what = what
+    self._cache: dict[Any, Match] = {}
+    self._checked: set[tuple[Match, bool]] = set()
+
+  def map_values(self, fn: Callable[[Any, str], Any]) -> "RuleSet":
+    """The same selectors with values ``fn(value, selector_text)``: the
+    place to check (and convert) a rule set's values, rule by rule."""
+    return RuleSet([(c, fn(v, c.text))
+                    for c, v in zip(self.selectors, self.values)],
+                   what=self.what)
+
+  def __len__(self) -> int:
+    return len(self.selectors)
+
+  def __repr__(self) -> str:
+    body = ", ".join(f"{c.text}: {v!r}"
+                     for c, v in zip(self.selectors, self.values))
+    return f"RuleSet({{{body}}})"
+
+  # Matching ------------------------------------------------------------
+
+  def match(self, tree: Any) -> Match:
+    """Matches every selector against every leaf; cached per structure.
+
+    A cache hit costs one ``tree_flatten`` and a dict lookup: paths are only
+    built, and selectors only run, for a structure not seen before.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    try:
+      key = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
+      hit = self._cache.get(key)
+    except (AttributeError, TypeError):  # non-array leaf, unhashable treedef
+      key, hit = None, None
+    if hit is not None:
+      return hit
+    path_strs, specs, treedef = paths_and_specs(tree)
+    specs = tuple(specs)
+    matches = tuple(
+        tuple(i for i, (p, s) in enumerate(zip(path_strs, specs))
+              if c.match(p, s))
+        for c in self.selectors)
+    winner = [-1] * len(path_strs)
+    for r in reversed(range(len(matches))):
+      for i in matches[r]:
+        winner[i] = r
+    result = Match(treedef, tuple(path_strs), specs, tuple(winner), matches)
+    if key is not None:
+      if len(self._cache) >= _CACHE_SIZE:
+        evicted = self._cache.pop(next(iter(self._cache)))
+        self._checked = {c for c in self._checked if c[0] is not evicted}
+      self._cache[key] = result
+    return result
+
+  def resolve(self, tree: Any, *, default: Any = MISSING,
+              strict: bool = True) -> Resolution:
+    """Resolves the rules against ``tree``; see :func:`resolve`."""
+    m = self.match(tree)
+    if strict:
+      # The checks depend only on the match and on whether there is a
+      # default; a structure that passed them once passes them again.
+      check_key = (m, default is MISSING)
+      if check_key not in self._checked:
+        self._check(m, default)
+        self._checked.add(check_key)
+    fallback = None if default is MISSING else default
+    values = tuple(self.values[r] if r >= 0 else fallback for r in m.winner)
+    return Resolution(m.treedef, m.paths, m.specs, m.winner, values,
+                      tuple(c.text for c in self.selectors))
+
+  # Errors --------------------------------------------------------------
+
+
+  # Errors --------------------------------------------------------------
+
+  def _check(self, m: Match, default: Any) -> None:
+    _diagnostics.check_match(self.selectors, m.paths, m.winner, m.matches,
+                             has_default=default is not MISSING,
+                             what=self.what)
+
+
+# ------------------------------------------------------------ public API
+
+
+def resolve(rules: Rules, tree: Any, *, default: Any = MISSING,
+            strict: bool = True) -> Any:
+  """Returns a tree like ``tree`` holding, at each leaf, its rule's value.
+
+  Each leaf takes the value of the first rule whose selector matches its path
+  (see :func:`layerwise.paths`). Only the tree's structure, shapes and dtypes
+  are read, never its values, so ``tree`` may hold arrays, tracers or
+  ``jax.ShapeDtypeStruct``\\ s.
+
+  Args:
+    rules: an ordered mapping ``{selector: value}`` or a list of
+      ``(selector, value)`` pairs. Values may be anything; a value that is a
+      pytree (a tuple, say) is placed as a subtree.
+    tree: the parameters (or updates) to resolve against.
+    default: the value of leaves that no rule matches. Without it, such
+      leaves are an error.
+    strict: if True (the default), raise :class:`layerwise.RuleError` when a leaf
+      matches no rule (and there is no ``default``), when a selector
+      matches no leaf, or when a rule is shadowed by earlier ones. If False,
+      none of these is an error and unmatched leaves get ``default`` or
+      ``None``.
+
+  Returns:
+    A pytree with the structure of ``tree``.
+
+  Raises:
+    layerwise.RuleError: (a ``ValueError``) as described under ``strict``; the message
+      lists the offending paths and the closest selectors or paths.
+    TypeError: for something that is not a rule set or a selector.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"embed": jnp.ones((10, 4)),
+    ...           "layers": [{"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}] * 2}
+    >>> lw.resolve({"embed": 0.1, "layers/*/b": 0.0, "**": 1.0}, params)
+    {'embed': 0.1, 'layers': [{'b': 0.0, 'w': 1.0}, {'b': 0.0, 'w': 1.0}]}
+    >>> lw.resolve({"layer/**": 0.5}, params, default=1.0)
+    Traceback (most recent call last):
+      ...
+    layerwise.RuleError: 1 selector(s) match no parameter (a typo?):
+      rule 0: 'layer/**'  (closest: 'layers/**', ...)
+    ...
+  """
+  return RuleSet(rules).resolve(tree, default=default, strict=strict).tree()
+
+
+def labels(rules: Rules, *, default: Hashable = MISSING,
+           strict: bool = True) -> Callable[[Any], Any]:
+  """Returns a label function for ``optax.partition`` from a rule set.
+
+  The rule values are the labels. The returned function maps a tree of
+  params or updates (arrays or tracers, inside or outside ``jax.jit``) to a
+  tree of labels; matching is done once per tree structure and cached, and
+  it reads only paths, shapes and dtypes, so labels are the same for the
+  params at ``init`` and the updates at every ``update``.
+
+  Args:
+    rules: an ordered mapping ``{selector: label}`` (or list of pairs).
+      Labels must be hashable (strings, usually).
+    default: the label of leaves that no rule matches.
+    strict: as in :func:`resolve`.
+
+  Returns:
+    A function ``tree -> tree of labels``, usable as ``param_labels``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"backbone": {"w": jnp.ones((3, 3))}, "head": {"w": jnp.ones(3)}}
+    >>> label_fn = lw.labels({"backbone/**": "frozen", "head/**": "train"})
+    >>> label_fn(params)
+    {'backbone': {'w': 'frozen'}, 'head': {'w': 'train'}}
+    >>> tx = optax.partition(
+    ...     {"frozen": optax.set_to_zero(), "train": optax.sgd(0.1)}, label_fn)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates["head"]["w"], updates["backbone"]["w"].sum()
+    (Array([-0.1, -0.1, -0.1], dtype=float32), Array(0., dtype=float32))
+  """
+  rule_set = RuleSet(rules, what="label")
+  for c, v in zip(rule_set.selectors, rule_set.values):
+    if not isinstance(v, Hashable) or v is None:
+      raise TypeError(
+          f"lw.labels: label {v!r} of rule {c.text} is not usable as an "
+          "optax.partition label: labels must be hashable and not None (use "
+          "strings).")
+  if default is not MISSING and (not isinstance(default, Hashable)
+                                 or default is None):
+    raise TypeError(f"lw.labels: default label {default!r} must be hashable, "
+                    "not None.")
+
+  def label_fn(tree: Any) -> Any:
+    return rule_set.resolve(tree, default=default, strict=strict).tree()
+
+  return label_fn
+
+
+def flag_rules(fn: str, flags: Any, *, what: str,
+               meaning: str) -> tuple[RuleSet, Any]:
+  """A selector, or a rule set ``{selector: bool}``, as a rule set of bools
+  and the default to resolve it with.
+
+  A selector sets the flag of what it matches (the rest gets ``False``); a
+  rule set must cover every leaf, as any rule set. ``meaning`` says what
+  ``True`` and ``False`` mean, for the error on a value that is not a bool.
+  """
+  is_rule_set = (isinstance(flags, Mapping) or (
+      isinstance(flags, Sequence) and not isinstance(flags, (str, bytes))))
+  if not is_rule_set:
+    return RuleSet([(flags, True)], what=what), False
+  rule_set = RuleSet(flags, what=what)
+  for c, v in zip(rule_set.selectors, rule_set.values):
+    if not isinstance(v, bool):
+      raise TypeError(
+          f"{fn}: rule {c.text} has value {v!r}; a rule set of {what}s maps "
+          f"selectors to {meaning}.")
+  return rule_set, MISSING

@@ -1,0 +1,351 @@
+"""Selectors: which parameters a rule is for, by path, shape and dtype.
+
+A selector is
+
+* a glob string over the '/'-joined parameter path: ``*`` matches within one
+  segment, ``**`` any number of whole segments (none included), ``?`` and
+  ``[...]`` as in :mod:`fnmatch`; a leading ``'/'`` is ignored;
+* a compiled regular expression (``re.compile(...)``), matched in full;
+* a callable ``(path, leaf) -> bool``, called with a ``jax.ShapeDtypeStruct``
+  as ``leaf`` (selectors see shapes and dtypes, never values), such as
+  :func:`ndim_at_most` or combinations made by :func:`any_of`,
+  :func:`all_of` and :func:`not_` (or ``|``, ``&`` and ``~`` on them).
+
+Every form compiles to one ``match(path, spec) -> bool``
+(:func:`compile_selector`), which is all that resolution uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from layerwise import _diagnostics, _validate
+
+__all__ = ["Selector", "SelectorLike", "all_of", "any_of", "ndim_at_least",
+           "ndim_at_most", "not_"]
+
+#: Anything that selects parameters: a glob, a compiled regex, or a callable
+#: ``(path, leaf) -> bool`` (a :class:`Selector` included).
+SelectorLike = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
+
+
+def _segment_regex(seg: str, pattern: str) -> str:
+  """Regex for one glob segment (no '/' inside)."""
+  out, i, n = [], 0, len(seg)
+  while i < n:
+    c = seg[i]
+    if c == "*":
+      out.append("[^/]*")
+    elif c == "?":
+      out.append("[^/]")
+    elif c == "[":
+      j = i + 1
+      if j < n and seg[j] in "!^":
+        j += 1
+      if j < n and seg[j] == "]":
+        j += 1
+      while j < n and seg[j] != "]":
+        j += 1
+      if j >= n:
+        raise ValueError(
+            f"Glob selector {pattern!r} has an unclosed '['. Close the "
+            "character class, or write '[[]' for a literal '['.")
+      body = seg[i + 1:j]
+      if body[:1] in ("!", "^"):
+        body = "^" + body[1:]
+      body = body.replace("\\", "\\\\")
+      out.append(f"(?!/)[{body}]")
+      i = j
+    else:
+      out.append(re.escape(c))
+    i += 1
+  return "".join(out)
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+  """Compiles a path glob to a regex matched against ``'/' + path``.
+
+  Examples:
+    >>> bool(glob_to_regex("a/**/k*").fullmatch("/a/k1"))
+    True
+    >>> bool(glob_to_regex("a/*").fullmatch("/a/b/c"))
+    False
+  """
+  body = pattern[1:] if pattern.startswith("/") else pattern
+  if not body:
+    raise ValueError(
+        f"Glob selector {pattern!r} is empty. Use '**' to select every "
+        "parameter.")
+  parts = []
+  for seg in body.split("/"):
+    if seg == "**":
+      parts.append("(?:/[^/]+)*")
+    elif not seg:
+      raise ValueError(
+          f"Glob selector {pattern!r} has an empty path segment ('//' or a "
+          "trailing '/'). Remove it; '**' stands for any number of segments.")
+    elif "**" in seg:
+      raise ValueError(
+          f"Glob selector {pattern!r}: '**' must be a whole path segment "
+          f"(as in 'a/**/b'), but segment {seg!r} has more around it. Use "
+          "'*' to match part of one segment.")
+    else:
+      parts.append("/" + _segment_regex(seg, pattern))
+  return re.compile("".join(parts), re.DOTALL)
+
+
+def _check_bool(result: Any, selector: Any, path: str) -> bool:
+  if isinstance(result, (bool, np.bool_)):
+    return bool(result)
+  raise TypeError(
+      f"Selector {_diagnostics.text_of(selector)} returned "
+      f"{type(result).__name__} for parameter {path!r}; a callable selector must return a Python bool "
+      "computed from the path, shape and dtype (it is never given values).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """A selector compiled to ``match(path, spec) -> bool``."""
+  source: Any
+  text: str
+  match: Callable[[str, Any], bool]
+  needs_spec: bool
+
+  @property
+  def is_text(self) -> bool:
+    """Whether the selector is a glob or regex (comparable to paths)."""
+    return isinstance(self.source, (str, re.Pattern))
+
+  @property
+  def pattern(self) -> str:
+    """Glob or regex source, for similarity suggestions."""
+    src = self.source
+    return src if isinstance(src, str) else getattr(src, "pattern", self.text)
+
+
+def compile_selector(selector: SelectorLike) -> Compiled:
+  """Compiles any selector form; raises ``TypeError`` for anything else."""
+  if isinstance(selector, Compiled):
+    return selector
+  if isinstance(selector, str):
+    regex = glob_to_regex(selector)
+    return Compiled(
+        selector, repr(selector),
+        lambda path, spec: regex.fullmatch("/" + path if path else "")
+        is not None, False)
+  if isinstance(selector, re.Pattern):
+    return Compiled(
+        selector, _diagnostics.text_of(selector),
+        lambda path, spec: selector.fullmatch(path) is not None, False)
+  if callable(selector):
+    _validate.check_arity(selector, 2, lambda: (
+        f"Selector {_diagnostics.text_of(selector)} cannot be called as "
+        "selector(path, leaf); a callable selector takes the path (a str) "
+        "and the leaf (a jax.ShapeDtypeStruct) and returns a bool, such as "
+        "lambda path, leaf: leaf.ndim == 1."))
+    return Compiled(
+        selector, _diagnostics.text_of(selector),
+        lambda path, spec: _check_bool(selector(path, spec), selector, path),
+        True)
+  raise TypeError(
+      f"{selector!r} ({type(selector).__name__}) is not a selector. A "
+      "selector is a glob string ('encoder/**'), a compiled regex "
+      "(re.compile(r'.*/bias')) or a callable (path, leaf) -> bool.")
+
+
+class Selector:
+  """A callable selector ``(path, leaf) -> bool`` with a readable name.
+
+  Selectors made by :func:`ndim_at_most`, :func:`any_of`, ... are
+  ``Selector``\\ s; they combine with ``|`` (any of), ``&`` (all of) and ``~``
+  (not), also with glob strings and regexes on the other side. ``leaf`` is a
+  ``jax.ShapeDtypeStruct`` (or anything with ``shape``, ``ndim`` and
+  ``dtype``).
+
+  Args:
+    fn: the predicate ``(path: str, leaf) -> bool``.
+    text: how the selector is shown in tables and error messages.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> is_vector = lw.Selector(lambda path, leaf: leaf.ndim == 1, "vector")
+    >>> sel = is_vector & ~lw.any_of("head/**")
+    >>> sel
+    all_of(vector, not_(any_of('head/**')))
+    >>> sel("encoder/bias", jax.ShapeDtypeStruct((3,), "float32"))
+    True
+    >>> sel("head/bias", jax.ShapeDtypeStruct((3,), "float32"))
+    False
+  """
+
+  def __init__(self, fn: Callable[[str, Any], bool], text: str):
+    if not callable(fn) or not isinstance(text, str):
+      raise TypeError(
+          f"Selector(fn, text) takes a function (path, leaf) -> bool and the "
+          f"text that names it, got {type(fn).__name__} and "
+          f"{type(text).__name__}; e.g. lw.Selector(lambda path, leaf: "
+          "leaf.ndim == 1, 'vectors').")
+    _validate.check_arity(fn, 2, lambda: (
+        f"Selector {text!r}: its function cannot be called as fn(path, "
+        "leaf); a selector's function takes the path (a str) and the leaf "
+        "(a jax.ShapeDtypeStruct) and returns a bool."))
+    self._fn = fn
+    self.text = text
+
+  def __call__(self, path: str, leaf: Any) -> bool:
+    return self._fn(path, leaf)
+
+  def __repr__(self) -> str:
+    return self.text
+
+  def __or__(self, other: SelectorLike) -> "Selector":
+    return any_of(self, other)
+
+  def __ror__(self, other: SelectorLike) -> "Selector":
+    return any_of(other, self)
+
+  def __and__(self, other: SelectorLike) -> "Selector":
+    return all_of(self, other)
+
+  def __rand__(self, other: SelectorLike) -> "Selector":
+    return all_of(other, self)
+
+  def __invert__(self) -> "Selector":
+    return not_(self)
+
+
+def _combine(name: str, selectors: Sequence[SelectorLike],
+             reduce: Callable[[Any], bool]) -> Selector:
+  if not selectors:
+    raise ValueError(f"{name}() needs at least one selector.")
+  compiled = [compile_selector(s) for s in selectors]
+  text = f"{name}({', '.join(c.text for c in compiled)})"
+  return Selector(
+      lambda path, leaf: reduce(c.match(path, leaf) for c in compiled), text)
+
+
+def any_of(*selectors: SelectorLike) -> Selector:
+  """Selects a leaf that any of ``selectors`` selects.
+
+  Args:
+    *selectors: globs, regexes or callables.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import re, jax
+    >>> import layerwise as lw
+    >>> sel = lw.any_of("**/bias", re.compile(r".*norm.*"))
+    >>> leaf = jax.ShapeDtypeStruct((4,), "float32")
+    >>> sel("encoder/ln_norm/scale", leaf), sel("encoder/kernel", leaf)
+    (True, False)
+  """
+  return _combine("any_of", selectors, any)
+
+
+def all_of(*selectors: SelectorLike) -> Selector:
+  """Selects a leaf that every one of ``selectors`` selects.
+
+  Args:
+    *selectors: globs, regexes or callables.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.all_of("encoder/**", lw.ndim_at_least(2))
+    >>> sel("encoder/kernel", jax.ShapeDtypeStruct((4, 4), "float32"))
+    True
+    >>> sel("encoder/bias", jax.ShapeDtypeStruct((4,), "float32"))
+    False
+  """
+  return _combine("all_of", selectors, all)
+
+
+def not_(selector: SelectorLike) -> Selector:
+  """Selects a leaf that ``selector`` does not select.
+
+  This replaces negative-lookahead regexes: "everything but the head" is
+  ``lw.not_("head/**")``.
+
+  Args:
+    selector: a glob, regex or callable.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.not_("head/**")
+    >>> leaf = jax.ShapeDtypeStruct((4,), "float32")
+    >>> sel("encoder/bias", leaf), sel("head/bias", leaf)
+    (True, False)
+  """
+  c = compile_selector(selector)
+  return Selector(lambda path, leaf: not c.match(path, leaf),
+                  f"not_({c.text})")
+
+
+def _check_ndim(name: str, k: Any) -> int:
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(f"lw.{name}(k) needs a non-negative int k, got {k!r}.")
+  return int(k)
+
+
+def ndim_at_most(k: int) -> Selector:
+  """Selects leaves with at most ``k`` dimensions.
+
+  ``ndim_at_most(1)`` is the usual "biases, norm scales and other vectors"
+  selector (scalars included).
+
+  Args:
+    k: the largest number of dimensions selected.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.ndim_at_most(1)
+    >>> sel("dense/bias", jax.ShapeDtypeStruct((8,), "float32"))
+    True
+    >>> sel("dense/kernel", jax.ShapeDtypeStruct((8, 8), "float32"))
+    False
+  """
+  k = _check_ndim("ndim_at_most", k)
+  return Selector(lambda path, leaf: len(leaf.shape) <= k,
+                  f"ndim_at_most({k})")
+
+
+def ndim_at_least(k: int) -> Selector:
+  """Selects leaves with at least ``k`` dimensions (matrices: ``k=2``).
+
+  Args:
+    k: the smallest number of dimensions selected.
+
+  Returns:
+    A :class:`Selector`.
+
+  Examples:
+    >>> import jax
+    >>> import layerwise as lw
+    >>> sel = lw.ndim_at_least(2)
+    >>> sel("conv/kernel", jax.ShapeDtypeStruct((3, 3, 1, 8), "float32"))
+    True
+    >>> sel("conv/bias", jax.ShapeDtypeStruct((8,), "float32"))
+    False
+  """
+  k = _check_ndim("ndim_at_least", k)
+  return Selector(lambda path, leaf: len(leaf.shape) >= k,
+                  f"ndim_at_least({k})")
