@@ -35,7 +35,12 @@ from layerwise.clipping import (
     clip_zscore,
 )
 from layerwise.inspect import Description, describe, norms
-from layerwise.layer_rates import DEFAULT_HEAD, discriminative, layer_decay
+from layerwise.layer_rates import (
+    DEFAULT_HEAD,
+    DEFAULT_STEM,
+    discriminative,
+    layer_decay,
+)
 from layerwise.mapping import MapUpdatesState, map_updates
 from layerwise.partition import (
     FreezeState,
@@ -66,6 +71,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEFAULT_HEAD",
+    "DEFAULT_STEM",
     "NO_DECAY",
     "AddDecayedWeightsState",
     "ClipByRulesState",

@@ -10,32 +10,63 @@ layer-wise learning-rate decay of ELECTRA, BEiT and timm), and
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from layerwise import _validate
+from layerwise import _diagnostics, _validate
 from layerwise._resolve import paths_and_specs
 from layerwise._selectors import (Selector, SelectorLike, any_of,
                                   compile_selector)
 
-__all__ = ["DEFAULT_HEAD", "discriminative", "layer_decay"]
+__all__ = ["DEFAULT_HEAD", "DEFAULT_STEM", "discriminative", "layer_decay"]
 
-#: The default ``block`` of :func:`layer_decay`: a path segment ``layers_3``,
-#: ``blocks_3``, ``layer_3``, ``block_3``, ``h_3`` (linen submodule names), or
-#: the same names followed by an index segment, ``layers/3`` (NNX lists,
-#: Equinox, HF Flax ``h/3``). The capture group is the block index.
-DEFAULT_BLOCK = r"(?:^|/)(?:layers|blocks|layer|block|h)[_/](\d+)(?:/|$)"
+#: The default ``block`` of :func:`layer_decay`. It finds a block as a path
+#: segment ``layers_3``, ``blocks_3``, ``layer_3``, ``block_3``, ``h_3`` or
+#: ``stages_3`` (linen submodule names), or the same names followed by an
+#: index segment, ``layers/3`` (NNX lists, Equinox, HF Flax ``h/3``): the
+#: first capture group is the block index. In hierarchical models a stage
+#: holds blocks of its own (Swin's ``layers/1/blocks/0``, ConvNeXt's
+#: ``stages/1/blocks/0``): the second group is then the block within the
+#: stage, and a stage's ``downsample`` belongs to its first block, as in
+#: timm's group matchers.
+DEFAULT_BLOCK = (r"(?:^|/)(?:layers|blocks|layer|block|h|stages)[_/](\d+)"
+                 r"(?:/(?:blocks|layers)[_/](\d+)|/downsample)?(?:/|$)")
 
 #: Module names that :data:`DEFAULT_HEAD` treats as the head, at any depth.
+#: They are the modules timm's group matchers leave to the head's group.
 HEAD_NAMES = ("head", "heads", "classifier", "pooler", "pre_logits",
-              "fc_norm", "attn_pool", "lm_head")
+              "fc_norm", "attn_pool", "lm_head", "head_dist", "head_drop")
 
 #: The default ``head`` of :func:`layer_decay`: any parameter inside a module
-#: named in :data:`HEAD_NAMES`. It is a :class:`~layerwise.Selector`, so it
-#: extends with ``|``: ``head=DEFAULT_HEAD | "out_proj/**"``.
+#: named in :data:`HEAD_NAMES` (``head``, ``classifier``, ``fc_norm``, DeiT's
+#: ``head_dist``, ...). It is a :class:`~layerwise.Selector`, so it extends
+#: with ``|``: ``head=lw.DEFAULT_HEAD | "out_proj/**"``.
 DEFAULT_HEAD = any_of(*(f"**/{name}/**" for name in HEAD_NAMES))
+
+#: Names that :data:`DEFAULT_STEM` treats as the stem: modules and leaves
+#: before the first block, as timm's group matchers name them (ViT's
+#: ``cls_token``, ``reg_token``, ``pos_embed``, ``patch_embed``; ConvNeXt's
+#: ``stem``; DeiT's ``dist_token``; BEiT's shared ``rel_pos_bias``) and as
+#: Flax, Hugging Face and GPT-style models name their embeddings.
+STEM_NAMES = ("stem", "embed", "embeds", "embedding", "embeddings",
+              "embed_tokens", "embed_positions", "tok_embeddings",
+              "token_embedding", "token_embeddings", "word_embeddings",
+              "position_embedding", "position_embeddings",
+              "positional_embedding", "token_type_embeddings", "wte", "wpe",
+              "patch_embed", "patch_embedding", "pos_embed",
+              "absolute_pos_embed", "cls_token", "reg_token", "dist_token",
+              "mask_token", "class_embedding", "rel_pos_bias", "norm_pre")
+
+#: The default ``stem`` of :func:`layer_decay`: any parameter named in
+#: :data:`STEM_NAMES`, or inside a module so named. It is a
+#: :class:`~layerwise.Selector`, so it extends with ``|``:
+#: ``stem=lw.DEFAULT_STEM | "tok_emb/**"``; ``stem="**"`` counts everything
+#: that is neither head, block nor after the blocks as the stem.
+DEFAULT_STEM = Selector(
+    lambda path, leaf: not _STEM_SEGMENTS.isdisjoint(path.split("/")),
+    "lw.DEFAULT_STEM")
+_STEM_SEGMENTS = frozenset(STEM_NAMES)
 
 #: Module names that the default ``after`` of :func:`layer_decay` treats as a
 #: final norm when they sit beside the blocks.
@@ -63,103 +94,71 @@ def _pattern(regex: re.Pattern[str]) -> str:
   return f"r'{p}'" if "'" not in p and not p.endswith("\\") else repr(p)
 
 
-def _block_regex(block: Any) -> re.Pattern[str]:
+_BLOCK_ADVICE = (r"one capture group around the block index, as in "
+                 r"r'(?:^|/)layers_(\d+)(?:/|$)', or two, around a stage "
+                 r"index and the block's index within the stage, as in "
+                 r"r'stages_(\d+)/blocks_(\d+)'")
+
+
+def _block_regex(fn: str, block: Any) -> re.Pattern[str]:
   if isinstance(block, str):
     try:
       regex = re.compile(block)
     except re.error as e:
       raise ValueError(
-          f"lw.layer_decay: block={block!r} is not a valid regular expression "
-          f"({e}). Pass a regex with one capture group around the block "
-          r"index, such as r'(?:^|/)layers_(\d+)(?:/|$)'.") from e
+          f"{fn}: block={block!r} is not a valid regular expression ({e}). "
+          f"Pass a regex with {_BLOCK_ADVICE}.") from e
   elif isinstance(block, re.Pattern):
     regex = block
   else:
     raise TypeError(
-        f"lw.layer_decay: block must be a regex (a string or re.compile(...)) "
-        f"with one capture group around the block index, got "
-        f"{type(block).__name__} {block!r}.")
-  if regex.groups != 1:
+        f"{fn}: block must be a regex (a string or re.compile(...)) with "
+        f"{_BLOCK_ADVICE}; got {type(block).__name__} {block!r}.")
+  if regex.groups not in (1, 2):
     raise ValueError(
-        f"lw.layer_decay: the block pattern {_pattern(regex)} has "
-        f"{regex.groups} capture groups; it needs exactly one, around the "
-        r"block index, as in r'(?:^|/)layers_(\d+)(?:/|$)'. Write any other "
-        "group as (?:...).")
+        f"{fn}: the block pattern {_pattern(regex)} has {regex.groups} "
+        f"capture groups; it needs {_BLOCK_ADVICE}. Write any other group "
+        "as (?:...).")
   return regex
 
 
 class _Block(NamedTuple):
-  """Where a path's block is: its index, stack, parent and name."""
-  index: int
-  container: str  # the stack, with the index as '*': 'encoder/layers_*'
-  parent: str     # the path holding the stack: 'encoder', or ''
-  label: str      # the block's own name: 'layers_3', 'layers/3'
+  """Where a path's block is."""
+  key: tuple[int, ...]  # (index,), or (stage, block within it)
+  two_level: bool       # whether the pattern captured a block in a stage
+  container: str        # the stack, its index as '*': 'encoder/layers_*'
+  parent: str           # the path holding the stack: 'encoder', or ''
+  label: str            # the block's own name: 'layers_3', 'layers/1/blocks/0'
 
 
-class _Depths:
-  """Classifies a path into its depth: embeddings 0, block i i+1, head L+1."""
-
-  def __init__(self, regex: re.Pattern[str], head: Any, after: Any,
-               final_norms: bool):
-    self.regex = regex
-    self.head = head              # a compiled selector, or None
-    self.after = after            # a compiled selector, or None
-    self.final_norms = final_norms
-    self.num_blocks = 0
-    self.parent = ""
-    self._memo: dict[Any, int] = {}
-
-  def block(self, path: str) -> _Block | None:
-    m = self.regex.search(path)
-    if m is None:
-      return None
-    index = m.group(1)
+def _find_block(fn: str, regex: re.Pattern[str], path: str) -> _Block | None:
+  m = regex.search(path)
+  if m is None:
+    return None
+  indices = m.groups()
+  for index in indices[:1] + tuple(i for i in indices[1:] if i is not None):
     if index is None or not re.fullmatch("[0-9]+", index):
       raise ValueError(
-          f"lw.layer_decay: the block pattern {_pattern(self.regex)} captured "
-          f"{index!r} from {path!r}, which is not a block index. Its capture "
-          r"group must match the index's digits only, as (\d+) does.")
-    start, end = m.span(1)
-    seg_start = path.rfind("/", 0, start) + 1
-    seg_end = path.find("/", end)
-    seg_end = len(path) if seg_end < 0 else seg_end
-    if start == seg_start and end == seg_end and seg_start > 0:
-      # The index is a segment of its own ('layers/3'): the stack is the
-      # segment before it.
-      owner = path.rfind("/", 0, seg_start - 1) + 1
-    else:
-      owner = seg_start
-    return _Block(int(index), path[:start] + "*" + path[end:seg_end],
-                  path[:max(owner - 1, 0)], path[owner:seg_end])
-
-  def is_head(self, path: str, spec: Any) -> bool:
-    return self.head is not None and self.head.match(path, spec)
-
-  def is_after(self, path: str, spec: Any) -> bool:
-    if self.after is not None:
-      return self.after.match(path, spec)
-    if not self.final_norms:
-      return False
-    if self.parent:
-      if not path.startswith(self.parent + "/"):
-        return False
-      path = path[len(self.parent) + 1:]
-    return path.split("/", 1)[0] in FINAL_NORM_NAMES
-
-  def depth(self, path: str, spec: Any) -> int:
-    key = (path, tuple(spec.shape), str(spec.dtype))
-    depth = self._memo.get(key)
-    if depth is None:
-      if self.is_head(path, spec):
-        depth = self.num_blocks + 1
-      elif (b := self.block(path)) is not None:
-        depth = b.index + 1
-      elif self.is_after(path, spec):
-        depth = self.num_blocks
-      else:
-        depth = 0
-      self._memo[key] = depth
-    return depth
+          f"{fn}: the block pattern {_pattern(regex)} captured {index!r} "
+          f"from {path!r}, which is not a block index. Its capture group "
+          r"must match the index's digits only, as (\d+) does.")
+  start, end = m.span(1)
+  seg_start = path.rfind("/", 0, start) + 1
+  seg_end = path.find("/", end)
+  seg_end = len(path) if seg_end < 0 else seg_end
+  if start == seg_start and end == seg_end and seg_start > 0:
+    # The index is a segment of its own ('layers/3'): the stack is the
+    # segment before it.
+    owner = path.rfind("/", 0, seg_start - 1) + 1
+  else:
+    owner = seg_start
+  two_level = len(indices) == 2 and indices[1] is not None
+  # A stage's own parameters (its downsample) join its first block.
+  key = (int(indices[0]),) if len(indices) == 1 else (
+      int(indices[0]), int(indices[1] or 0))
+  label_end = m.end(2) if two_level else seg_end
+  return _Block(key, two_level, path[:start] + "*" + path[end:seg_end],
+                path[:max(owner - 1, 0)], path[owner:label_end])
 
 
 def _names(paths: Sequence[str], n: int = 2) -> str:
@@ -169,12 +168,35 @@ def _names(paths: Sequence[str], n: int = 2) -> str:
   return text + (f" and {len(modules) - n} more" if len(modules) > n else "")
 
 
+def _beside(parent: str, path: str) -> bool:
+  """Whether ``path`` is a final norm beside a stack held by ``parent``."""
+  if parent:
+    if not path.startswith(parent + "/"):
+      return False
+    path = path[len(parent) + 1:]
+  return path.split("/", 1)[0] in FINAL_NORM_NAMES
+
+
+def _unclassified_error(fn: str, paths: Sequence[str]) -> ValueError:
+  module = paths[0].split("/", 1)[0]
+  glob = f"{module}/**" if "/" in paths[0] else module
+  return ValueError(
+      f"{fn}: {len(paths)} parameter(s) are in none of the stem, the blocks, "
+      "the head and what follows the last block, so their depth is unknown: "
+      f"{_diagnostics.few(paths)}. (timm's group matchers give what they do "
+      "not name the head's rate; the depth of an unnamed module is not "
+      f"guessed here.) Name them: head=lw.DEFAULT_HEAD | {glob!r} for the "
+      f"head's rate, stem=lw.DEFAULT_STEM | {glob!r} for the embeddings', or "
+      "stem='**' to count everything else as embeddings (depth 0).")
+
+
 def layer_decay(
     decay: float,
     params: Any,
     *,
     block: str | re.Pattern[str] = DEFAULT_BLOCK,
     head: SelectorLike | None = DEFAULT_HEAD,
+    stem: SelectorLike = DEFAULT_STEM,
     after: SelectorLike | None = FINAL_NORMS,
     min_scale: float = 0.0,
     freeze_below: float | None = None,
@@ -188,43 +210,61 @@ def layer_decay(
   blocks each parameter gets a depth:
 
   * the head (``head``): ``L + 1``;
-  * block ``i`` (its index found in the path by ``block``): ``i + 1``;
+  * block ``i`` (its index found in the path by ``block``): ``i + 1``; in a
+    hierarchical model (stages of blocks: Swin, ConvNeXt) the blocks are
+    counted through the stages, ``1`` to ``L`` in (stage, block) order,
+    and a stage's downsample joins its first block, as in timm;
   * parameters after the last block that are not the head, such as a final
     norm (``after``): ``L``, the last block's depth, as timm's ViT
     ``group_matcher`` puts ``norm`` with the last block;
-  * everything else, the embeddings and whatever comes before the first
-    block: ``0``;
+  * the stem, the embeddings and whatever comes before the first block
+    (``stem``): ``0``;
 
   and the multiplier ``max(min_scale, decay ** (L + 1 - depth))``: 1.0 for
   the head, ``decay`` for the last block, ``decay ** (L + 1)`` for the
   embeddings. These are timm's ``lr_scale``\ s; multiply by the base rate of
   the inner optimizer (``optax.chain(optax.adamw(lr), lw.scale_by_rules(
-  rules))``) to get its per-group rates.
+  rules))``) to get its per-group rates. With the defaults, the ViT, DeiT
+  (distilled), BEiT, EVA-02, Swin and ConvNeXt families get timm's groups
+  on timm's own parameter names (``tests/test_layer_rates.py`` checks them
+  against timm).
 
-  The head is found by name, not by position: paths are ordered by name, not
-  by the order of the forward pass, so "after the last block" cannot be read
-  from them. Check the outcome with ``lw.describe(rules, params)``.
+  A parameter in none of these is an error that names it: its place in the
+  forward pass cannot be read from its name (paths are ordered by name), so
+  it is not guessed. Name it in ``head`` or ``stem``. Check the outcome with
+  ``lw.describe(rules, params)``.
 
   Args:
     decay: the ratio between the rates of a layer and the layer above it, in
       ``(0, 1]``; 0.65 to 0.9 are usual, 1.0 gives every leaf 1.0.
     params: the parameters the rule set is for (arrays, an ``nnx.State`` or
       ``jax.ShapeDtypeStruct``\ s; only paths, shapes and dtypes are read).
-      ``L`` is the largest block index found in them, plus one.
+      ``L`` is the largest block index found in them, plus one (in a
+      hierarchical model, the number of blocks).
     block: a regex (a string or ``re.compile(...)``) searched in each path
-      (``re.search``), whose one capture group is the block index. The
-      default, :data:`DEFAULT_BLOCK`, finds ``layers_3``, ``blocks_3``,
-      ``layer_3``, ``block_3``, ``h_3`` and ``layers/3`` (an NNX list) as a
-      whole path segment. Every block must belong to one stack (one
-      ``encoder/layers_*``): to decay one stack of several, anchor the
-      pattern to it (``r"^encoder/layers_(\d+)/"``).
+      (``re.search``), whose capture group is the block index, or whose two
+      groups are a stage's index and the block's index within it (an
+      unmatched second group, such as a stage's downsample, counts as the
+      stage's first block). The default, :data:`DEFAULT_BLOCK`, finds
+      ``layers_3``, ``blocks_3``, ``layer_3``, ``block_3``, ``h_3``,
+      ``stages_3`` and ``layers/3`` (an NNX list) as a whole path segment,
+      and ``layers/1/blocks/0`` or ``stages_1/blocks_0`` as a block in a
+      stage. Every block must belong to one stack (one ``encoder/layers_*``):
+      to decay one stack of several, anchor the pattern to it
+      (``r"^encoder/layers_(\d+)/"``).
     head: a selector (glob, compiled regex or callable ``(path, leaf) ->
       bool``) for the head, which gets multiplier 1.0; it takes precedence
-      over ``block``. The default, :data:`DEFAULT_HEAD`, is any parameter
-      inside a module named ``head``, ``heads``, ``classifier``, ``pooler``,
-      ``pre_logits``, ``fc_norm``, ``attn_pool`` or ``lm_head``, the modules
-      timm leaves to the head's group. ``None``: the model has no head (the
-      last block still gets ``decay``).
+      over everything else. The default, :data:`DEFAULT_HEAD`, is any
+      parameter inside a module named ``head``, ``heads``, ``classifier``,
+      ``pooler``, ``pre_logits``, ``fc_norm``, ``attn_pool``, ``lm_head``,
+      ``head_dist`` or ``head_drop``, the modules timm leaves to the head's
+      group. ``None``: the model has no head (the last block still gets
+      ``decay``).
+    stem: a selector for the stem and embeddings, depth 0. The default,
+      :data:`DEFAULT_STEM`, is any parameter named (or inside a module
+      named) ``embed``, ``embeddings``, ``patch_embed``, ``pos_embed``,
+      ``cls_token``, ``stem``, ``wte``, ... (:data:`STEM_NAMES`). Blocks and
+      ``after`` take precedence over it.
     after: a selector for the parameters after the last block that are not
       the head, which share the last block's depth ``L``. The default,
       :data:`FINAL_NORMS`, takes a module named in
@@ -252,13 +292,14 @@ def layer_decay(
 
   Raises:
     ValueError: for ``decay``, ``min_scale`` or ``freeze_below`` out of
-      range; a ``block`` pattern without exactly one capture group, one that
+      range; a ``block`` pattern without one or two capture groups, one that
       captures something other than digits, one that matches no path, or
       one that matches blocks in two stacks; a ``head`` that matches no
       parameter (name it, or pass ``head=None``); an ``after`` selector that
-      matches no parameter.
-    TypeError: for a value of the wrong type, or a ``head`` or ``after``
-      that is not a selector.
+      matches no parameter; parameters in none of head, blocks, after and
+      stem.
+    TypeError: for a value of the wrong type, or a ``head``, ``stem`` or
+      ``after`` that is not a selector.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -278,6 +319,25 @@ def layer_decay(
     >>> lw.resolve(lw.layer_decay(0.5, params, min_scale=0.2,
     ...                           freeze_below=0.25), params)["embed"]
     0.0
+
+    Stages of blocks count through: Swin's stage 1 starts at depth 3, its
+    downsample with its first block.
+
+    >>> swin = {"patch_embed": {"w": jnp.ones(2)},
+    ...         "layers": [{"blocks": [{"w": jnp.ones(2)}] * 2},
+    ...                    {"downsample": {"w": jnp.ones(2)},
+    ...                     "blocks": [{"w": jnp.ones(2)}]}],
+    ...         "head": {"fc": {"w": jnp.ones(2)}}}
+    >>> lw.resolve(lw.layer_decay(0.5, swin), swin)["layers"]
+    [{'blocks': [{'w': 0.125}, {'w': 0.25}]}, {'blocks': [{'w': 0.5}],
+    'downsample': {'w': 0.5}}]
+
+    A module that is neither stem, block nor head says so:
+
+    >>> lw.layer_decay(0.5, {**params, "head_aux": {"w": jnp.ones(2)}})
+    Traceback (most recent call last):
+    ...
+    ValueError: lw.layer_decay: 1 parameter(s) are in none of the stem, ...
 
   References:
     Clark et al., `ELECTRA: Pre-training Text Encoders as Discriminators
@@ -303,36 +363,38 @@ def layer_decay(
         fn, "freeze_below", freeze_below, low=0.0, high=1.0,
         advice="Depths whose multiplier is below it are frozen (multiplier "
         "0.0); None freezes none.")
-  regex = _block_regex(block)
+  regex = _block_regex(fn, block)
   head_c = None if head is None else compile_selector(head)
-  explicit_after = after is not None and after is not FINAL_NORMS
-  after_c = compile_selector(after) if explicit_after else None
-  depths = _Depths(regex, head_c, after_c, final_norms=after is FINAL_NORMS)
+  stem_c = compile_selector(stem)
+  final_norms = after is FINAL_NORMS
+  after_c = None if after is None or final_norms else compile_selector(after)
 
-  path_strs, specs, _ = paths_and_specs(params)
+  paths, specs, _ = paths_and_specs(params)
+  in_head = [head_c is not None and head_c.match(p, s)
+             for p, s in zip(paths, specs)]
 
   # The blocks: every leaf outside the head that the pattern finds.
-  in_head = [depths.is_head(p, s) for p, s in zip(path_strs, specs)]
-  blocks: dict[str, _Block] = {}
-  for p, h in zip(path_strs, in_head):
-    if not h and (b := depths.block(p)) is not None:
-      blocks[p] = b
+  blocks: dict[int, _Block] = {}
+  for i, (path, h) in enumerate(zip(paths, in_head)):
+    if not h and (b := _find_block(fn, regex, path)) is not None:
+      blocks[i] = b
   if not blocks:
-    shown = ", ".join(repr(p) for p in path_strs[:4])
-    more = ", ..." if len(path_strs) > 4 else ""
+    shown = ", ".join(repr(p) for p in paths[:4])
+    more = ", ..." if len(paths) > 4 else ""
     raise ValueError(
         f"{fn} found no block: the block pattern {_pattern(regex)} "
-        f"matches none of the {len(path_strs)} parameter paths "
+        f"matches none of the {len(paths)} parameter paths "
         f"{'outside the head ' if any(in_head) else ''}({shown}{more}). Pass "
         "block=<regex> whose one capture group is the block index, e.g. "
         r"block=r'(?:^|/)encoderblock_(\d+)(?:/|$)' for paths like "
         "'Transformer/encoderblock_3/...' (lw.paths(params) lists the "
         "paths).")
   stacks: dict[str, list[str]] = {}
-  for p, b in blocks.items():
-    stacks.setdefault(b.container, []).append(p)
+  for i, b in blocks.items():
+    stacks.setdefault(b.container, []).append(paths[i])
   if len(stacks) > 1:
-    counts = {c: len({blocks[p].index for p in ps}) for c, ps in stacks.items()}
+    counts = {c: len({blocks[paths.index(p)].key for p in ps})
+              for c, ps in stacks.items()}
     listed = "; ".join(
         f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {stacks[c][0]!r})"
         for c, k in counts.items())
@@ -340,31 +402,54 @@ def layer_decay(
         f"{fn} needs one stack of blocks, but the block pattern "
         f"{_pattern(regex)} finds {len(stacks)}: {listed}. Anchor the "
         "pattern to the stack whose depth should decay (e.g. "
-        r"block=r'^encoder/layers_(\d+)/'); the others then count as "
-        "embeddings, or as head or after if you name them so.")
-  first = next(iter(blocks.values()))
-  depths.num_blocks = max(b.index for b in blocks.values()) + 1
-  depths.parent = first.parent
-  num_blocks = depths.num_blocks
+        r"block=r'^encoder/layers_(\d+)/'); name the others in stem=, head= "
+        "or after=.")
 
-  leaf_depths = [depths.depth(p, s) for p, s in zip(path_strs, specs)]
+  # Each block's depth: its index + 1, or its rank in (stage, block) order.
+  if any(b.two_level for b in blocks.values()):
+    order = {k: d for d, k in enumerate(sorted({b.key for b in
+                                                blocks.values()}), 1)}
+    block_depth = {i: order[b.key] for i, b in blocks.items()}
+    num_blocks = len(order)
+  else:
+    block_depth = {i: b.key[0] + 1 for i, b in blocks.items()}
+    num_blocks = max(block_depth.values())
+  parent = next(iter(blocks.values())).parent
+
+  depths: list[int] = []
+  unclassified = []
+  after_paths = []
+  for i, (path, spec) in enumerate(zip(paths, specs)):
+    if in_head[i]:
+      depths.append(num_blocks + 1)
+    elif i in block_depth:
+      depths.append(block_depth[i])
+    elif (after_c.match(path, spec) if after_c is not None
+          else final_norms and _beside(parent, path)):
+      depths.append(num_blocks)
+      after_paths.append(path)
+    elif stem_c.match(path, spec):
+      depths.append(0)
+    else:
+      depths.append(-1)
+      unclassified.append(path)
   if head_c is not None and not any(in_head):
     raise ValueError(
         f"{fn} found no head: no parameter matches head={head_c.text}. "
         "Name the head's parameters with any selector (e.g. "
         "head='classifier/**'; lw.paths(params) lists the paths), or pass "
         "head=None for a model without a head.")
-  after_paths = [p for p, s, d in zip(path_strs, specs, leaf_depths)
-                 if d == num_blocks and p not in blocks]
-  if explicit_after and not after_paths:
+  if after_c is not None and not after_paths:
     raise ValueError(
         f"{fn}: after={after_c.text} matches no parameter outside "
         "the head and the blocks. Fix the selector (lw.paths(params) lists "
         "the paths), or leave after at its default.")
+  if unclassified:
+    raise _unclassified_error(fn, unclassified)
 
   labels = {0: "embeddings", num_blocks + 1: "head"}
-  for b in blocks.values():
-    labels.setdefault(b.index + 1, b.label)
+  for i in sorted(block_depth, key=lambda i: paths[i]):
+    labels.setdefault(block_depth[i], blocks[i].label)
   if after_paths:
     labels[num_blocks] += ", " + _names(after_paths)
 
@@ -374,7 +459,10 @@ def layer_decay(
       return 0.0
     return float(scale)
 
-  present = sorted(set(leaf_depths), reverse=True)
+  members: dict[int, set[str]] = {}
+  for path, d in zip(paths, depths):
+    members.setdefault(d, set()).add(path)
+  present = sorted(members, reverse=True)
   rules = []
   for k, d in enumerate(present):
     text = f"depth {d} ({labels[d]})"
@@ -382,7 +470,7 @@ def layer_decay(
       selector = Selector(lambda path, leaf: True, text)
     else:
       selector = Selector(
-          lambda path, leaf, d=d: depths.depth(path, leaf) == d, text)
+          lambda path, leaf, paths=frozenset(members[d]): path in paths, text)
     rules.append((selector, multiplier(d)))
   return rules
 

@@ -85,8 +85,9 @@ CASES: dict[str, Case] = {
         ("ScaleByRulesState", "set_scale")),
     "layer_decay": Case(
         lw.scale_by_rules,
-        lambda p: (lw.layer_decay(0.5, p, head="head/**"),),
-        {"default": 1.0}, ("layer_decay",)),
+        lambda p: (lw.layer_decay(0.5, p, head="head/**",
+                                  stem=lw.DEFAULT_STEM | "temperature"),),
+        {"default": 1.0}, ("layer_decay", "DEFAULT_STEM")),
     "discriminative": Case(
         lw.scale_by_rules,
         lambda p: (lw.discriminative(["embed/**", "layers/**", "**"], 0.01,

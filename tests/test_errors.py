@@ -564,7 +564,7 @@ _NO_BAD_INPUT = {
     "NO_DECAY", "AddDecayedWeightsState", "ClipByRulesState", "Description",
     "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
     "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
-    "norms", "paths", "DEFAULT_HEAD", "Rules", "SelectorLike",
+    "norms", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
 }
 
 

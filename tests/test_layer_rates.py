@@ -1,11 +1,16 @@
 """Tests for layer_decay and discriminative (layerwise/layer_rates.py).
 
 Values are compared exactly against references written here from the
-sources: timm's layer-wise decay and fastai's discriminative rates.
+sources (timm's layer-wise decay and fastai's discriminative rates), against
+timm's own groups for one model of each family it decays, recorded in
+tests/data/timm_layer_decay.json by tests/make_timm_fixture.py, and against
+timm itself when it is installed.
 """
 
 import collections
+import json
 import math
+import pathlib
 import re
 
 import jax
@@ -155,6 +160,118 @@ SCALE_OPTIONS = [
     {"freeze_below": 1.0},                      # all but the head frozen
 ]
 
+# ------------------------------------------------- timm's own groups, recorded
+
+TIMM = json.loads((pathlib.Path(__file__).parent / "data" /
+                   "timm_layer_decay.json").read_text())
+FAMILIES = sorted(TIMM["families"])
+
+
+def timm_tree(params, style):
+  """A tree of ShapeDtypeStructs named like timm's parameters, and each
+  name's path in it. ``"nnx"``: an index is a segment of its own
+  (``blocks/3/attn``, as NNX lists and Equinox name it); ``"linen"``: it is
+  part of the module's name (``blocks_3/attn``, ``layers_1/blocks_0``)."""
+  tree, path_of = {}, {}
+  for name, shape, _, _ in params:
+    path = name
+    if style == "linen":
+      path = re.sub(r"\b(blocks|layers|stages)\.(\d+)", r"\1_\2", path)
+    path = path.replace(".", "/")
+    node = tree
+    *parents, leaf = path.split("/")
+    for seg in parents:
+      node = node.setdefault(seg, {})
+    node[leaf] = jax.ShapeDtypeStruct(tuple(shape), np.float32)
+    path_of[name] = path
+  return tree, path_of
+
+
+def check_against_timm(record, style, decay, options):
+  """layer_decay on the model's names gives timm's scale to every one."""
+  tree, path_of = timm_tree(record["params"], style)
+  got = resolved(layer_decay(decay, tree, **options), tree)
+  layer_max = record["num_layers"] - 1
+  floor, below = options.get("min_scale", 0.0), options.get("freeze_below")
+  wrong = {}
+  for name, _, layer, recorded in record["params"]:
+    want = max(floor, decay ** (layer_max - layer))  # timm's layer_scales
+    if below and want < below:
+      want = 0.0  # timm's no_opt_scale: requires_grad=False
+    if decay == TIMM["decay"] and not options:
+      assert want == recorded, name  # the recorded groups say the same
+    if got[path_of[name]] != want:
+      wrong[name] = (got[path_of[name]], want)
+  assert not wrong, (f"{len(wrong)} of {len(got)} parameters differ from "
+                     f"timm (ours, timm's): {dict(list(wrong.items())[:5])}")
+
+
+@pytest.mark.parametrize("style", ["nnx", "linen"])
+@pytest.mark.parametrize("decay, options", [
+    (0.75, {}), (0.65, {"min_scale": 0.01}), (0.8, {"freeze_below": 0.1})])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_recorded_timm_groups(family, style, decay, options):
+  check_against_timm(TIMM["families"][family], style, decay, options)
+
+
+def test_recorded_families_cover_the_issue():
+  assert set(FAMILIES) == {"vit", "vit_registers", "deit_distilled", "beit",
+                           "eva02", "swin", "convnext"}
+  swin = {n: layer for n, _, layer, _ in TIMM["families"]["swin"]["params"]}
+  # Swin's depth runs over its 12 blocks; the stem is 13 steps below the
+  # head (0.75 ** 13 = 0.0238), not 5 as per stage.
+  assert swin["patch_embed.proj.weight"] == 0
+  assert swin["layers.1.downsample.reduction.weight"] == swin[
+      "layers.1.blocks.0.norm1.weight"] == 3
+  assert TIMM["families"]["swin"]["num_layers"] == 14
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_timm_itself(family):
+  pytest.importorskip("timm")
+  import make_timm_fixture  # pylint: disable=import-outside-toplevel
+  record = make_timm_fixture.record(make_timm_fixture.MODELS[family])
+  check_against_timm(record, "nnx", 0.75, {})
+  check_against_timm(record, "linen", 0.65, {"min_scale": 0.02})
+
+
+def test_head_and_stem_extend_with_or():
+  params = {"tok_emb": {"table": z(10, 4)}, "blocks_0": {"w": z(4, 4)},
+            "out_proj": {"w": z(4, 2)}}
+  with pytest.raises(ValueError, match=(
+      r"2 parameter\(s\) are in none of the stem, the blocks, the head.*"
+      r"'out_proj/w', 'tok_emb/table'.*head=lw.DEFAULT_HEAD \| "
+      r"'out_proj/\*\*'")):
+    layer_decay(0.5, params, head=None)
+  got = resolved(layer_decay(0.5, params,
+                             head=lw.DEFAULT_HEAD | "out_proj/**",
+                             stem=lw.DEFAULT_STEM | "tok_emb/**"), params)
+  assert got == {"blocks_0/w": 0.5, "out_proj/w": 1.0,
+                 "tok_emb/table": 0.25}
+
+
+def test_distilled_head_and_stage_depths_spelled_out():
+  params = {"cls_token": z(1, 1, 4), "dist_token": z(1, 1, 4),
+            "blocks": {str(i): {"w": z(4)} for i in range(2)},
+            "norm": {"w": z(4)}, "head": {"w": z(4)}, "head_dist": {"w": z(4)}}
+  got = resolved(layer_decay(0.5, params), params)
+  # Both heads at 1.0 (timm: 1.0 for head_dist, not 0.5 ** 3 as depth 0).
+  assert got["head_dist/w"] == got["head/w"] == 1.0
+  assert got["dist_token"] == got["cls_token"] == 0.125
+  assert got["norm/w"] == got["blocks/1/w"] == 0.5
+  convnext = {"stem": {"0": {"w": z(4)}},
+              "stages": {"0": {"blocks": {"0": {"w": z(4)}, "1": {"w": z(4)}}},
+                         "1": {"downsample": {"1": {"w": z(4)}},
+                               "blocks": {"0": {"w": z(4)}}}},
+              "head": {"norm": {"w": z(4)}, "fc": {"w": z(4)}}}
+  got = resolved(layer_decay(0.5, convnext), convnext)
+  # A running index over (stage, block): 1, 2, then 3 with its downsample.
+  assert got == {"head/fc/w": 1.0, "head/norm/w": 1.0,
+                 "stages/1/blocks/0/w": 0.5, "stages/1/downsample/1/w": 0.5,
+                 "stages/0/blocks/1/w": 0.25, "stages/0/blocks/0/w": 0.125,
+                 "stem/0/w": 0.0625}
+
+
 # ------------------------------------------------------------- layer_decay
 
 
@@ -248,12 +365,17 @@ def test_head_and_after_overrides():
   got = resolved(layer_decay(0.5, params, head=lw.any_of("head/**", "norm/**")),
                  params)
   assert got["norm/scale"] == 1.0 and got["blocks_1/attn/qkv/kernel"] == 0.5
-  # after=None: nothing after the blocks; the norm counts as embeddings.
-  got = resolved(layer_decay(0.5, params, after=None), params)
+  # after=None: nothing after the blocks; the norm, named in the stem,
+  # counts as embeddings. Unnamed, it is an error, not depth 0 in silence.
+  got = resolved(layer_decay(0.5, params, after=None,
+                             stem=lw.DEFAULT_STEM | "norm/**"), params)
   assert got["norm/scale"] == got["cls_token"] == 0.125
+  with pytest.raises(ValueError, match="'norm/bias', 'norm/scale'"):
+    layer_decay(0.5, params, after=None)
   # An explicit after, here a callable selector.
   got = resolved(layer_decay(
-      0.5, params, after=lambda path, leaf: path.startswith("pos_")), params)
+      0.5, params, after=lambda path, leaf: path.startswith("pos_"),
+      stem="**"), params)
   assert got["pos_embed"] == 0.5 and got["norm/scale"] == 0.125
   # No head: the head's depth stays L + 1, so the last block keeps decay.
   no_head = {k: v for k, v in params.items() if k != "head"}
@@ -359,9 +481,10 @@ def test_scale_options_out_of_range(kwargs, message):
 
 @pytest.mark.parametrize("block, message", [
     (r"blocks_\d+", r"the block pattern r'blocks_\\d\+' has 0 capture groups; "
-     r"it needs exactly one, around the block index.*Write any other group as "
-     r"\(\?:\.\.\.\)"),
-    (r"(blocks)_(\d+)", r"has 2 capture groups; it needs exactly one"),
+     r"it needs one capture group around the block index.*or two, around a "
+     r"stage index.*Write any other group as \(\?:\.\.\.\)"),
+    (r"(b)(l)(ocks)_(\d+)", r"has 4 capture groups; it needs one capture "
+     "group"),
     (r"blocks_(\d+", r"block='blocks_\(\\\\d\+' is not a valid regular "
      r"expression .*Pass a regex with one capture group"),
 ])
@@ -395,7 +518,8 @@ def test_no_block_found():
   msg = str(info.value)
   assert msg.startswith(
       "lw.layer_decay found no block: the block pattern "
-      r"r'(?:^|/)(?:layers|blocks|layer|block|h)[_/](\d+)(?:/|$)' ")
+      r"r'(?:^|/)(?:layers|blocks|layer|block|h|stages)[_/](\d+)"
+      r"(?:/(?:blocks|layers)[_/](\d+)|/downsample)?(?:/|$)' ")
   assert ("matches none of the 3 parameter paths outside the head "
           "('dense/kernel', 'embed', 'head/w')") in msg
   assert "whose one capture group is the block index" in msg
@@ -413,9 +537,10 @@ def test_two_stacks_are_an_error():
   assert ("finds 2: 'decoder/layers_*' (1 block, e.g. 'decoder/layers_0/w'); "
           "'encoder/layers_*' (2 blocks, e.g. 'encoder/layers_0/w')") in msg
   assert "Anchor the pattern to the stack whose depth should decay" in msg
-  # Anchored, it works: the decoder then counts as embeddings.
-  got = resolved(layer_decay(0.5, params, block=r"^encoder/layers_(\d+)/"),
-                 params)
+  # Anchored, it works: the decoder, named in the stem, counts as
+  # embeddings.
+  got = resolved(layer_decay(0.5, params, block=r"^encoder/layers_(\d+)/",
+                             stem="decoder/**"), params)
   assert got == {"decoder/layers_0/w": 0.125, "encoder/layers_0/w": 0.25,
                  "encoder/layers_1/w": 0.5, "head/w": 1.0}
 
