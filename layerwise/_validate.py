@@ -239,12 +239,13 @@ def check_dtypes(fn: str, paths: Sequence[str], specs: Sequence[Any],
     if what == "rule":
       raise TypeError(
           f"{fn}: parameter {path!r} has dtype {spec.dtype}; only floating "
-          f"point leaves can {verb}. Give it the rule None (or freeze it "
-          "with lw.freeze).")
+          f"point and complex leaves can {verb}. Give it the rule None (or "
+          "freeze it with lw.freeze).")
     shown = "a schedule" if is_schedule(v) else repr(v)
     raise TypeError(
         f"{fn}: parameter {path!r} has dtype {spec.dtype} and {what} "
-        f"{shown} (rule {text}); only floating point leaves can {verb}. Give "
+        f"{shown} (rule {text}); only floating point and complex leaves can "
+        f"{verb}. Give "
         f"it the {what} {neutral!r} (a rule {{{path!r}: {neutral!r}}} before "
         "the others) to leave it as it is, or keep it out of the params "
         "(lw.freeze and lw.partition with None also leave it alone).")

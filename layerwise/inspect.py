@@ -170,7 +170,7 @@ def _describe_transformation(tx: Any, params: Any,
     if (jax.tree_util.tree_structure(opt_state)
         != jax.tree_util.tree_structure(state)):
       raise ValueError(
-          "describe: opt_state does not have the structure of "
+          "lw.describe: opt_state does not have the structure of "
           "tx.init(params); pass the state of this transformation, "
           "initialised with these params.")
     state = opt_state
@@ -375,12 +375,12 @@ def describe(obj: Any, params: Any, *, opt_state: Any = None,
   if (not isinstance(obj, (Mapping, Sequence, RuleSet))
       or isinstance(obj, (str, bytes)) or hasattr(obj, "_fields")):
     raise TypeError(
-        f"describe() takes a rule set ({{selector: value}} or a list of "
+        f"lw.describe() takes a rule set ({{selector: value}} or a list of "
         f"(selector, value) pairs) or an optax transformation, got "
         f"{type(obj).__name__}.")
   if opt_state is not None:
-    raise TypeError("describe: opt_state is for a transformation, not for a "
-                    "rule set.")
+    raise TypeError("lw.describe: opt_state is for a transformation, not for "
+                    "a rule set.")
   res = RuleSet(obj).resolve(params, default=default, strict=strict)
   rows = tuple({
       "path": path,

@@ -655,3 +655,61 @@ def test_rule_errors_and_integer_leaves():
     tx.update({"w": jnp.ones(2), "v": jnp.ones(2)}, state)
   with pytest.raises(ValueError, match="opt_state"):
     lw.describe(tx, {"w": jnp.ones(2)}, opt_state=(state,))
+
+
+# ------------------------------------------------------------ complex leaves
+#
+# One dtype gate for every rule that changes or measures a leaf: floating
+# point and complex leaves pass, integers and bools do not. A norm is the
+# modulus norm, sqrt(sum |z|^2), as numpy.linalg.norm computes it.
+
+def complex_leaf(seed, shape):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(
+      np.complex64)
+
+
+def test_norm_clippers_and_tracking_measure_complex_leaves_by_modulus():
+  z, r = complex_leaf(0, (3, 4)), np.random.default_rng(1).normal(size=4)
+  grads = {"z": jnp.asarray(z), "r": jnp.asarray(r, jnp.float32)}
+  joint = np.sqrt(np.linalg.norm(z) ** 2 + np.linalg.norm(r) ** 2)
+  tx = lw.clip_by_rules({"z": lw.clip_norm(1.0), "r": None})
+  updates, state = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(updates["z"], z / np.linalg.norm(z), rtol=1e-6)
+  assert updates["z"].dtype == jnp.complex64
+  np.testing.assert_allclose(lw.norms(state)["clip/z/norm"], np.linalg.norm(z),
+                             rtol=1e-6)
+  tx = lw.clip_by_rules({"**": lw.clip_group_norm(1.0)})
+  updates, _ = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(updates["z"], z / joint, rtol=1e-6)
+  np.testing.assert_allclose(updates["r"], r / joint, rtol=1e-6)
+  tx = lw.track_norms({"**": "all"})
+  _, state = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(lw.norms(state)["grad_norm/all"], joint,
+                             rtol=1e-6)
+
+
+def test_clip_adaptive_units_of_a_complex_kernel():
+  g, p = complex_leaf(2, (5, 3)), complex_leaf(3, (5, 3))
+  tx = lw.clip_by_rules({"**": lw.clip_adaptive(0.5)})
+  params = {"w": jnp.asarray(p)}
+  updates, _ = tx.update({"w": jnp.asarray(g)}, tx.init(params), params)
+  # By hand: each column (unit) scaled to 0.5 * its param column's norm.
+  g_norm = np.linalg.norm(g, axis=0, keepdims=True)
+  max_norm = 0.5 * np.maximum(np.linalg.norm(p, axis=0, keepdims=True), 1e-3)
+  want = np.where(g_norm < max_norm, g, g * max_norm / g_norm)
+  np.testing.assert_allclose(updates["w"], want, rtol=1e-5)
+
+
+def test_clip_value_refuses_complex_leaves_and_scaling_takes_them():
+  z = {"z": jnp.asarray(complex_leaf(4, (2,)))}
+  with pytest.raises(TypeError, match=(
+      r"parameter 'z' has dtype complex64; clip_value clips each entry.*"
+      r"lw\.clip_norm")):
+    lw.clip_by_rules({"**": lw.clip_value(1.0)}).init(z)
+  tx = lw.scale_by_rules({"**": 0.5})
+  updates, _ = tx.update(z, tx.init(z))
+  np.testing.assert_array_equal(updates["z"], 0.5 * z["z"])
+  with pytest.raises(TypeError, match="only floating point and complex leaves"):
+    lw.clip_by_rules({"**": lw.clip_norm(1.0)}).init(
+        {"n": jnp.zeros(2, jnp.int32)})
