@@ -22,6 +22,10 @@ from flax import nnx
 
 import layerwise as lw
 
+# Scripts that write the recorded fixtures in tests/data (one needs timm):
+# tests import them, pytest does not collect them.
+collect_ignore_glob = ["make_*_fixture.py"]
+
 
 def flat(tree):
   """``{path: leaf}`` of a tree, paths as ``lw.paths`` names them."""
