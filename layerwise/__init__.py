@@ -14,7 +14,7 @@ Examples:
 
 from layerwise._diagnostics import RuleError
 from layerwise._paths import paths
-from layerwise._resolve import Rules, labels, resolve
+from layerwise._resolve import Flags, Rules, labels, resolve
 from layerwise._selectors import (
     Selector,
     SelectorLike,
@@ -24,6 +24,7 @@ from layerwise._selectors import (
     ndim_at_most,
     not_,
 )
+from layerwise._types import ScalarOrSchedule
 from layerwise.clipping import (
     ClipByRulesState,
     clip_adaptive,
@@ -76,12 +77,14 @@ __all__ = [
     "AddDecayedWeightsState",
     "ClipByRulesState",
     "Description",
+    "Flags",
     "FreezeState",
     "MapUpdatesState",
     "PartitionState",
     "ReparameterizeState",
     "RuleError",
     "Rules",
+    "ScalarOrSchedule",
     "ScaleByRulesState",
     "Selector",
     "SelectorLike",

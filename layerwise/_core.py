@@ -53,8 +53,8 @@ class Plan:
   states (through ``jit``, ``jax.eval_shape``, checkpoints of the arrays)
   without being an array, so :func:`layerwise.describe` and
   :func:`layerwise.set_scale` can read which rule each leaf got from the
-  state alone. It is immutable; jit compares it on every call, so its hash
-  is computed once.
+  state alone. It is never changed after it is made; jit compares it on
+  every call, so its hash is computed once.
 
   Attributes:
     kind: what the rules set (``"scale"``, ``"clip"``, ...); the column name
@@ -77,29 +77,42 @@ class Plan:
                "groups", "group_names", "layout", "_hash", "_members",
                "_treedefs")
 
+  kind: str
+  paths: tuple[str, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[str, ...]
+  rule_texts: tuple[str, ...]
+  values: tuple[Any, ...]
+  groups: tuple[int, ...] | None
+  group_names: tuple[str, ...]
+  layout: Any
+
   def __init__(self, kind: str, paths: Sequence[str],
-               shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str],
+               shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
                rule_texts: Sequence[str], values: Sequence[Any],
                groups: Sequence[int] | None = None,
                group_names: Sequence[str] = (), layout: Any = ()):
-    set_ = object.__setattr__
-    set_(self, "kind", kind)
-    set_(self, "paths", tuple(paths))
-    set_(self, "shapes", tuple(tuple(s) for s in shapes))
-    set_(self, "dtypes", tuple(dtypes))
-    set_(self, "rule_texts", tuple(rule_texts))
-    set_(self, "values", tuple(values))
-    set_(self, "groups", None if groups is None else tuple(groups))
-    set_(self, "group_names", tuple(group_names))
-    set_(self, "layout", layout)
+    # Everything is computed here, once: a plan is never written to after.
+    self.kind = kind
+    self.paths = tuple(paths)
+    self.shapes = tuple(tuple(s) for s in shapes)
+    self.dtypes = tuple(dtypes)
+    self.rule_texts = tuple(rule_texts)
+    self.values = tuple(values)
+    self.groups = None if groups is None else tuple(groups)
+    self.group_names = tuple(group_names)
+    self.layout = layout
+    members: list[list[int]] = [[] for _ in self.group_names]
+    for i, g in enumerate(self.groups or ()):
+      if g >= 0:
+        members[g].append(i)
+    self._members = tuple(tuple(m) for m in members)
     # Values need not be hashable (hash what is); equality compares all.
-    set_(self, "_hash", hash((kind, self.paths, self.shapes, self.dtypes,
-                              self.rule_texts, self.groups, self.group_names,
-                              layout)))
-    set_(self, "_members", None)
-    # The update structures already checked against the paths (a cache of
-    # the check, not part of the plan's identity).
-    set_(self, "_treedefs", set())
+    self._hash = hash((kind, self.paths, self.shapes, self.dtypes,
+                       self.rule_texts, self.groups, self.group_names, layout))
+    # The update structures already checked against the paths: a cache of
+    # check_tree, not part of the plan's identity.
+    self._treedefs: set[Any] = set()
 
   @classmethod
   def of(cls, kind: str, res: Resolution, *, values: Sequence[Any] | None = None,
@@ -111,9 +124,6 @@ class Plan:
                [res.rule_text(i) for i in range(len(res.paths))],
                res.values if values is None else values, groups, group_names,
                layout)
-
-  def __setattr__(self, name: str, value: Any) -> None:
-    raise AttributeError("a Plan is immutable")
 
   def _key(self) -> tuple[Any, ...]:
     return (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
@@ -144,12 +154,6 @@ class Plan:
 
   def members(self, group: int) -> tuple[int, ...]:
     """The indices of the leaves in ``group``, in leaf order."""
-    if self._members is None:
-      members: list[list[int]] = [[] for _ in self.group_names]
-      for i, g in enumerate(self.groups or ()):
-        if g >= 0:
-          members[g].append(i)
-      object.__setattr__(self, "_members", tuple(map(tuple, members)))
     return self._members[group]
 
   def select(self, selector: SelectorLike) -> list[int]:
@@ -361,13 +365,13 @@ def unboxed(vector: Any) -> Any:
   """A state vector, out of the Flax box it may be in (the Variables of an
   ``nnx.Optimizer``'s state before flax 0.11)."""
   (leaf,) = jax.tree_util.tree_leaves(vector)
-  return leaf.value if isinstance(leaf, _paths.box_types()) else leaf
+  return getattr(leaf, "value") if isinstance(leaf, _paths.box_types()) else leaf
 
 
 def reboxed(old: Any, new: Any) -> Any:
   """``new`` in the box ``old`` is in, if any."""
   if isinstance(old, _paths.box_types()):
-    return old.replace(value=new)
+    return getattr(old, "replace")(value=new)
   return new
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import jax
 
+from layerwise._types import PyTree
+
 __all__ = ["paths", "flatten_with_paths"]
 
 _SEP = "/"
@@ -86,7 +88,7 @@ def unbox(tree: Any) -> Any:
       return children[0]
     # A box that is a pytree leaf, or one that holds a tree.
     get_value = getattr(type(node), "get_value", None)
-    return get_value(node) if get_value is not None else node.value
+    return get_value(node) if get_value is not None else getattr(node, "value")
 
   return jax.tree_util.tree_map(content, tree,
                                 is_leaf=lambda x: isinstance(x, boxes))
@@ -146,7 +148,7 @@ def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   return path_strs, leaves, treedef
 
 
-def paths(tree: Any) -> Any:
+def paths(tree: PyTree) -> PyTree:
   """Returns a tree like ``tree`` whose leaves are the leaves' path strings.
 
   The path of a leaf is its ``jax.tree_util`` key path joined with ``'/'``:

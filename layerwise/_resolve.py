@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerwise import _diagnostics, _paths
-from layerwise._selectors import compile_selector
+from layerwise._selectors import Compiled, SelectorLike, compile_selector
+from layerwise._types import PyTree
 
 __all__ = ["Rules", "labels", "resolve"]
 
@@ -33,6 +34,11 @@ V = TypeVar("V")
 #: A rule set: an ordered mapping ``{selector: value}`` or a sequence of
 #: ``(selector, value)`` pairs; the first rule that matches a leaf wins.
 Rules = Union[Mapping[Any, V], Sequence[tuple[Any, V]], "RuleSet"]
+
+
+#: Flags by rule: a selector (what it matches gets ``True``, the rest
+#: ``False``), or a rule set ``{selector: bool}`` that covers every leaf.
+Flags = Union[SelectorLike, Mapping[Any, bool], Sequence[tuple[Any, bool]]]
 
 
 class _Missing:
@@ -123,7 +129,11 @@ class RuleSet:
     what: what the values are, for error messages (``"value"``, ``"label"``).
   """
 
+  selectors: tuple[Compiled, ...]
+  values: tuple[Any, ...]
+
   def __init__(self, rules: Rules, *, what: str = "value"):
+    items: list[tuple[Any, Any]]
     if isinstance(rules, RuleSet):
       items = list(zip(rules.selectors, rules.values))
     elif isinstance(rules, Mapping):
@@ -181,8 +191,8 @@ class RuleSet:
       key, hit = None, None
     if hit is not None:
       return hit
-    path_strs, specs, treedef = paths_and_specs(tree)
-    specs = tuple(specs)
+    path_strs, spec_list, treedef = paths_and_specs(tree)
+    specs = tuple(spec_list)
     matches = tuple(
         tuple(i for i, (p, s) in enumerate(zip(path_strs, specs))
               if c.match(p, s))
@@ -229,8 +239,8 @@ class RuleSet:
 # ------------------------------------------------------------ public API
 
 
-def resolve(rules: Rules, tree: Any, *, default: Any = MISSING,
-            strict: bool = True) -> Any:
+def resolve(rules: Rules[V], tree: PyTree, *, default: V = MISSING,
+            strict: bool = True) -> PyTree:
   """Returns a tree like ``tree`` holding, at each leaf, its rule's value.
 
   Each leaf takes the value of the first rule whose selector matches its path
@@ -276,8 +286,8 @@ def resolve(rules: Rules, tree: Any, *, default: Any = MISSING,
   return RuleSet(rules).resolve(tree, default=default, strict=strict).tree()
 
 
-def labels(rules: Rules, *, default: Hashable = MISSING,
-           strict: bool = True) -> Callable[[Any], Any]:
+def labels(rules: Rules[Hashable], *, default: Hashable = MISSING,
+           strict: bool = True) -> Callable[[PyTree], PyTree]:
   """Returns a label function for ``optax.partition`` from a rule set.
 
   The rule values are the labels. The returned function maps a tree of
@@ -326,7 +336,7 @@ def labels(rules: Rules, *, default: Hashable = MISSING,
   return label_fn
 
 
-def flag_rules(fn: str, flags: Any, *, what: str,
+def flag_rules(fn: str, flags: Flags, *, what: str,
                meaning: str) -> tuple[RuleSet, Any]:
   """A selector, or a rule set ``{selector: bool}``, as a rule set of bools
   and the default to resolve it with.
@@ -335,9 +345,8 @@ def flag_rules(fn: str, flags: Any, *, what: str,
   rule set must cover every leaf, as any rule set. ``meaning`` says what
   ``True`` and ``False`` mean, for the error on a value that is not a bool.
   """
-  is_rule_set = (isinstance(flags, Mapping) or (
-      isinstance(flags, Sequence) and not isinstance(flags, (str, bytes))))
-  if not is_rule_set:
+  if not (isinstance(flags, Mapping) or (
+      isinstance(flags, Sequence) and not isinstance(flags, (str, bytes)))):
     return RuleSet([(flags, True)], what=what), False
   rule_set = RuleSet(flags, what=what)
   for c, v in zip(rule_set.selectors, rule_set.values):

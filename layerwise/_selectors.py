@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -294,6 +294,16 @@ def not_(selector: SelectorLike) -> Selector:
   c = compile_selector(selector)
   return Selector(lambda path, leaf: not c.match(path, leaf),
                   f"not_({c.text})")
+
+
+def of_paths(paths: Iterable[str] | None, text: str) -> Selector:
+  """A selector of the leaves whose path is one of ``paths`` (of every leaf
+  for ``None``), named ``text``: the selectors of rule sets computed from a
+  model (:func:`layerwise.layer_decay`, :func:`layerwise.mup_scales`)."""
+  if paths is None:
+    return Selector(lambda path, leaf: True, text)
+  members = frozenset(paths)
+  return Selector(lambda path, leaf: path in members, text)
 
 
 def _check_ndim(name: str, k: Any) -> int:

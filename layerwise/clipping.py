@@ -653,6 +653,8 @@ def _stack_stats(per_group: Iterable[tuple[str | None, dict[str, jax.Array]]]
   over the groups that share a key, in group order (``None``: no stats)."""
   fields: dict[str, dict[str, list[jax.Array]]] = {}
   for key, stats in per_group:
+    if key is None:
+      continue
     for f, v in stats.items():
       fields.setdefault(key, {}).setdefault(f, []).append(v)
   return {k: {f: jnp.stack(v) for f, v in fs.items()}
@@ -712,7 +714,7 @@ def _stats_layout(clippers: Sequence[Clipper]
   whose keys coincide get ``#2``, ``#3``..."""
   keys: dict[Clipper, str] = {}
   rows: dict[str, int] = {}
-  layout = []
+  layout: list[tuple[str | None, int]] = []
   for clipper in clippers:
     base = clipper.stats_key()
     if base is None:

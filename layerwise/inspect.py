@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 from layerwise import _core, _paths
-from layerwise._resolve import MISSING, RuleSet, paths_and_specs
+from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
+from layerwise._types import PyTree
 
 __all__ = ["Description", "describe", "norms"]
 
@@ -129,7 +130,7 @@ class Description:
     widths[1] = max(widths[1], 6)
     out.append("")
     out += [line(row, right=set(range(1, len(head)))) for row in [head] + foot]
-    if with_bytes:
+    if self.shared_state_bytes is not None:
       out.append(f"(total state bytes include "
                  f"{_human(self.shared_state_bytes)} not held by one "
                  "parameter, such as step counts)")
@@ -167,8 +168,8 @@ def _describe_transformation(tx: Any, params: Any,
   if opt_state is not None:
     # nnx.Optimizer keeps its state in Variables: compare what they hold.
     opt_state, state = _paths.unbox(opt_state), _paths.unbox(state)
-    if (jax.tree_util.tree_structure(opt_state)
-        != jax.tree_util.tree_structure(state)):
+    given: Any = jax.tree_util.tree_structure(opt_state)
+    if given != jax.tree_util.tree_structure(state):
       raise ValueError(
           "lw.describe: opt_state does not have the structure of "
           "tx.init(params); pass the state of this transformation, "
@@ -236,7 +237,7 @@ def _add_measured_columns(node: Any, info: _core.Plan, name: str,
         row[column] = float(values[group])
 
 
-def norms(opt_state: Any) -> dict[str, jax.Array]:
+def norms(opt_state: PyTree) -> dict[str, jax.Array]:
   """The norms and scales of every clipping and tracking state, as a dict.
 
   Reads the states of :func:`layerwise.clip_by_rules` (keys
@@ -282,8 +283,8 @@ def norms(opt_state: Any) -> dict[str, jax.Array]:
   return out
 
 
-def describe(obj: Any, params: Any, *, opt_state: Any = None,
-             default: Any = MISSING,
+def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
+             *, opt_state: PyTree | None = None, default: Any = MISSING,
              strict: bool = True) -> Description:
   """Tells which rule applies to each parameter, as a table and as data.
 

@@ -16,8 +16,9 @@ from typing import Any, NamedTuple
 
 from layerwise import _diagnostics, _validate
 from layerwise._resolve import paths_and_specs
+from layerwise._types import PyTree
 from layerwise._selectors import (Selector, SelectorLike, any_of,
-                                  compile_selector)
+                                  compile_selector, of_paths)
 
 __all__ = ["DEFAULT_HEAD", "DEFAULT_STEM", "discriminative", "layer_decay"]
 
@@ -57,6 +58,7 @@ STEM_NAMES = ("stem", "embed", "embeds", "embedding", "embeddings",
               "patch_embed", "patch_embedding", "pos_embed",
               "absolute_pos_embed", "cls_token", "reg_token", "dist_token",
               "mask_token", "class_embedding", "rel_pos_bias", "norm_pre")
+_STEM_SEGMENTS = frozenset(STEM_NAMES)
 
 #: The default ``stem`` of :func:`layer_decay`: any parameter named in
 #: :data:`STEM_NAMES`, or inside a module so named. It is a
@@ -66,7 +68,6 @@ STEM_NAMES = ("stem", "embed", "embeds", "embedding", "embeddings",
 DEFAULT_STEM = Selector(
     lambda path, leaf: not _STEM_SEGMENTS.isdisjoint(path.split("/")),
     "lw.DEFAULT_STEM")
-_STEM_SEGMENTS = frozenset(STEM_NAMES)
 
 #: Module names that the default ``after`` of :func:`layer_decay` treats as a
 #: final norm when they sit beside the blocks.
@@ -192,7 +193,7 @@ def _unclassified_error(fn: str, paths: Sequence[str]) -> ValueError:
 
 def layer_decay(
     decay: float,
-    params: Any,
+    params: PyTree,
     *,
     block: str | re.Pattern[str] = DEFAULT_BLOCK,
     head: SelectorLike | None = DEFAULT_HEAD,
@@ -466,12 +467,9 @@ def layer_decay(
   rules = []
   for k, d in enumerate(present):
     text = f"depth {d} ({labels[d]})"
-    if k == len(present) - 1:  # the last rule takes every leaf left
-      selector = Selector(lambda path, leaf: True, text)
-    else:
-      selector = Selector(
-          lambda path, leaf, paths=frozenset(members[d]): path in paths, text)
-    rules.append((selector, multiplier(d)))
+    last = k == len(present) - 1  # the last rule takes every leaf left
+    rules.append((of_paths(None if last else members[d], text),
+                  multiplier(d)))
   return rules
 
 

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from layerwise import _core, _diagnostics, _validate
-from layerwise._resolve import MISSING, Resolution, Rules, RuleSet, flag_rules
-from layerwise._selectors import SelectorLike
+from layerwise._resolve import (MISSING, Flags, Resolution, Rules, RuleSet,
+                                flag_rules)
+from layerwise._types import PyTree
 
 __all__ = ["FreezeState", "PartitionState", "freeze", "partition",
            "stop_gradient"]
@@ -76,9 +77,7 @@ def _zero_like(x: jax.Array) -> jax.Array:
 
 
 #: What a leaf's group can be: an optax transformation, or ``None`` (frozen).
-Transformation = Any
-#: What ``frozen`` can be: a selector, or a rule set ``{selector: bool}``.
-FrozenLike = Any
+Transformation = Union[optax.GradientTransformation, None]
 
 
 def _masked(treedef: Any, leaves: Sequence[Any] | None,
@@ -275,7 +274,7 @@ def _stop_gradient_rules(frozen: Any) -> tuple[RuleSet, Any]:
 
 def freeze(
     inner: optax.GradientTransformation,
-    frozen: FrozenLike,
+    frozen: Flags,
     *,
     strict: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -341,8 +340,8 @@ def freeze(
       unpack=lambda state: (state.inner_state,))
 
 
-def stop_gradient(params: Any, frozen: FrozenLike, *,
-                  strict: bool = True) -> Any:
+def stop_gradient(params: PyTree, frozen: Flags, *,
+                  strict: bool = True) -> PyTree:
   """``params`` with ``jax.lax.stop_gradient`` on the frozen leaves.
 
   Call it on the params inside the loss function: the frozen leaves then

@@ -35,7 +35,8 @@ import optax
 
 from layerwise import _core, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet, paths_and_specs
-from layerwise._selectors import Selector
+from layerwise._selectors import Selector, of_paths
+from layerwise._types import PyTree
 
 __all__ = ["ReparameterizeState", "equivalent_multipliers",
            "equivalent_scales", "mup_scales", "reparameterize"]
@@ -277,7 +278,8 @@ def _map_values(fn: str, rules: Any, what: str, f: Any) -> Any:
   return [(c.source, v) for c, v in zip(rule_set.selectors, rule_set.values)]
 
 
-def equivalent_multipliers(scales: Any, optimizer: str) -> Any:
+def equivalent_multipliers(scales: float | Rules[float],
+                           optimizer: str) -> float | Rules[float]:
   r"""The per-layer learning-rate multipliers that equal a reparameterization.
 
   For optimizer ``optimizer``, ``optax.chain(opt(lr),
@@ -327,7 +329,8 @@ def equivalent_multipliers(scales: Any, optimizer: str) -> Any:
   return _map_values(fn, scales, "scale", lambda lam: lam**power)
 
 
-def equivalent_scales(multipliers: Any, optimizer: str) -> Any:
+def equivalent_scales(multipliers: float | Rules[float],
+                      optimizer: str) -> float | Rules[float]:
   r"""The reparameterization that equals per-layer learning-rate multipliers.
 
   The inverse of :func:`equivalent_multipliers`: for SGD a multiplier ``m``
@@ -409,8 +412,8 @@ def _mup_leaf(fn: str, path: str, base: tuple[int, ...],
 
 
 def mup_scales(
-    base_params: Any,
-    params: Any,
+    base_params: PyTree,
+    params: PyTree,
     optimizer: str = "adam",
     *,
     layout: str = "in_out",
@@ -549,8 +552,5 @@ def mup_scales(
     groups.setdefault((leaf.kind, leaf.multiplier), []).append(path)
   order = {"hidden": 0, "vector-like": 1, "fixed": 2}
   for kind, m in sorted(groups, key=lambda g: (order[g[0]], -g[1])):
-    members = frozenset(groups[kind, m])
-    rules.append((Selector(lambda path, leaf, members=members:
-                                  path in members, f"muP {kind} (x{m:.4g})"),
-                  m))
+    rules.append((of_paths(groups[kind, m], f"muP {kind} (x{m:.4g})"), m))
   return rules

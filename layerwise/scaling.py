@@ -19,13 +19,10 @@ import optax
 from layerwise import _core, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
 from layerwise._selectors import Selector, SelectorLike, any_of, ndim_at_most
+from layerwise._types import ArrayLike, PyTree, ScalarOrSchedule
 
 __all__ = ["NO_DECAY", "AddDecayedWeightsState", "ScaleByRulesState",
            "add_decayed_weights", "scale_by_rules", "set_scale"]
-
-#: A multiplier or weight decay: a number, or a schedule ``count -> number``.
-ScalarOrSchedule = Any
-
 
 def _rate_rules(fn: str, rules: Rules, default: Any,
                 what: str) -> tuple[RuleSet, Any]:
@@ -73,7 +70,7 @@ class ScaleByRulesState(NamedTuple):
       a millisecond, dispatching ~200 extra scalars cost about as much.
     rules: static metadata: each leaf's path, rule and value as given.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax
   multipliers: Any
   rules: _core.Plan
 
@@ -186,7 +183,8 @@ def scale_by_rules(
                      init=init, update=update)
 
 
-def set_scale(opt_state: Any, selector: SelectorLike, value: Any) -> Any:
+def set_scale(opt_state: PyTree, selector: SelectorLike,
+              value: ArrayLike) -> PyTree:
   """Returns ``opt_state`` with new multipliers for the leaves ``selector`` picks.
 
   ``opt_state`` may be the state of :func:`scale_by_rules` itself or of any
@@ -270,7 +268,7 @@ class AddDecayedWeightsState(NamedTuple):
     count: the number of updates made so far (schedules are evaluated at it).
     rules: static metadata: each leaf's path, rule and weight decay as given.
   """
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field, as in optax
   rules: _core.Plan
 
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerwise import _diagnostics
-from layerwise._resolve import flag_rules, paths_and_specs
+from layerwise._resolve import Flags, flag_rules, paths_and_specs
+from layerwise._types import PyTree
 
 __all__ = ["TransplantReport", "transplant"]
 
@@ -100,14 +101,14 @@ def _copy(value: Any, like: Any, dtype: Any) -> Any:
 
 
 def transplant(
-    target: Any,
-    source: Any,
-    rules: Any,
+    target: PyTree,
+    source: PyTree,
+    rules: Flags,
     *,
     rename: Callable[[str], str] | None = None,
     cast: bool = False,
     strict: bool = True,
-) -> tuple[Any, TransplantReport]:
+) -> tuple[PyTree, TransplantReport]:
   """Copies the leaves of ``source`` into ``target`` where ``rules`` selects.
 
   Every target leaf that ``rules`` selects takes the value of the source leaf

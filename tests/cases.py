@@ -136,6 +136,8 @@ NOT_TRANSFORMATIONS: dict[str, str] = {
     "Selector": "test_rules, test_properties",
     "SelectorLike": "the type check in .ci/run (mypy); a type alias",
     "Rules": "the type check in .ci/run (mypy); a type alias",
+    "Flags": "the type check in .ci/run (mypy); a type alias",
+    "ScalarOrSchedule": "the type check in .ci/run (mypy); a type alias",
     "DEFAULT_HEAD": "test_layer_rates (extending the head with |)",
     "all_of": "test_rules",
     "any_of": "test_rules",

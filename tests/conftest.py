@@ -25,6 +25,8 @@ import layerwise as lw
 # Scripts that write the recorded fixtures in tests/data (one needs timm):
 # tests import them, pytest does not collect them.
 collect_ignore_glob = ["make_*_fixture.py"]
+# Type-checked by mypy in .ci/run, not a test module.
+collect_ignore = ["typed_usage.py"]
 
 
 def flat(tree):

@@ -577,6 +577,7 @@ _NO_BAD_INPUT = {
     "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
     "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
     "norms", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
+    "Flags", "ScalarOrSchedule",
 }
 
 
