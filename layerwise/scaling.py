@@ -168,7 +168,7 @@ def scale_by_rules(
 
   def update(step: _core.Step, state: ScaleByRulesState
              ) -> tuple[list[Any], ScaleByRulesState]:
-    factors = _core.entries(state.multipliers, len(step.updates))
+    factors = _core.factors(state.multipliers, len(step.updates))
     out = []
     for i, u in enumerate(step.updates):
       dtype = jnp.result_type(u)
