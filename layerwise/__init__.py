@@ -25,6 +25,7 @@ from layerwise._selectors import (
     not_,
 )
 from layerwise._types import ScalarOrSchedule
+from layerwise.checkpoint import restore_state
 from layerwise.clipping import (
     ClipByRulesState,
     clip_adaptive,
@@ -34,6 +35,7 @@ from layerwise.clipping import (
     clip_quantile,
     clip_value,
     clip_zscore,
+    set_threshold,
 )
 from layerwise.inspect import Description, describe, norms
 from layerwise.layer_rates import (
@@ -64,6 +66,7 @@ from layerwise.scaling import (
     add_decayed_weights,
     scale_by_rules,
     set_scale,
+    set_weight_decay,
 )
 from layerwise.tracking import TrackNormsState, track_norms
 from layerwise.transfer import TransplantReport, transplant
@@ -117,8 +120,11 @@ __all__ = [
     "paths",
     "reparameterize",
     "resolve",
+    "restore_state",
     "scale_by_rules",
     "set_scale",
+    "set_threshold",
+    "set_weight_decay",
     "stop_gradient",
     "track_norms",
     "transplant",

@@ -276,9 +276,11 @@ def plan_of(fn: str, state: Any) -> Plan:
   raise TypeError(
       f"{fn}: the state passed to update is a {type(state).__name__}, not "
       "the state this transformation's init returned (it has no layerwise "
-      "rules). Pass the state from init, or from the previous update; a "
-      "checkpoint must be restored against a target made from "
-      "jax.eval_shape(tx.init, params) to give the state its structure back.")
+      "rules). Pass the state from init, or from the previous update. A "
+      "checkpoint restored without a target is plain lists and dicts: "
+      "restore against jax.eval_shape(tx.init, params), or turn what was "
+      "restored into a state with lw.restore_state(tx.init(params), "
+      "restored).")
 
 
 # ---------------------------------------------------------- the protocol
@@ -468,13 +470,22 @@ def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
   if not states:
     raise no_state_error(fn, what, transformation)
   picked = {}
+  outside = 0  # leaves matched but in no group of a per-group value
   for s in states:
     indices = s.rules.select(selector)
     if live_of(s)[name].per == "group":
       groups = s.rules.groups or ()
+      outside += sum(groups[i] < 0 for i in indices)
       indices = sorted({groups[i] for i in indices if groups[i] >= 0})
     picked[id(s)] = indices
   if not any(picked.values()):
+    if outside:
+      raise ValueError(
+          f"{fn}: selector {compile_selector(selector).text} matches "
+          f"{outside} parameter(s), but {transformation} leaves them alone "
+          f"(their rule is None), so they have no {what[:-1]}. Select "
+          f"parameters that it covers (lw.describe(tx, params) shows each "
+          "one's rule).")
     raise unmatched_error(fn, selector, [p for s in states
                                          for p in s.rules.paths])
 

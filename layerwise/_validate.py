@@ -185,6 +185,19 @@ def rate(fn: str, where: str, value: Any, what: str) -> Any:
   return float(value)
 
 
+def live_array(fn: str, value: Any) -> None:
+  """Raises for an array that cannot be a new value of a state vector's
+  entries: only a real scalar can."""
+  if isinstance(value, (jax.Array, np.ndarray)) and (
+      value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
+                                or jnp.issubdtype(value.dtype, jnp.integer))):
+    raise TypeError(
+        f"{fn}: value must be a number or a real scalar array, got an "
+        f"array of shape {value.shape} and dtype {value.dtype}. Each "
+        f"leaf's value is one number; call {fn.removeprefix('lw.')} once per "
+        "group for different values.")
+
+
 def schedule_value(fn: str, value: Any, count: jax.Array, text: str,
                    path: str) -> jax.Array:
   """``value(count)``, checked (at trace time) to be a real scalar."""

@@ -27,10 +27,13 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from layerwise import _core, _norms, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
+from layerwise._selectors import SelectorLike
+from layerwise._types import ArrayLike, PyTree
 
 __all__ = [
     "ClipByRulesState",
@@ -41,6 +44,7 @@ __all__ = [
     "clip_quantile",
     "clip_value",
     "clip_zscore",
+    "set_threshold",
 ]
 
 _F32 = _norms.F32
@@ -98,15 +102,32 @@ class Clipper:
   # is given one (layerwise._validate.rate).
   is_clipper: ClassVar[bool] = True
 
+  # What the clipper's one live hyperparameter is, for messages.
+  limit_name: ClassVar[str] = "threshold"
+
   def check_leaf(self, path: str, spec: Any) -> None:
     """Raises if the clipper cannot handle a leaf of this shape or dtype."""
+
+  def limit(self) -> float:
+    """The clipper's live hyperparameter as given: the threshold ``c``, the
+    ratio of :func:`clip_adaptive`, the quantile of :func:`clip_quantile`,
+    the z-score of :func:`clip_zscore`. The state holds it (one entry per
+    group of ``ClipByRulesState.thresholds``) and :func:`set_threshold`
+    changes it."""
+    raise NotImplementedError
+
+  def check_limit(self, fn: str, value: Any) -> float:
+    """``value`` as a new :meth:`limit`, checked as the clipper's factory
+    checks it."""
+    return _threshold(fn, f"the new {self.limit_name}", value)
 
   def stats_key(self) -> str | None:
     """The key of the group's statistics in the state (``None``: it keeps
     none). Groups whose clippers have equal keys share one set of arrays,
-    stacked. It names arrays in checkpoints: it is part of the state's
-    format, never derived from ``repr``, and changing it breaks restoring
-    states saved before."""
+    stacked, so it names only what the arrays' shapes depend on (never the
+    live hyperparameter, which a sweep changes). It names arrays in
+    checkpoints: it is part of the state's format, never derived from
+    ``repr``, and changing it breaks restoring states saved before."""
     return None
 
   def init(self) -> dict[str, jax.Array]:
@@ -114,11 +135,11 @@ class Clipper:
     return {}
 
   def clip(self, leaves: list[jax.Array], params: list[jax.Array] | None,
-           stats: dict[str, jax.Array]
+           stats: dict[str, jax.Array], limit: jax.Array
            ) -> tuple[list[jax.Array], jax.Array, jax.Array,
                       dict[str, jax.Array]]:
     """Returns the clipped leaves, the norm before, the scale applied and
-    the new statistics."""
+    the new statistics; ``limit`` is the live :meth:`limit` (float32)."""
     raise NotImplementedError
 
 
@@ -126,17 +147,19 @@ class Clipper:
 class _ClipValue(Clipper):
   c: float
 
-  def clip(self, leaves, params, stats):
+  def limit(self):
+    return self.c
+
+  def clip(self, leaves, params, stats, limit):
     (u,) = leaves
-    c = jnp.asarray(self.c, u.dtype)
+    c = limit.astype(u.dtype)
     # Non-finite entries pass through: clipping an inf to c would hide it.
     out = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
     # The scale is the factor of the largest entry, c / max|u| capped at 1:
     # one more reduction of u (the norm of the clipped update would need it
     # written out first, which costs XLA:CPU a pass over memory).
     largest = jnp.max(jnp.abs(u.astype(_F32)), initial=0.0)
-    return ([out], _norms.l2([u]), _norm_factor(largest, jnp.float32(self.c)),
-            stats)
+    return [out], _norms.l2([u]), _norm_factor(largest, limit), stats
 
   def check_leaf(self, path, spec):
     if jnp.issubdtype(spec.dtype, jnp.complexfloating):
@@ -161,9 +184,12 @@ class _ClipNorm(Clipper):
   c: float
   ord: float = 2.0
 
-  def clip(self, leaves, params, stats):
+  def limit(self):
+    return self.c
+
+  def clip(self, leaves, params, stats, limit):
     norm = _norms.norm(leaves, self.ord)
-    factor = _norm_factor(norm, jnp.float32(self.c))
+    factor = _norm_factor(norm, limit)
     return _scaled(leaves, factor), norm, factor, stats
 
   def __repr__(self):
@@ -216,7 +242,12 @@ class _ClipAdaptive(Clipper):
           f"lw.clip_adaptive: axis={self.axis} is out of range for "
           f"parameter {path!r} of shape {tuple(spec.shape)}.")
 
-  def clip(self, leaves, params, stats):
+  limit_name: ClassVar[str] = "clipping ratio"
+
+  def limit(self):
+    return self.clipping
+
+  def clip(self, leaves, params, stats, limit):
     (u,), (p,) = leaves, params
     axes = _unit_axes(tuple(u.shape), self.axis)
 
@@ -225,7 +256,7 @@ class _ClipAdaptive(Clipper):
                               keepdims=True))
 
     g_norm, p_norm = unit_norm(u), unit_norm(p)
-    max_norm = self.clipping * jnp.maximum(p_norm, self.eps)
+    max_norm = limit * jnp.maximum(p_norm, self.eps)
     # As optax.adaptive_grad_clip: the 1e-6 only guards a division that the
     # comparison already excludes.
     keep = g_norm < max_norm
@@ -283,7 +314,16 @@ class _ClipQuantile(Clipper):
             "filled": jnp.zeros([], jnp.int32),
             "threshold": jnp.asarray(jnp.inf, _F32)}
 
-  def clip(self, leaves, params, stats):
+  limit_name: ClassVar[str] = "quantile"
+
+  def limit(self):
+    return self.q
+
+  def check_limit(self, fn, value):
+    return _validate.bounded(fn, "the new quantile", value, low=0.0,
+                             high=1.0)
+
+  def clip(self, leaves, params, stats, limit):
     norm = _norms.l2(leaves)
     finite = jnp.isfinite(norm)
     # A non-finite norm is not recorded: it would poison the threshold for
@@ -292,7 +332,7 @@ class _ClipQuantile(Clipper):
                         stats["history"])
     step = finite.astype(jnp.int32)
     filled = jnp.minimum(stats["filled"] + step, self.window)
-    threshold = _quantile(history, filled, self.q)
+    threshold = _quantile(history, filled, limit)
     clip = norm > threshold
     factor = jnp.where(clip, threshold / jnp.where(clip, norm, 1.0), 1.0)
     new = {"history": history,
@@ -302,8 +342,8 @@ class _ClipQuantile(Clipper):
     return _scaled(leaves, factor), norm, factor, new
 
   def stats_key(self):
-    # The format of states saved since layerwise 0.1 (tests/test_state_format.py).
-    return f"clip_quantile({self.q:g}, window={self.window})"
+    # Part of the state's format (tests/test_state_format.py).
+    return f"clip_quantile(window={self.window})"
 
   def __repr__(self):
     return f"clip_quantile({self.q:g}, window={self.window})"
@@ -327,7 +367,13 @@ class _ClipZScore(Clipper):
             "var": jnp.zeros([], _F32),
             "threshold": jnp.asarray(jnp.inf, _F32)}
 
-  def clip(self, leaves, params, stats):
+  limit_name: ClassVar[str] = "z-score"
+
+  def limit(self):
+    return self.z
+
+  def clip(self, leaves, params, stats, limit):
+    z = limit
     norm = _norms.l2(leaves)
     finite = jnp.isfinite(norm)
     count, mean, var = stats["count"], stats["mean"], stats["var"]
@@ -345,9 +391,9 @@ class _ClipZScore(Clipper):
     # averages with the clipped norm (the mean first).
     std = jnp.sqrt(var)
     zscore = (norm - mean) / (std + _ZCLIP_EPS)
-    spike = ~warming & (zscore > self.z)
+    spike = ~warming & (zscore > z)
     safe_z = jnp.where(spike, zscore, 1.0)
-    clipped = jnp.where(spike, mean + self.z**2 * std / safe_z, norm)
+    clipped = jnp.where(spike, mean + z**2 * std / safe_z, norm)
     factor = jnp.where(spike, clipped / jnp.where(spike, norm, 1.0), 1.0)
     new_mean = self.alpha * mean + (1 - self.alpha) * clipped
     new_var = (self.alpha * var
@@ -360,13 +406,12 @@ class _ClipZScore(Clipper):
            "var": jnp.where(started, var0, jnp.where(follow, new_var, var)),
            # The norm above which this step clipped (inf in the warm-up).
            "threshold": jnp.where(warming, jnp.inf,
-                                  mean + self.z * (std + _ZCLIP_EPS))}
+                                  mean + z * (std + _ZCLIP_EPS))}
     return _scaled(leaves, factor), norm, factor, new
 
   def stats_key(self):
-    # The format of states saved since layerwise 0.1 (tests/test_state_format.py).
-    return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
-            f"warmup={self.warmup})")
+    # Part of the state's format (tests/test_state_format.py).
+    return f"clip_zscore(alpha={self.alpha:g}, warmup={self.warmup})"
 
   def __repr__(self):
     return (f"clip_zscore(z={self.z:g}, alpha={self.alpha:g}, "
@@ -616,19 +661,30 @@ class ClipByRulesState(NamedTuple):
     scales: the factor each group's update was scaled by (for
       :func:`clip_value`, the factor of the largest entry; for
       :func:`clip_adaptive`, ``||clipped|| / ||update||``).
+    thresholds: each group's live hyperparameter (:meth:`Clipper.limit`):
+      the threshold of :func:`clip_value`, :func:`clip_norm` and
+      :func:`clip_group_norm`, the ratio of :func:`clip_adaptive`, the
+      quantile of :func:`clip_quantile`, the z-score of :func:`clip_zscore`.
+      :func:`set_threshold` changes them between steps.
     stats: the statistics of :func:`clip_quantile` and :func:`clip_zscore`
       (history, moving averages, and the threshold of the last update),
       ``{key: {name: array}}`` stacked over the groups whose clippers share
-      the key (:meth:`Clipper.stats_key`), in group order. Fixed thresholds
-      are constants of the compiled step, as the coefficients of
-      ``add_decayed_weights``: read per group from one state vector, 200 of
-      them took XLA:CPU 5 s more to compile.
+      the key (:meth:`Clipper.stats_key`), in group order.
     rules: static metadata: each leaf's path, rule, clipper and group.
   """
   norms: jax.Array
   scales: jax.Array
+  thresholds: jax.Array
   stats: dict[str, dict[str, jax.Array]]
   rules: _core.Plan
+
+  def live(self) -> dict[str, _core.Live]:
+    """The thresholds, one entry per group (the state protocol)."""
+    return {"threshold": _core.Live("group", self.thresholds)}
+
+  def replace_live(self, name: str, vector: Any) -> "ClipByRulesState":
+    assert name == "threshold", name
+    return self._replace(thresholds=vector)
 
   def group_names(self) -> list[str]:
     """The groups, in the order of the vectors."""
@@ -710,22 +766,15 @@ def _groups(res: Resolution, selectors: Sequence[Any]
 def _stats_layout(clippers: Sequence[Clipper]
                   ) -> tuple[tuple[str | None, int], ...]:
   """Per group, the key of its statistics in the state and its row there
-  (``(None, 0)``: it keeps none). Equal clippers share a key; unequal ones
-  whose keys coincide get ``#2``, ``#3``..."""
-  keys: dict[Clipper, str] = {}
+  (``(None, 0)``: it keeps none). Clippers with one key keep statistics of
+  one shape: their groups are stacked, a row each."""
   rows: dict[str, int] = {}
   layout: list[tuple[str | None, int]] = []
   for clipper in clippers:
-    base = clipper.stats_key()
-    if base is None:
+    key = clipper.stats_key()
+    if key is None:
       layout.append((None, 0))
       continue
-    if clipper not in keys:
-      key, k = base, 2
-      while key in keys.values():
-        key, k = f"{base}#{k}", k + 1
-      keys[clipper] = key
-    key = keys[clipper]
     rows[key] = rows.get(key, -1) + 1
     layout.append((key, rows[key]))
   return tuple(layout)
@@ -802,11 +851,11 @@ def clip_by_rules(
     clip_value(0.1)            1       3   42.9%            0
     -                          1       2   28.6%            0
     clip_group_norm(1.0)       1       2   28.6%            0
-    total                      3       7  100.0%           16
-    (total state bytes include 16 not held by one parameter, such as step counts)
+    total                      3       7  100.0%           24
+    (total state bytes include 24 not held by one parameter, such as step counts)
 
-    (Norms and scales are one float32 vector each, over the
-    groups, so their bytes belong to no single parameter.)
+    (Norms, scales and thresholds are one float32 vector each, over
+    the groups, so their bytes belong to no single parameter.)
 
     ``-`` marks leaves left unclipped. The norms and scales of the last
     update, for a logger:
@@ -837,6 +886,7 @@ def clip_by_rules(
     return ClipByRulesState(
         norms=jnp.zeros([n], _F32),
         scales=jnp.ones([n], _F32),
+        thresholds=jnp.asarray([c.limit() for c in clippers], _F32),
         stats=_stack_stats((key, clipper.init()) for (key, _), clipper
                            in zip(plan.layout, clippers)),
         rules=plan)
@@ -853,6 +903,7 @@ def clip_by_rules(
     plan = step.plan
     out = list(step.updates)
     norms, scales, new_stats = [], [], []
+    limits = _core.factors(state.thresholds, len(plan.layout))
     for g, (key, row) in enumerate(plan.layout):
       members = plan.members(g)
       clipper = plan.values[members[0]]
@@ -863,15 +914,72 @@ def clip_by_rules(
       group_stats = ({} if key is None else
                      {f: v[row] for f, v in state.stats[key].items()})
       clipped, norm, scale, group_stats = clipper.clip(
-          [step.updates[i] for i in members], group_params, group_stats)
+          [step.updates[i] for i in members], group_params, group_stats,
+          limits[g])
       norms.append(norm)
       scales.append(scale)
       new_stats.append((key, group_stats))
       for i, u in zip(members, clipped):
         out[i] = u
     n = len(plan.layout)
-    return out, ClipByRulesState(_core.stack(norms, n), _core.stack(scales, n),
-                                 _stack_stats(new_stats), plan)
+    return out, state._replace(norms=_core.stack(norms, n),
+                               scales=_core.stack(scales, n),
+                               stats=_stack_stats(new_stats))
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
                      update=update, needs_params=needs_params)
+
+
+def set_threshold(opt_state: PyTree, selector: SelectorLike,
+                  value: ArrayLike) -> PyTree:
+  """Returns ``opt_state`` with a new threshold for the clip groups ``selector`` picks.
+
+  The sibling of :func:`layerwise.set_scale` for :func:`clip_by_rules`: each
+  group with a leaf that ``selector`` matches, in every ``clip_by_rules``
+  state inside ``opt_state``, gets ``value`` as its live hyperparameter (a
+  group clipper's group is all the leaves of its rule, so one matching leaf
+  sets the whole group). That is the threshold ``c`` of :func:`clip_value`,
+  :func:`clip_norm` and :func:`clip_group_norm`, the ratio of
+  :func:`clip_adaptive`, the quantile of :func:`clip_quantile` and the
+  z-score of :func:`clip_zscore`, checked as their factories check it. The
+  new state has the same structure, shapes and dtypes, so a jitted step
+  takes it without recompiling.
+
+  Args:
+    opt_state: an optimizer state.
+    selector: any selector, matched against the paths of the params the
+      state was initialised with.
+    value: the new value (a number, or a real scalar array).
+
+  Returns:
+    The new state.
+
+  Raises:
+    ValueError: if the state holds no ``clip_by_rules`` state, the selector
+      matches no clipped parameter, or ``value`` is out of a picked
+      clipper's range.
+    TypeError: for a value that is not a number or a real scalar array.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> tx = lw.clip_by_rules({"**": lw.clip_norm(1.0)})
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> state = lw.set_threshold(tx.init(grads), "w", 2.5)
+    >>> tx.update(grads, state)[0]["w"]   # norm 5 -> 2.5
+    Array([1.5, 2. ], dtype=float32)
+  """
+  fn = "lw.set_threshold"
+  _validate.live_array(fn, value)
+  if not isinstance(value, jax.core.Tracer):
+    concrete = float(value) if isinstance(value, (jax.Array, np.ndarray)) \
+        else value
+    for node in _core.find_states(opt_state):
+      if not isinstance(node, ClipByRulesState):
+        continue
+      plan = node.rules
+      for i in plan.select(selector):
+        if plan.groups is not None and plan.groups[i] >= 0:
+          plan.values[i].check_limit(fn, concrete)
+  return _core.set_live(fn, opt_state, "threshold", selector, value,
+                        what="thresholds", transformation="lw.clip_by_rules")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _core, _paths
+from layerwise import _core, _paths, _validate
 from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
 from layerwise._types import PyTree
 
@@ -100,7 +100,9 @@ class Description:
   def table(self) -> str:
     """The table as text."""
     cells = [list(self.columns)]
-    cells += [[_cell(c, r[c]) for c in self.columns] for r in self.rows]
+    cells += [[_cell(c, r[c]) + (f" (rule: {format_value(r[c + '_given'])})"
+                                 if r.get(c + "_given") is not None else "")
+               for c in self.columns] for r in self.rows]
     right = {j for j, c in enumerate(self.columns) if c in _NUMERIC}
     widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
 
@@ -202,6 +204,7 @@ def _describe_transformation(tx: Any, params: Any,
       if row["path"] in by_path:
         row[name], row[name + "_rule"] = by_path[row["path"]]
     if opt_state is not None:
+      _add_live_values(node, info, name, rows, columns)
       _add_measured_columns(node, info, name, rows, columns)
   for row, nbytes in zip(rows, per_param):
     row["state_bytes"] = nbytes
@@ -209,6 +212,70 @@ def _describe_transformation(tx: Any, params: Any,
   return Description(tuple(columns), tuple(rows),
                      group_by=columns[4] if statics else "dtype",
                      shared_state_bytes=shared)
+
+
+class _ScaledSchedule:
+  """A live factor times a rule's schedule, as a table shows it."""
+
+  def __init__(self, factor: float, schedule: Any):
+    self.factor, self.schedule = factor, schedule
+
+  def __repr__(self) -> str:
+    return f"{self.factor:g} x {format_value(self.schedule)}"
+
+
+def _concrete(vector: Any) -> np.ndarray | None:
+  """A state vector's values, or ``None`` for an abstract state."""
+  vector = _core.unboxed(vector)
+  if isinstance(vector, jax.ShapeDtypeStruct):
+    return None
+  return np.asarray(jax.device_get(vector))
+
+
+def _add_live_values(node: Any, info: _core.Plan, name: str,
+                     rows: Sequence[dict[str, Any]],
+                     columns: list[str]) -> None:
+  """The hyperparameters the state holds now (the state protocol's
+  ``live``), where they differ from the rules (after a ``set_*``, or a
+  restore): a per-leaf value replaces the rule's in ``<name>`` and a
+  per-group one (a clip threshold) gets a column ``<name>_<live>``; the
+  rule's value is kept in ``<column>_given``."""
+  index = {p: i for i, p in enumerate(info.paths)}
+  for live_name, live in _core.live_of(node).items():
+    values = _concrete(live.vector)
+    if values is None:
+      continue
+    column = name if live.per == "leaf" else f"{name}_{live_name}"
+    changes: dict[int, Any] = {}
+    for r, row in enumerate(rows):
+      i = index.get(row["path"])
+      if i is None:
+        continue
+      given = info.values[i]
+      if live.per == "group":
+        group = info.groups[i] if info.groups is not None else -1
+        if group < 0:
+          continue
+        now, given = float(values[group]), given.limit()
+      else:
+        now = float(values[i])
+      if _validate.is_schedule(given) and not hasattr(given, "limit"):
+        if now != 1.0:
+          changes[r] = (_ScaledSchedule(now, given), None)
+      elif isinstance(given, (int, float)) and np.float32(given) != now:
+        changes[r] = (now, given)
+    if not changes:
+      continue
+    if column not in columns:
+      columns.append(column)
+      for row in rows:
+        i = index.get(row["path"], -1)
+        in_group = i >= 0 and info.groups is not None and info.groups[i] >= 0
+        row[column] = info.values[i].limit() if in_group else None
+    for r, (now, given) in changes.items():
+      rows[r][column] = now
+      if given is not None:
+        rows[r][column + "_given"] = given
 
 
 def _add_measured_columns(node: Any, info: _core.Plan, name: str,
@@ -302,10 +369,15 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   the parameter whose path they end with).
 
   Given ``opt_state`` (the state of the transformation, as returned by its
-  last ``update``), the table also shows each parameter's latest clipping
-  and tracked norms: ``clip_norm`` and ``clip_scale`` for
-  :func:`layerwise.clip_by_rules` (the values of the parameter's group),
-  ``track_norm`` for :func:`layerwise.track_norms`.
+  last ``update``), the table shows the hyperparameters the state holds
+  now, as :func:`layerwise.set_scale`, :func:`layerwise.set_weight_decay`,
+  :func:`layerwise.set_threshold` or a checkpoint left them: a multiplier
+  or weight decay that differs from its rule reads ``0.1 (rule: 0.3)``
+  (``rows`` keep the rule's value under ``<column>_given``), and each
+  clipped parameter's group threshold is in ``clip_threshold``. It also
+  shows each parameter's latest clipping and tracked norms: ``clip_norm``
+  and ``clip_scale`` for :func:`layerwise.clip_by_rules` (the values of the
+  parameter's group), ``track_norm`` for :func:`layerwise.track_norms`.
 
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax

@@ -22,7 +22,8 @@ from layerwise._selectors import Selector, SelectorLike, any_of, ndim_at_most
 from layerwise._types import ArrayLike, PyTree, ScalarOrSchedule
 
 __all__ = ["NO_DECAY", "AddDecayedWeightsState", "ScaleByRulesState",
-           "add_decayed_weights", "scale_by_rules", "set_scale"]
+           "add_decayed_weights", "scale_by_rules", "set_scale",
+           "set_weight_decay"]
 
 def _rate_rules(fn: str, rules: Rules, default: Any,
                 what: str) -> tuple[RuleSet, Any]:
@@ -43,14 +44,31 @@ def _check_dtypes(fn: str, res: Resolution, what: str, neutral: float,
       neutral=neutral, verb=verb)
 
 
-def _factor(fn: str, step: _core.Step, i: int, constant: Any,
-            count: jax.Array) -> Any:
-  """Leaf ``i``'s factor: its constant, times its schedule if it has one."""
-  value = step.plan.values[i]
-  if _validate.is_schedule(value):
-    return constant * _validate.schedule_value(
-        fn, value, count, step.plan.rule_texts[i], step.plan.paths[i])
-  return constant
+def _live_vector(res: Resolution) -> jax.Array:
+  """The state vector of a rule set of rates: each leaf's constant factor
+  (the rule's number, or 1.0 for a schedule, which it multiplies)."""
+  return jnp.asarray([1.0 if _validate.is_schedule(v) else float(v)
+                      for v in res.values], jnp.float32)
+
+
+def _rates(fn: str, step: _core.Step, vector: Any,
+           count: jax.Array) -> list[Any]:
+  """Each leaf's rate now, in its update's dtype: its entry of the state
+  vector, times its schedule at ``count`` if its rule is one (``None`` for
+  integer, bool and ``float0`` leaves, which no rate changes)."""
+  constants = _core.factors(vector, len(step.updates))
+  out: list[Any] = []
+  for i, (u, value) in enumerate(zip(step.updates, step.plan.values)):
+    dtype = jnp.result_type(u)
+    if not _validate.is_inexact(dtype):
+      out.append(None)
+      continue
+    rate = constants[i]
+    if _validate.is_schedule(value):
+      rate = rate * _validate.schedule_value(
+          fn, value, count, step.plan.rule_texts[i], step.plan.paths[i])
+    out.append(rate.astype(dtype))
+  return out
 
 # ---------------------------------------------------------------- scale_by_rules
 
@@ -159,24 +177,15 @@ def scale_by_rules(
   def init(res: Resolution, params: list[Any]) -> ScaleByRulesState:
     del params
     _check_dtypes(fn, res, "multiplier", 1.0, "be scaled")
-    constants = [1.0 if _validate.is_schedule(v) else float(v)
-                 for v in res.values]
     return ScaleByRulesState(
         count=jnp.zeros([], jnp.int32),
-        multipliers=jnp.asarray(constants, jnp.float32),
+        multipliers=_live_vector(res),
         rules=_core.Plan.of("scale", res))
 
   def update(step: _core.Step, state: ScaleByRulesState
              ) -> tuple[list[Any], ScaleByRulesState]:
-    factors = _core.factors(state.multipliers, len(step.updates))
-    out = []
-    for i, u in enumerate(step.updates):
-      dtype = jnp.result_type(u)
-      if not _validate.is_inexact(dtype):  # integers, bools, float0 pass
-        out.append(u)
-        continue
-      m = _factor(fn, step, i, factors[i], state.count)
-      out.append(u * m.astype(dtype))
+    rates = _rates(fn, step, state.multipliers, state.count)
+    out = [u if m is None else u * m for u, m in zip(step.updates, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
@@ -222,32 +231,27 @@ def set_scale(opt_state: PyTree, selector: SelectorLike,
     (Array([0., 0.], dtype=float32), Array([-1., -1.], dtype=float32))
   """
   fn = "lw.set_scale"
-  if _validate.is_schedule(value):
-    raise TypeError(
-        f"{fn} takes a number, not a schedule: schedules are part of the "
-        "transformation's structure. Build scale_by_rules with the schedule "
-        "instead.")
   return _core.set_live(fn, opt_state, "scale", selector,
-                        _live_number(fn, value), what="multipliers",
+                        _live_number(fn, value, "multiplier",
+                                     "scale_by_rules"), what="multipliers",
                         transformation="lw.scale_by_rules")
 
 
-def _live_number(fn: str, value: Any) -> Any:
-  """A new live value: a number >= 0, or a real scalar array (checked when
+def _live_number(fn: str, value: Any, what: str, builder: str) -> Any:
+  """A new live rate: a number >= 0, or a real scalar array (checked when
   it is concrete; a traced one, inside a jitted function, is taken as is)."""
-  if isinstance(value, (jax.Array, np.ndarray)):
-    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
-                                 or jnp.issubdtype(value.dtype, jnp.integer)):
-      raise TypeError(
-          f"{fn}: value must be a number or a real scalar array, got an "
-          f"array of shape {value.shape} and dtype {value.dtype}. Each "
-          "leaf's value is one number; call set_scale once per group "
-          "for different values.")
-    if isinstance(value, jax.core.Tracer):
-      return value
-    _validate.rate(fn, "the new multiplier is", float(value), "multiplier")
+  if _validate.is_schedule(value):
+    raise TypeError(
+        f"{fn} takes a number, not a schedule: schedules are part of the "
+        f"transformation's structure. Build {builder} with the schedule "
+        f"instead (for a leaf whose rule is a schedule, the {what} set here "
+        "multiplies it).")
+  _validate.live_array(fn, value)
+  if isinstance(value, jax.core.Tracer):
     return value
-  return _validate.rate(fn, "the new multiplier is", value, "multiplier")
+  concrete = float(value) if isinstance(value, (jax.Array, np.ndarray)) else value
+  _validate.rate(fn, f"the new {what} is", concrete, what)
+  return value
 
 # ------------------------------------------------------- add_decayed_weights
 
@@ -266,10 +270,24 @@ class AddDecayedWeightsState(NamedTuple):
 
   Attributes:
     count: the number of updates made so far (schedules are evaluated at it).
+    weight_decays: a float32 vector with one entry per parameter leaf, in
+      the order of ``rules.paths``: the constant factor of each leaf's
+      weight decay (the rule's value, or 1.0 for a schedule, which it
+      multiplies). :func:`set_weight_decay` changes it between steps.
     rules: static metadata: each leaf's path, rule and weight decay as given.
   """
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax
+  weight_decays: Any
   rules: _core.Plan
+
+  def live(self) -> dict[str, _core.Live]:
+    """The weight decays, one entry per leaf (the state protocol)."""
+    return {"weight_decay": _core.Live("leaf", self.weight_decays)}
+
+  def replace_live(self, name: str,
+                   vector: Any) -> "AddDecayedWeightsState":
+    assert name == "weight_decay", name
+    return self._replace(weight_decays=vector)
 
 
 def add_decayed_weights(
@@ -282,8 +300,8 @@ def add_decayed_weights(
 
   Per-group weight decay, as PyTorch param groups give it: the update of
   leaf ``p`` becomes ``u + wd_g * p``, with ``wd_g`` the coefficient of the
-  first rule that matches ``p`` (0 leaves the update as it is; the leaf
-  costs nothing). With one rule it is ``optax.add_decayed_weights``.
+  first rule that matches ``p`` (0 leaves the update as it is). With one
+  rule it is ``optax.add_decayed_weights``.
 
   Where it sits in the chain decides which weight decay it is:
 
@@ -299,9 +317,11 @@ def add_decayed_weights(
 
   A coefficient is a number >= 0 or a schedule ``count -> number``,
   evaluated at the number of updates made so far (0 at the first). The
-  coefficients are constants of the compiled step, not state: change them
-  over time with a schedule. :data:`NO_DECAY` selects the parameters that
-  are usually left undecayed (biases, norm scales, 1-D parameters).
+  coefficients live in the state as one float32 vector (an entry per leaf),
+  so :func:`set_weight_decay` changes them between jitted steps without
+  recompiling, and a sweep over them reuses one compiled step.
+  :data:`NO_DECAY` selects the parameters that are usually left undecayed
+  (biases, norm scales, 1-D parameters).
 
   Args:
     rules: ``{selector: weight_decay}``; see :func:`layerwise.resolve`.
@@ -340,8 +360,8 @@ def add_decayed_weights(
     weight_decay  leaves  params   share  state bytes
     0.0                1       2   33.3%            0
     0.1                1       4   66.7%            0
-    total              2       6  100.0%            4
-    (total state bytes include 4 not held by one parameter, such as step counts)
+    total              2       6  100.0%           12
+    (total state bytes include 12 not held by one parameter, such as step counts)
 
   References:
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
@@ -355,23 +375,62 @@ def add_decayed_weights(
     _check_dtypes(fn, res, "weight decay", 0.0, "be decayed")
     return AddDecayedWeightsState(
         count=jnp.zeros([], jnp.int32),
+        weight_decays=_live_vector(res),
         rules=_core.Plan.of("weight_decay", res))
 
   def update(step: _core.Step, state: AddDecayedWeightsState
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
-    out = []
-    for i, (u, p, wd) in enumerate(zip(step.updates, step.params,
-                                       step.plan.values)):
-      if _validate.is_schedule(wd):
-        wd = _factor(fn, step, i, 1.0, state.count).astype(
-            jnp.result_type(u))
-      elif wd == 0.0:
-        out.append(u)
-        continue
-      out.append(u + wd * p)
+    rates = _rates(fn, step, state.weight_decays, state.count)
+    out = [u if wd is None else u + wd * p
+           for u, p, wd in zip(step.updates, step.params, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
                      init=init, update=update,
                      needs_params=lambda plan: "weight decay")
+
+
+def set_weight_decay(opt_state: PyTree, selector: SelectorLike,
+                     value: ArrayLike) -> PyTree:
+  """Returns ``opt_state`` with new weight decays for the leaves ``selector`` picks.
+
+  The sibling of :func:`set_scale` for :func:`add_decayed_weights`: every
+  ``add_decayed_weights`` state inside ``opt_state`` (a chain,
+  ``MultiSteps``, ``partition``, ...) gets the new coefficient for the
+  leaves the selector matches. The new state has the same structure,
+  shapes and dtypes, so a jitted step takes it without recompiling. For a
+  leaf whose rule is a schedule, ``value`` multiplies the schedule.
+
+  Args:
+    opt_state: an optimizer state.
+    selector: any selector, matched against the paths of the params the
+      state was initialised with.
+    value: the new weight decay, a finite number >= 0 (or a scalar array).
+
+  Returns:
+    The new state.
+
+  Raises:
+    ValueError: if the state holds no ``add_decayed_weights`` state, the
+      selector matches no parameter in any of them, or ``value`` is
+      negative or not finite.
+    TypeError: for a schedule, or an array that is not a real scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    >>> tx = lw.add_decayed_weights({"**": 0.1})
+    >>> state = lw.set_weight_decay(tx.init(params), "b", 0.0)
+    >>> updates, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, state,
+    ...                        params)
+    >>> updates["w"], updates["b"]
+    (Array([0.1, 0.1], dtype=float32), Array([0., 0.], dtype=float32))
+  """
+  fn = "lw.set_weight_decay"
+  return _core.set_live(fn, opt_state, "weight_decay", selector,
+                        _live_number(fn, value, "weight decay",
+                                     "add_decayed_weights"),
+                        what="weight decays",
+                        transformation="lw.add_decayed_weights")

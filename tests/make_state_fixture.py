@@ -1,15 +1,19 @@
-"""Writes tests/data/state_v0.npz: a layerwise optimizer state as a checkpoint
-holds it, for tests/test_state_format.py.
+"""Writes tests/data/state_v<N>.npz: a layerwise optimizer state as a
+checkpoint holds it, for tests/test_state_format.py.
 
 The chain below holds one state of every layerwise transformation. After
 three updates its arrays are saved by key path (``jax.tree_util.keystr``),
-as orbax and flax name them, with the updates of a fourth step. The file in
-the repository was written by layerwise 0.1.0.dev0 (commit 3f6ca3e, before
-the state protocol of issue 17) with jax 0.10.2 on CPU:
+as orbax and flax name them, with the updates of a fourth step. In the
+repository, with jax 0.10.2 on CPU:
 
-  python tests/make_state_fixture.py tests/data/state_v0.npz
+* state_v0.npz was written by layerwise 0.1.0.dev0 (commit 3f6ca3e, before
+  the state protocol of issue 17);
+* state_v1.npz by the commit that moved the weight decays and clip
+  thresholds into the state (issue 22).
 
-Only public names are used, so the script runs on any release.
+  python tests/make_state_fixture.py tests/data/state_v1.npz
+
+Only public names of 0.1.0.dev0 are used, so the script runs on any release.
 """
 
 import sys

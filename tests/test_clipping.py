@@ -337,7 +337,7 @@ def test_clip_zscore_matches_numpy(z, alpha, warmup):
   np.testing.assert_allclose(scales, expected, rtol=1e-4)
   assert (expected < 0.9).sum() >= 5  # spikes were clipped
   assert (scales[:warmup] == 1.0).all()
-  stats = state.stats[repr(lw.clip_zscore(z, alpha, warmup))]
+  stats = state.stats[lw.clip_zscore(z, alpha, warmup).stats_key()]
   np.testing.assert_allclose(stats["mean"][0], mean, rtol=1e-4)
   np.testing.assert_allclose(stats["var"][0], var, rtol=1e-3)
 

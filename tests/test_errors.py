@@ -93,6 +93,18 @@ def at_update(make: Callable[[], Any], updates: Any, *,
   return trigger
 
 
+def at_update_with_state(make: Callable[[], Any],
+                         state: Any) -> Callable[[], Any]:
+  """A trigger: builds (no error allowed), then updates with ``state``, as
+  restored from a checkpoint without a target."""
+
+  def trigger():
+    tx = _early(make, "construction")
+    return tx.update(PARAMS, state, PARAMS)
+
+  return trigger
+
+
 def scale_state(rules: Any = None) -> Any:
   """An optimizer state holding a scale_by_rules state."""
   tx = optax.chain(optax.sgd(0.1), lw.scale_by_rules(rules or {"**": 1.0}))
@@ -263,6 +275,26 @@ CATALOGUE = [
     Row("set-scale-vector",
         lambda: lw.set_scale(scale_state(), "head/**", jnp.ones(3)), TypeError,
         ("array of shape (3,)", "call set_scale once per group")),
+    Row("set-weight-decay-negative",
+        lambda: lw.set_weight_decay(
+            lw.add_decayed_weights({"**": 0.1}).init(PARAMS), "**", -0.1),
+        ValueError, ("lw.set_weight_decay: the new weight decay is -0.1",
+                     "finite and >= 0")),
+    Row("set-weight-decay-no-state",
+        lambda: lw.set_weight_decay(scale_state(), "**", 0.1), ValueError,
+        ("holds no lw.add_decayed_weights state",
+         "chain lw.add_decayed_weights(...) into the optimizer")),
+    Row("set-threshold-out-of-range",
+        lambda: lw.set_threshold(lw.clip_by_rules(
+            {"**": lw.clip_quantile(0.5, window=4)}).init(PARAMS), "**", 90),
+        ValueError, ("lw.set_threshold: the new quantile must be in [0, 1], "
+                     "got 90",)),
+    Row("set-threshold-unclipped",
+        lambda: lw.set_threshold(lw.clip_by_rules(
+            {"head/**": None, "**": lw.clip_norm(1.0)}).init(PARAMS),
+            "head/**", 0.5), ValueError,
+        ("selector 'head/**' matches 1 parameter(s), but lw.clip_by_rules "
+         "leaves them alone", "Select parameters that it covers")),
     Row("set-scale-no-state",
         lambda: lw.set_scale(optax.sgd(0.1).init(PARAMS), "**", 0.5),
         ValueError, ("holds no lw.scale_by_rules state",
@@ -487,6 +519,19 @@ CATALOGUE = [
         lambda: lw.transplant(PARAMS, PARAMS, "**", rename="backbone/"),
         TypeError, ("rename must be a function from a target path to a source "
                     "path", "got 'backbone/'")),
+    # ---------------------------------------------------------- checkpoints
+    Row("restore-state-misfit",
+        lambda: lw.restore_state(lw.scale_by_rules({"**": 1.0}).init(PARAMS),
+                                 {"count": jnp.int32(1), "mu": jnp.ones(3)}),
+        ValueError, ("the restored arrays do not fit the target",
+                     "not in the target: 'mu'",
+                     "Build the target with the transformation")),
+    Row("update-plain-dict-state",
+        at_update_with_state(lambda: lw.scale_by_rules({"**": 1.0}),
+                             {"count": jnp.int32(0),
+                              "multipliers": jnp.ones(4)}), TypeError,
+        ("the state passed to update is a dict", "restored without a target",
+         "lw.restore_state(tx.init(params), restored)")),
     # -------------------------------------------------------------- describe
     Row("describe-not-rules", lambda: lw.describe(0.1, PARAMS), TypeError,
         ("describe() takes a rule set", "got float")),

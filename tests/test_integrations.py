@@ -389,7 +389,7 @@ def test_orbax_checkpoint_resumes_bitwise_and_set_scale_after(tmp_path):
   assert ckpt_step._cache_size() == 1  # nothing compiled again
   g = np.asarray(spiky_grads(p, k)["embed"], np.float64)
   stats = {f: np.asarray(v[0], np.float64) for f, v in
-           s[0].stats["clip_quantile(0.5, window=4)"].items()}
+           s[0].stats["clip_quantile(window=4)"].items()}
   history = stats["history"].copy()
   history[int(stats["next"])] = np.linalg.norm(g)
   filled = min(int(stats["filled"]) + 1, 4)

@@ -1,0 +1,218 @@
+"""Hyperparameters in the state: multipliers, weight decays and clip thresholds.
+
+Each is an entry of a float32 vector in its transformation's state, so
+``lw.set_scale``, ``lw.set_weight_decay`` and ``lw.set_threshold`` change it
+between jitted steps without recompiling, ``lw.describe`` shows it, and a
+sweep over hyperparameters compiles its step once. The reference for every
+setter is the same transformation built with the new value.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import layerwise as lw
+
+PARAMS = {"embed": jnp.asarray(np.random.default_rng(0).normal(size=(6, 4)),
+                               jnp.float32),
+          "layers": [{"w": jnp.full((4, 4), 0.5), "b": jnp.zeros(4)}] * 2,
+          "head": {"w": jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)),
+                                    jnp.float32)}}
+GRADS = jax.tree_util.tree_map(lambda p: 3.0 * p + 0.25, PARAMS)
+
+
+def updates_of(tx, state, steps=3):
+  """The updates of ``steps`` jitted steps from ``state`` (one compile)."""
+  step = jax.jit(tx.update)
+  out = []
+  for k in range(steps):
+    grads = jax.tree_util.tree_map(lambda g: g * (1.0 + k), GRADS)
+    u, state = step(grads, state, PARAMS)
+    out.append(u)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  return out
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("make, setter, selector, old, new", [
+    (lambda v: lw.scale_by_rules({"embed": v, "**": 1.0}), lw.set_scale,
+     "embed", 0.3, 0.05),
+    (lambda v: lw.add_decayed_weights({"layers/**": v, "**": 0.0}),
+     lw.set_weight_decay, "layers/**", 0.1, 0.02),
+    (lambda v: lw.clip_by_rules({"embed": lw.clip_value(v), "**": None}),
+     lw.set_threshold, "embed", 0.5, 0.25),
+    (lambda v: lw.clip_by_rules({"embed": lw.clip_norm(v), "**": None}),
+     lw.set_threshold, "embed", 1.0, 3.0),
+    (lambda v: lw.clip_by_rules({"**": lw.clip_group_norm(v)}),
+     lw.set_threshold, "head/w", 5.0, 2.0),
+    (lambda v: lw.clip_by_rules({"**": lw.clip_adaptive(v)}),
+     lw.set_threshold, "**", 0.1, 0.02),
+    (lambda v: lw.clip_by_rules({"**": lw.clip_quantile(v, window=3)}),
+     lw.set_threshold, "**", 0.9, 0.2),
+    (lambda v: lw.clip_by_rules({"**": lw.clip_zscore(v, warmup=2)}),
+     lw.set_threshold, "**", 3.0, 0.5),
+])
+def test_a_set_value_trains_as_if_built_with_it(make, setter, selector, old,
+                                                new):
+  reference = make(new)
+  want = updates_of(reference, reference.init(PARAMS))
+  tx = make(old)
+  got = updates_of(tx, setter(tx.init(PARAMS), selector, new))
+  assert_trees_equal(got, want)
+  # And the old value does train differently (the test can fail).
+  unchanged = updates_of(tx, tx.init(PARAMS))
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(unchanged), jax.tree_util.tree_leaves(want)))
+
+
+def test_setters_in_one_chain_by_hand_and_without_recompiling():
+  tx = optax.chain(
+      lw.clip_by_rules({"embed": lw.clip_norm(100.0), "**": None}),
+      lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.01}),
+      optax.sgd(0.1),
+      lw.scale_by_rules({"embed": 1.0, "**": 0.5}))
+  step = jax.jit(tx.update)
+  state = tx.init(PARAMS)
+  state = lw.set_threshold(state, "embed", 2.0)
+  state = lw.set_weight_decay(state, "head/w", 0.2)
+  state = lw.set_scale(state, "embed", 0.25)
+  u, _ = step(GRADS, state, PARAMS)
+  # By hand: embed clipped to norm 2, decayed 0.01, sgd, times 0.25.
+  g, p = np.asarray(GRADS["embed"]), np.asarray(PARAMS["embed"])
+  g = g * 2.0 / max(np.linalg.norm(g), 2.0)
+  np.testing.assert_allclose(u["embed"], -0.1 * 0.25 * (g + 0.01 * p),
+                             rtol=1e-6)
+  h, ph = np.asarray(GRADS["head"]["w"]), np.asarray(PARAMS["head"]["w"])
+  np.testing.assert_allclose(u["head"]["w"], -0.1 * 0.5 * (h + 0.2 * ph),
+                             rtol=1e-6)
+  np.testing.assert_allclose(u["layers"][0]["b"],
+                             -0.1 * 0.5 * np.asarray(GRADS["layers"][0]["b"]),
+                             rtol=1e-6)
+  state = lw.set_scale(state, "**", 1.0)
+  step(GRADS, state, PARAMS)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_a_schedule_is_multiplied_by_the_set_value():
+  schedule = optax.linear_schedule(0.5, 1.0, 4)
+  for make, setter in [
+      (lambda v: lw.scale_by_rules({"**": v}), lw.set_scale),
+      (lambda v: lw.add_decayed_weights({"**": v}), lw.set_weight_decay)]:
+    tx = make(schedule)
+    got = updates_of(tx, setter(tx.init(PARAMS), "**", 0.5))
+    reference = make(lambda count: 0.5 * schedule(count))
+    assert_trees_equal(got, updates_of(reference, reference.init(PARAMS)))
+
+
+def test_describe_shows_what_the_state_holds():
+  tx = optax.chain(
+      lw.clip_by_rules({"embed": lw.clip_norm(1.0), "**": None}),
+      lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.01}),
+      optax.sgd(0.1),
+      lw.scale_by_rules({"embed": 0.3, "**": 1.0}))
+  state = tx.init(PARAMS)
+  plain = lw.describe(tx, PARAMS, opt_state=state)
+  assert "clip_threshold" not in plain.columns and "(rule:" not in str(plain)
+  state = lw.set_scale(lw.set_threshold(state, "embed", 4.0), "embed", 0.1)
+  state = lw.set_weight_decay(state, "head/**", 0.05)
+  d = lw.describe(tx, PARAMS, opt_state=state)
+  rows = {r["path"]: r for r in d.rows}
+  assert rows["embed"]["scale"] == pytest.approx(0.1)
+  assert rows["embed"]["scale_given"] == 0.3
+  assert rows["embed"]["clip_threshold"] == 4.0
+  assert rows["embed"]["clip_threshold_given"] == 1.0
+  assert rows["head/w"]["weight_decay"] == pytest.approx(0.05)
+  assert rows["layers/0/w"]["weight_decay"] == 0.01  # as the rule gave it
+  assert "scale_given" not in rows["head/w"]
+  text = str(d)
+  assert "0.1 (rule: 0.3)" in text and "4.0 (rule: 1.0)" in text
+  assert "0.05 (rule: 0.01)" in text
+
+
+# ------------------------------------------------- a sweep compiles once
+
+SWEEP = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import layerwise as lw
+
+    events = {"hits": 0, "misses": 0}
+    counting = [False]
+
+    def listener(event, **kwargs):
+      if counting[0] and event.startswith("/jax/compilation_cache/cache_"):
+        key = event.rsplit("_", 1)[-1]
+        if key in events:
+          events[key] += 1
+
+    jax.monitoring.register_event_listener(listener)
+    rng = np.random.default_rng(0)
+    params = {"embed": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
+              "layers": [{"w": jnp.asarray(rng.normal(size=(4, 4)),
+                                           jnp.float32),
+                          "b": jnp.zeros(4)} for _ in range(2)],
+              "head": {"w": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+    grads = jax.tree_util.tree_map(lambda p: p * 0.3 + 0.1, params)
+    values = []
+    for m, wd, c, q in json.loads(sys.argv[1]):
+      # A new transformation per setting, as a sweep builds it.
+      tx = optax.chain(
+          lw.clip_by_rules({"embed": lw.clip_norm(c),
+                            "head/**": lw.clip_adaptive(c / 10),
+                            "**": lw.clip_quantile(q, window=4)}),
+          lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": wd}),
+          optax.sgd(0.1),
+          lw.scale_by_rules({"embed": m, "layers/**": 0.5 * m, "**": 1.0}))
+      state = tx.init(params)
+
+      def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      counting[0] = True
+      new, _ = jax.jit(step)(params, state, grads)
+      jax.block_until_ready(new)
+      counting[0] = False
+      values.append(np.asarray(new["embed"]).tolist())
+    print(json.dumps({"events": events, "values": values}))
+''')
+
+SETTINGS = [(0.1 * (k + 1), 0.01 * k, 1.0 + k, 0.1 + 0.15 * k)
+            for k in range(6)]
+
+
+def test_a_sweep_over_six_settings_compiles_the_step_once(tmp_path):
+  """Six settings of multipliers, weight decays, thresholds and quantiles,
+  each a new transformation: with the persistent compilation cache, the
+  first compiles the step and the other five find it (jax's cache
+  counters), because no hyperparameter is a constant of the program."""
+  script = tmp_path / "sweep.py"
+  script.write_text(SWEEP)
+  env = {**os.environ,
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+         "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+  env.pop("XLA_FLAGS", None)  # one device, as a user's sweep has
+  done = subprocess.run([sys.executable, str(script), json.dumps(SETTINGS)],
+                        env=env, capture_output=True, text=True, timeout=300,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result["events"] == {"hits": 5, "misses": 1}, result["events"]
+  # The six settings trained differently (the sweep is a real one).
+  assert len({json.dumps(v) for v in result["values"]}) == 6
