@@ -120,8 +120,10 @@ class Plan:
          groups: Sequence[int] | None = None, group_names: Sequence[str] = (),
          layout: Any = ()) -> "Plan":
     """The plan of a resolution; ``values`` replaces the rules' values."""
+    names: dict[Any, str] = {}  # str(dtype) costs 4 us: once per dtype
     return cls(kind, res.paths, [s.shape for s in res.specs],
-               [str(s.dtype) for s in res.specs],
+               [names.get(s.dtype) or names.setdefault(s.dtype, str(s.dtype))
+                for s in res.specs],
                [res.rule_text(i) for i in range(len(res.paths))],
                res.values if values is None else values, groups, group_names,
                layout)

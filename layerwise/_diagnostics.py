@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,21 +147,22 @@ def rules_hint(rules: Any, what: str) -> str:
 
 
 def check_match(selectors: Sequence[Any], paths: Sequence[str],
-                winner: Sequence[int], matches: Sequence[Sequence[int]],
+                winner: Sequence[int], losing: Mapping[int, Sequence[int]],
                 *, has_default: bool, what: str) -> None:
   """Raises :class:`RuleError` for unmatched leaves (without a default),
   unused selectors and shadowed rules, all sections at once.
 
   ``selectors`` are compiled selectors (``text``, ``pattern``, ``source``,
   ``is_text``); ``winner[i]`` is the rule leaf ``i`` took (-1: none) and
-  ``matches[r]`` the leaves rule ``r`` matches.
+  ``losing[r]``, for each rule ``r`` that took no leaf, the leaves it
+  matches.
   """
   sections: list[str] = []
   unmatched = ([] if has_default else
                [p for p, r in zip(paths, winner) if r < 0])
-  unused = [r for r, leaves in enumerate(matches) if not leaves]
-  shadowed = [r for r, leaves in enumerate(matches)
-              if leaves and all(winner[i] != r for i in leaves)]
+  unused = sorted(r for r, leaves in losing.items() if not leaves)
+  shadowed = sorted(r for r, leaves in losing.items() if leaves)
+  matches = losing
 
   if unmatched:
     patterns = [c.pattern for c in selectors if c.is_text]

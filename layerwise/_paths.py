@@ -126,6 +126,28 @@ def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   """
   boxes = box_types()
   leaves, treedef = jax.tree_util.tree_flatten(tree)
+  key: Any = (treedef, len(boxes))
+  try:
+    cached = _PATHS.get(key)
+  except TypeError:  # an unhashable node in the structure
+    key, cached = None, None
+  if cached is not None:
+    return list(cached), leaves, treedef
+  path_strs = _path_strings(tree, boxes, len(leaves))
+  if key is not None:
+    if len(_PATHS) >= _PATHS_SIZE:
+      _PATHS.pop(next(iter(_PATHS)))
+    _PATHS[key] = tuple(path_strs)
+  return path_strs, leaves, treedef
+
+
+# Paths by structure: a structure's paths are built once (a 50,000-leaf tree
+# takes 0.4 s), then every rule set, transformation and read-out reuses them.
+_PATHS: dict[Any, tuple[str, ...]] = {}
+_PATHS_SIZE = 64
+
+
+def _path_strings(tree: Any, boxes: tuple[type, ...], n: int) -> list[str]:
   if boxes:
     outer = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: isinstance(x, boxes))[0]
@@ -140,12 +162,11 @@ def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   else:
     keypaths = [tuple(kp) for kp, _ in
                 jax.tree_util.tree_flatten_with_path(tree)[0]]
-  if len(keypaths) != len(leaves):  # pragma: no cover - defensive
+  if len(keypaths) != n:  # pragma: no cover - defensive
     raise AssertionError("layerwise: key paths and leaves disagree; "
                          "please report this with the tree's type.")
   skip = 1 if _is_sole_params(tree) else 0
-  path_strs = [_SEP.join(_key_str(k) for k in kp[skip:]) for kp in keypaths]
-  return path_strs, leaves, treedef
+  return [_SEP.join(_key_str(k) for k in kp[skip:]) for kp in keypaths]
 
 
 def paths(tree: PyTree) -> PyTree:

@@ -67,23 +67,95 @@ def leaf_spec(leaf: Any, path: str) -> jax.ShapeDtypeStruct:
         "(or mark them static).") from e
 
 
+def structure_key(leaves: Sequence[Any], treedef: Any) -> Any:
+  """What resolution depends on: the structure, and each leaf's shape and
+  dtype (``None`` when a leaf has neither, or the structure is unhashable)."""
+  try:
+    key = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
+    hash(key)
+  except (AttributeError, TypeError):  # non-array leaf, unhashable treedef
+    return None
+  return key
+
+
+# Specs by structure and shapes: every rule set and transformation resolved
+# against one tree reuses them (a ShapeDtypeStruct costs 4 us to make).
+_SPECS: dict[Any, tuple[tuple[str, ...], tuple[jax.ShapeDtypeStruct, ...]]] = {}
+
+
 def paths_and_specs(tree: Any
                     ) -> tuple[list[str], list[jax.ShapeDtypeStruct], Any]:
   """Each leaf's path and shape/dtype (never its values), and the treedef."""
   path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
-  return (path_strs, [leaf_spec(x, p) for x, p in zip(leaves, path_strs)],
-          treedef)
+  key = structure_key(leaves, treedef)
+  if key is not None and key in _SPECS:
+    return path_strs, list(_SPECS[key][1]), treedef
+  specs = [leaf_spec(x, p) for x, p in zip(leaves, path_strs)]
+  if key is not None:
+    if len(_SPECS) >= _CACHE_SIZE:
+      _SPECS.pop(next(iter(_SPECS)))
+    _SPECS[key] = (tuple(path_strs), tuple(specs))
+  return path_strs, specs, treedef
 
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Match:
-  """Which rules match which leaves of one tree structure (cached)."""
+  """Which rule each leaf of one tree structure takes (cached)."""
   treedef: Any
   paths: tuple[str, ...]
   specs: tuple[jax.ShapeDtypeStruct, ...]
   winner: tuple[int, ...]          # first matching rule per leaf, -1 if none
-  matches: tuple[tuple[int, ...], ...]  # per rule: indices of leaves matched
+
+
+class _Index:
+  """A rule set arranged so that each leaf's first rule is found without
+  trying every rule on it (matching stays exact: the same first match).
+
+  * exact path sets (globs without wildcards, :func:`~layerwise._selectors.of_paths`)
+    are one dict lookup per leaf;
+  * other globs sit in a trie of their literal leading segments, so a leaf
+    tries only the globs whose prefix its path starts with;
+  * a catch-all (``"**"``) needs no test;
+  * the rest (regexes, callables, globs that start with a wildcard) are
+    tried on every leaf, in order, until the best rule so far.
+  """
+
+  def __init__(self, selectors: Sequence[Compiled]):
+    self.exact: dict[str, int] = {}
+    self.everything = len(selectors)
+    self.trie: dict[Any, Any] = {}  # segment -> node; None -> its rules
+    always: list[int] = []
+    for r, c in enumerate(selectors):
+      if c.everything:
+        self.everything = min(self.everything, r)
+      elif c.paths is not None:
+        for path in c.paths:
+          self.exact.setdefault(path, r)
+      elif c.prefix:
+        node = self.trie
+        for seg in c.prefix:
+          node = node.setdefault(seg, {})
+        node.setdefault(None, []).append(r)
+      else:
+        always.append(r)
+    self.always = always
+    self.selectors = selectors
+
+  def winner(self, path: str, spec: Any) -> int:
+    """The first rule that matches the leaf, -1 for none."""
+    best = min(self.exact.get(path, self.everything), self.everything)
+    candidates = [r for r in self.always if r < best]
+    node: dict[Any, Any] | None = self.trie
+    for seg in path.split("/") if self.trie else ():
+      node = node.get(seg) if node is not None else None
+      if node is None:
+        break
+      candidates.extend(r for r in node.get(None, ()) if r < best)
+    for r in sorted(candidates):
+      if self.selectors[r].match(path, spec):
+        return r
+    return best if best < len(self.selectors) else -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +229,7 @@ class RuleSet:
     self.selectors = tuple(compile_selector(s) for s, _ in items)
     self.values = tuple(v for _, v in items)
     self.what = what
+    self._index = _Index(self.selectors)
     self._cache: dict[Any, Match] = {}
     self._checked: set[tuple[Match, bool]] = set()
 
@@ -184,24 +257,14 @@ class RuleSet:
     built, and selectors only run, for a structure not seen before.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    try:
-      key = (treedef, tuple((tuple(x.shape), x.dtype) for x in leaves))
-      hit = self._cache.get(key)
-    except (AttributeError, TypeError):  # non-array leaf, unhashable treedef
-      key, hit = None, None
+    key = structure_key(leaves, treedef)
+    hit = None if key is None else self._cache.get(key)
     if hit is not None:
       return hit
     path_strs, spec_list, treedef = paths_and_specs(tree)
     specs = tuple(spec_list)
-    matches = tuple(
-        tuple(i for i, (p, s) in enumerate(zip(path_strs, specs))
-              if c.match(p, s))
-        for c in self.selectors)
-    winner = [-1] * len(path_strs)
-    for r in reversed(range(len(matches))):
-      for i in matches[r]:
-        winner[i] = r
-    result = Match(treedef, tuple(path_strs), specs, tuple(winner), matches)
+    winner = tuple(self._index.winner(p, s) for p, s in zip(path_strs, specs))
+    result = Match(treedef, tuple(path_strs), specs, winner)
     if key is not None:
       if len(self._cache) >= _CACHE_SIZE:
         evicted = self._cache.pop(next(iter(self._cache)))
@@ -231,7 +294,13 @@ class RuleSet:
   # Errors --------------------------------------------------------------
 
   def _check(self, m: Match, default: Any) -> None:
-    _diagnostics.check_match(self.selectors, m.paths, m.winner, m.matches,
+    # Only a rule that wins no leaf can be unused or shadowed: only those
+    # are tried on every leaf.
+    won = set(m.winner)
+    losing = {r: tuple(i for i, (p, s) in enumerate(zip(m.paths, m.specs))
+                       if c.match(p, s))
+              for r, c in enumerate(self.selectors) if r not in won}
+    _diagnostics.check_match(self.selectors, m.paths, m.winner, losing,
                              has_default=default is not MISSING,
                              what=self.what)
 

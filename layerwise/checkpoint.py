@@ -13,7 +13,6 @@ not fit.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import jax
 import numpy as np

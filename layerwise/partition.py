@@ -8,11 +8,15 @@ the tree's paths, shapes and dtypes, so nothing is matched inside ``jit``.
 
 The mechanism is shared: every leaf is assigned statically to one group (an
 inner transformation) or to none (frozen). Each inner transformation sees a
-tree in which the leaves of other groups are ``optax.MaskedNode()`` (empty
-subtrees, as ``optax.masked`` does), so it holds state for its own leaves
-only, and computes its norms, counts and statistics over them alone. Frozen
-leaves get a zero update of their own dtype: they hold no state anywhere and
-add nothing to any norm computed downstream.
+tree of its own group's leaves only, nested dicts keyed by their path
+segments (so rule sets inside see the same paths), and holds state for them
+alone, computing its norms, counts and statistics over them. The other
+leaves are not in its tree at all: ``optax.partition`` and ``optax.masked``
+put an ``optax.MaskedNode()`` there instead, and with 50 groups of a
+777-leaf model those 78,000 placeholders made each call of a jitted step
+unflatten 78,000 NamedTuples (a 7x slower step). Frozen leaves get a zero
+update of their own dtype: they hold no state anywhere and add nothing to
+any norm computed downstream.
 """
 
 from __future__ import annotations
@@ -80,14 +84,46 @@ def _zero_like(x: jax.Array) -> jax.Array:
 Transformation = Union[optax.GradientTransformation, None]
 
 
-def _masked(treedef: Any, leaves: Sequence[Any] | None,
-            groups: Sequence[int], group: int) -> Any:
-  """The tree of ``leaves`` with the leaves of other groups replaced by
-  ``MaskedNode`` (``None`` stays ``None``)."""
-  if leaves is None:
-    return None
-  return treedef.unflatten([x if g == group else optax.MaskedNode()
-                            for x, g in zip(leaves, groups)])
+def _nested(paths: Sequence[str], leaves: Sequence[Any]) -> Any:
+  """``leaves`` as nested dicts keyed by the segments of their ``paths``,
+  which :func:`layerwise.paths` names by the same paths (a root leaf, path
+  ``''``, stays itself)."""
+  if len(paths) == 1 and paths[0] == "":
+    return leaves[0]
+  tree: dict[str, Any] = {}
+  for path, leaf in zip(paths, leaves):
+    *parents, last = path.split("/")
+    node = tree
+    for seg in parents:
+      node = node.setdefault(seg, {})
+    node[last] = leaf
+  return tree
+
+
+class _Group(NamedTuple):
+  """A group's leaves: their indices in the plan, in the order of the
+  group's own tree, and that tree's structure (``None``: the group is every
+  leaf, and its tree is the whole tree as given)."""
+  members: tuple[int, ...]
+  treedef: Any
+
+  @classmethod
+  def of(cls, plan: _core.Plan, group: int) -> "_Group":
+    members = plan.members(group)
+    if len(members) == len(plan.paths):
+      return cls(members, None)
+    leaves, treedef = jax.tree_util.tree_flatten(
+        _nested([plan.paths[i] for i in members], list(members)))
+    return cls(tuple(leaves), treedef)
+
+  def tree(self, leaves: Sequence[Any] | None, whole: Any) -> Any:
+    """The group's tree of ``leaves`` (all the plan's, of the tree
+    ``whole``'s structure); ``None`` stays ``None``."""
+    if leaves is None:
+      return None
+    if self.treedef is None:
+      return whole.unflatten(leaves)
+    return self.treedef.unflatten([leaves[i] for i in self.members])
 
 
 def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
@@ -110,7 +146,7 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     states = []
     for k, tx in enumerate(txs):
       try:
-        states.append(tx.init(_masked(res.treedef, params, groups, k)))
+        states.append(tx.init(_Group.of(plan, k).tree(params, res.treedef)))
       except _diagnostics.RuleError as e:
         # A rule set inside sees the group's leaves only: say so.
         raise _diagnostics.RuleError(
@@ -128,18 +164,18 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     out: list[Any] = [None] * len(step.updates)
     new_states = []
     for k, (tx, inner) in enumerate(zip(txs, unpack(state))):
-      members = plan.members(k)
+      group = _Group.of(plan, k)
       new_updates, new_state = tx.update(
-          _masked(step.treedef, step.updates, plan.groups, k), inner,
-          _masked(step.treedef, step.params, plan.groups, k), **step.extra)
+          group.tree(step.updates, step.treedef), inner,
+          group.tree(step.params, step.treedef), **step.extra)
       new_leaves = jax.tree_util.tree_leaves(new_updates)
-      if len(new_leaves) != len(members):
+      if len(new_leaves) != len(group.members):
         raise ValueError(
             f"{fn}: the transformation of group {names[k]} returned "
-            f"{len(new_leaves)} updates for {len(members)} parameters; a "
-            "transformation must keep the structure of the updates it is "
+            f"{len(new_leaves)} updates for {len(group.members)} parameters; "
+            "a transformation must keep the structure of the updates it is "
             "given.")
-      for i, u in zip(members, new_leaves):
+      for i, u in zip(group.members, new_leaves):
         out[i] = u
       new_states.append(new_state)
     for i, g in enumerate(plan.groups):
@@ -168,10 +204,13 @@ def partition(
   transformation object share one group (and one state). Leaves whose rule
   is ``None`` are frozen: a zero update and no optimizer state.
 
-  Each transformation sees only its group's leaves (the others are
-  ``optax.MaskedNode()``, as in ``optax.masked``), so its state, and any
-  norm or statistic it computes (``clip_by_global_norm``, say), covers its
-  group alone. The groups are found once, from the paths, shapes and dtypes;
+  Each transformation sees only its group's leaves, in nested dicts keyed
+  by their path segments (so a rule set inside sees the same paths), so its
+  state, and any norm or statistic it computes (``clip_by_global_norm``,
+  say), covers its group alone. Unlike ``optax.partition``, the tree holds
+  no ``optax.MaskedNode()`` for the other groups' leaves, so the state's
+  size, and the cost of passing it to a jitted step, do not grow with the
+  number of groups. The groups are found once, from the paths, shapes and dtypes;
   nothing is matched inside ``jit``. Extra arguments of ``update`` (such as
   ``value`` for ``optax.contrib`` optimizers) are passed to every group.
 
@@ -282,7 +321,7 @@ def freeze(
 
   Frozen leaves get an update of exactly zero (whatever their gradient,
   NaN included), hold **no optimizer state** (``inner`` never sees them:
-  they are ``optax.MaskedNode()`` in the tree it gets), and are left out of
+  the tree it gets holds the trainable leaves only), and are left out of
   every norm: wrap the whole chain, clipping included, so that
   ``optax.clip_by_global_norm`` inside it measures the trainable leaves
   only; a norm computed after ``freeze`` sees zeros. To also skip their
