@@ -2,7 +2,8 @@
 
 ``bert_base()``: BERT-base shapes (12 blocks, hidden 768, ~110M parameters,
 201 leaves). ``deep_narrow()``: 48 blocks of width 256 (~38M parameters, 777
-leaves). Both name blocks ``encoder/layer_{i}/<module>/<leaf>`` so that
+leaves). ``many_leaves()``: 312 blocks of width 64 (~10M parameters, 5,001
+leaves). All name blocks ``encoder/layer_{i}/<module>/<leaf>`` so that
 module directories never nest.
 """
 
@@ -43,6 +44,10 @@ def bert_base(dtype=jnp.float32):
 
 def deep_narrow(dtype=jnp.float32):
   return transformer(48, 256, 1024, 8192, dtype=dtype)
+
+
+def many_leaves(dtype=jnp.float32):
+  return transformer(312, 64, 128, 1024, dtype=dtype)
 
 
 def group_selectors(tree, groups):

@@ -1,25 +1,34 @@
-"""Per-group learning rates: does the cost grow with the number of groups?
+"""Per-group hyperparameters: does the cost grow with the number of groups?
 
-For a BERT-base-like tree (12 blocks, ~110M parameters, 201 leaves) and a deep
-narrow tree (48 blocks, 777 leaves), with 2, 14, 50 and 200 groups, compares
-in one process, interleaved, with donated buffers and warm-up steps:
+For a BERT-base-like tree (12 blocks, ~110M parameters, 201 leaves), a deep
+narrow tree (48 blocks, 777 leaves) and a tree of many small leaves (312
+blocks, 5,001 leaves), with 2, 14, 50 and 200 groups, compares in one
+process, interleaved, with donated buffers and warm-up steps:
 
 * ``plain``: ``optax.adamw`` (one learning rate);
-* ``partition``: what users write today, ``optax.partition`` with one
-  ``adamw(lr * r_g)`` per group;
-* ``layerwise``: ``optax.chain(optax.adamw(lr), lw.scale_by_rules(r))``.
+* ``layerwise``: ``optax.chain(optax.adamw(lr), lw.scale_by_rules(r))``;
+* ``partition`` and ``lw.partition``: one ``adamw(lr * r_g, b1_g)`` per
+  group (per-group betas, which ``scale_by_rules`` cannot express), with
+  ``optax.partition`` as users write it and with ``lw.partition``.
 
 Then, in rows marked ``frz``, the embeddings and the lower half of the
 blocks frozen: plain ``adamw`` (training everything), ``lw.freeze(adamw,
-frozen)``, and the hand-written ``optax.partition`` with ``set_to_zero``.
+frozen)``, and the hand-written ``optax.partition`` with ``set_to_zero``;
+and in rows marked ``ft``, a whole fine-tuning chain: ``lw.freeze`` of
+``clip_by_rules`` (14 groups) + ``add_decayed_weights`` (``NO_DECAY``) +
+adam + ``scale_by_rules`` (200 groups), against its plain-optax twin
+(``optax.masked`` and ``optax.freeze`` around ``clip_by_global_norm`` +
+``adamw(mask=...)``).
 
 Prints compile time (median of ``--compile-repeats`` interleaved compiles),
-median step time and optimizer-state bytes, each as a ratio to plain adamw,
-and writes the numbers as JSON (``--out``).
+median step time, optimizer-state bytes and the number of arrays a jitted
+step takes (params, state and grads), each as a ratio to the first row, and
+writes the numbers as JSON (``--out``).
 
 Run:  python benchmarks/groups.py [--steps 10] [--repeats 3] [--compile-repeats 3]
-      [--trees bert_base,deep_narrow]
-      [--groups 2,14,50,200] [--no-partition] [--no-freeze] [--out groups.json]
+      [--trees bert_base,deep_narrow,many_leaves]
+      [--groups 2,14,50,200] [--no-partition] [--no-freeze] [--no-finetune]
+      [--out groups.json]
 """
 
 import argparse
@@ -53,19 +62,51 @@ def optimizers(tree, groups, with_partition):
           lw.scale_by_rules(dict(zip(selectors, mults)))),
   }
   if with_partition:
+    # Per-group betas: b1 from 0.9 down by 0.001 a group.
+    group = lambda k, m: optax.adamw(LR * m, b1=0.9 - 0.001 * k, weight_decay=WD)
     labels = lw.labels({s: f"g{k}" for k, s in enumerate(selectors)})
     out["partition"] = optax.partition(
-        {f"g{k}": optax.adamw(LR * m, weight_decay=WD)
-         for k, m in enumerate(mults)}, labels)
+        {f"g{k}": group(k, m) for k, m in enumerate(mults)}, labels)
+    out["lw.partition"] = lw.partition(
+        {s: group(k, m) for k, (s, m) in enumerate(zip(selectors, mults))})
   return out
+
+
+def finetune_optimizers(tree):
+  """The fine-tuning chain of docs/recipes.md, and its plain-optax twin."""
+  frozen = _frozen(tree)
+  selectors = _trees.group_selectors(tree, 200)
+  mults = [0.5 ** (k / 199) for k in range(200)]
+  clip_groups = _trees.group_selectors(tree, 14)
+  lw_chain = lw.freeze(optax.chain(
+      lw.clip_by_rules({s: lw.clip_group_norm(1.0 + k)
+                        for k, s in enumerate(clip_groups)}, strict=False),
+      lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": WD}),
+      optax.scale_by_adam(),
+      optax.scale_by_learning_rate(LR),
+      lw.scale_by_rules(dict(zip(selectors, mults)), strict=False)), frozen)
+  mask = lw.labels({frozen: False, "**": True})
+  decay = lw.labels({lw.NO_DECAY: False, "**": True})
+  twin = optax.chain(
+      optax.masked(optax.chain(optax.clip_by_global_norm(1.0),
+                               optax.adamw(LR, weight_decay=WD, mask=decay)),
+                   mask),
+      optax.masked(optax.set_to_zero(), lambda p: jax.tree_util.tree_map(
+          lambda m: not m, mask(p))))
+  return {"optax twin": twin, "lw chain": lw_chain}
+
+
+def _frozen(tree):
+  """The embeddings and the lower half of the blocks."""
+  blocks = sorted({p.split("/")[1] for p in jax.tree_util.tree_leaves(lw.paths(tree))
+                   if p.startswith("encoder/")}, key=lambda b: int(b.split("_")[1]))
+  return lw.any_of("embeddings/**",
+                   *(f"encoder/{b}/**" for b in blocks[:len(blocks) // 2]))
 
 
 def frozen_optimizers(tree):
   """Embeddings and the lower half of the blocks frozen, the rest adamw."""
-  blocks = sorted({p.split("/")[1] for p in jax.tree_util.tree_leaves(lw.paths(tree))
-                   if p.startswith("encoder/")}, key=lambda b: int(b.split("_")[1]))
-  frozen = lw.any_of("embeddings/**",
-                     *(f"encoder/{b}/**" for b in blocks[:len(blocks) // 2]))
+  frozen = _frozen(tree)
   labels = lw.labels({frozen: "frozen", "**": "train"})
   return {
       "plain": optax.adamw(LR, weight_decay=WD),
@@ -99,18 +140,27 @@ def compare(tree_name, tree, groups, txs, args):
     row = dict(tree=tree_name, groups=groups, variant=name,
                compile_s=statistics.median(compiles[name]),
                step_ms=1e3 * statistics.median(samples[name]),
-               state_bytes=state_bytes(txs[name], tree))
+               state_bytes=state_bytes(txs[name], tree),
+               arrays=call_arrays(txs[name], tree))
     base = base or row
     row.update(compile_ratio=row["compile_s"] / base["compile_s"],
                step_ratio=row["step_ms"] / base["step_ms"],
                state_ratio=(row["state_bytes"] / base["state_bytes"]
                             if base["state_bytes"] else float("nan")))
     rows.append(row)
-    print(f"{tree_name:<12} {groups:>6} {name:<10} {row['compile_s']:>9.2f} "
+    print(f"{tree_name:<12} {groups:>6} {name:<12} {row['compile_s']:>9.2f} "
           f"{row['step_ms']:>9.1f} {row['state_bytes'] / 2**20:>9.1f} "
-          f"{row['compile_ratio']:>9.2f} {row['step_ratio']:>7.2f} "
-          f"{row['state_ratio']:>7.2f}", flush=True)
+          f"{row['arrays']:>7} {row['compile_ratio']:>9.2f} "
+          f"{row['step_ratio']:>7.2f} {row['state_ratio']:>7.2f}", flush=True)
   return rows
+
+
+def call_arrays(tx, tree):
+  """The arrays a jitted step takes: the params, the state and the grads
+  (each a dispatch on a GPU, where a step of BERT-base takes 1.5 ms)."""
+  state = jax.eval_shape(tx.init, tree)
+  return (2 * len(jax.tree_util.tree_leaves(tree))
+          + len(jax.tree_util.tree_leaves(state)))
 
 
 def state_bytes(tx, tree):
@@ -172,7 +222,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
   parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-  parser.add_argument("--trees", default="bert_base,deep_narrow")
+  parser.add_argument("--trees", default="bert_base,deep_narrow,many_leaves")
   parser.add_argument("--groups", default="2,14,50,200")
   parser.add_argument("--no-partition", action="store_true",
                       help="skip the hand-written optax.partition (slow to compile)")
@@ -180,6 +230,8 @@ def main():
                       help="compiles per variant (median reported)")
   parser.add_argument("--no-freeze", action="store_true",
                       help="skip the frozen-layers comparison (rows 'frz')")
+  parser.add_argument("--no-finetune", action="store_true",
+                      help="skip the fine-tuning chain (rows 'ft')")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
 
@@ -192,6 +244,8 @@ def main():
                          optimizers(tree, groups, not args.no_partition), args)
     if not args.no_freeze:
       results += compare(tree_name, tree, "frz", frozen_optimizers(tree), args)
+    if not args.no_finetune:
+      results += compare(tree_name, tree, "ft", finetune_optimizers(tree), args)
   write_json(args.out, results)
 
 
@@ -204,8 +258,9 @@ def print_versions():
 def print_header(second_column):
   """The versions, the machine, and the header of ``compare``'s rows."""
   print_versions()
-  header = (f"{'tree':<12} {second_column:>6} {'variant':<10} {'compile s':>9} "
-            f"{'step ms':>9} {'state MB':>9} {'compile x':>9} {'step x':>7} {'state x':>7}")
+  header = (f"{'tree':<12} {second_column:>6} {'variant':<12} {'compile s':>9} "
+            f"{'step ms':>9} {'state MB':>9} {'arrays':>7} {'compile x':>9} "
+            f"{'step x':>7} {'state x':>7}")
   print(header)
   print("-" * len(header))
 

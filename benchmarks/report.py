@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 MACHINES = {"cpu": "2-core x86-64 CPU", "h100": "NVIDIA H100 80GB HBM3"}
 COMMANDS = {  # as run for the committed results (CPU/GPU where they differ)
-    "groups": "python benchmarks/groups.py --trees bert_base --no-freeze "
-              "--steps 5/30 --repeats 3/5 --compile-repeats 1",
+    "groups": "python benchmarks/groups.py --steps 10 --repeats 3 "
+              "--compile-repeats 3 (many_leaves: --steps 5 --compile-repeats 1)",
     "frozen": "python benchmarks/frozen.py [--model bert_base] [--grads-used]",
     "roofline": "python benchmarks/roofline.py",
 }
@@ -40,43 +40,73 @@ def caption(data, command):
 
 
 def groups_chart(results, images):
-  runs = {m: load(results, "groups", m) for m in MACHINES}
-  runs = {m: d for m, d in runs.items() if d}
-  if not runs:
+  """Compile and step time against the number of groups, as ratios to
+  plain adamw: today's CPU run (every tree), the CPU run before the
+  hyperparameters were read at runtime indices (groups_cpu_v0.json, for the
+  record), and the H100 run."""
+  now = load(results, "groups", "cpu")
+  before = load(results, "groups_v0", "cpu")
+  gpu = load(results, "groups", "h100")
+  panels = [(title, data) for title, data in (
+      ("CPU", now), ("CPU, before (static indices)", before), ("H100", gpu))
+      if data]
+  if not panels:
     return
-  fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.6 * len(runs)), squeeze=False)
-  for row, (machine, data) in zip(axes, runs.items()):
-    for variant, style in (("plain", "k--"), ("layerwise", "o-"), ("partition", "s-")):
-      rows = [r for r in data["results"] if r["variant"] == variant]
-      g = [r["groups"] for r in rows]
-      label = {"plain": "optax.adamw", "partition": "optax.partition"}.get(variant, variant)
-      row[0].plot(g, [r["step_ms"] for r in rows], style, label=label)
-      row[1].plot(g, [r["compile_s"] for r in rows], style, label=label)
-    for ax, what in zip(row, ("step time, ms", "compile time, s")):
-      ax.set_xscale("log")
-      ax.set_yscale("log")
-      ax.set_xlabel("groups (each its own learning rate)")
-      ax.set_ylabel(what)
-      ax.set_title(f"{MACHINES[machine]}: {what.split(',')[0]}", fontsize=10)
-      ax.legend(fontsize=8)
-  fig.suptitle("AdamW on bert_base (110M parameters), per-group learning rates\n"
-               + caption(next(iter(runs.values())), COMMANDS["groups"]).replace("\n", " "),
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  styles = {"layerwise": "o-", "lw.partition": "^-", "partition": "s--"}
+  for title, data in panels:
+    trees = dict.fromkeys(r["tree"] for r in data["results"])
+    for tree in trees:
+      rows = [r for r in data["results"] if r["tree"] == tree
+              and isinstance(r["groups"], int)]
+      for variant, style in styles.items():
+        pts = [r for r in rows if r["variant"] == variant]
+        if not pts or (title != "CPU" and variant != "layerwise"):
+          continue
+        label = f"{variant}, {tree} ({title})"
+        kw = {"alpha": 0.45} if title != "CPU" else {}
+        g = [r["groups"] for r in pts]
+        axes[0].plot(g, [r["compile_ratio"] for r in pts], style, label=label, **kw)
+        axes[1].plot(g, [r["step_ratio"] for r in pts], style, label=label, **kw)
+  for ax, what in zip(axes, ("compile time", "step time")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("groups (each its own learning rate)")
+    ax.set_ylabel(f"{what}, ratio to optax.adamw")
+    ax.set_title(what, fontsize=10)
+    ax.legend(fontsize=6)
+  fig.suptitle("AdamW with per-group learning rates against plain optax.adamw
+"
+               + caption(now or panels[0][1], COMMANDS["groups"]).replace("\n", " "),
                fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(images, "bench_groups.png"), dpi=110)
   plt.close(fig)
-  for machine, data in runs.items():
-    print(f"\n### groups, {MACHINES[machine]} (jax {data['jax']}, optax {data['optax']})\n")
-    print("| groups | plain step ms | layerwise step | layerwise compile | "
-          "`optax.partition` step | `optax.partition` compile |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+  for title, data in panels:
+    print(f"\n### groups, {title} (jax {data['jax']}, optax {data['optax']})\n")
+    variants = [v for v in ("layerwise", "lw.partition", "partition")
+                if any(r["variant"] == v for r in data["results"])]
+    print("| tree | groups | plain step ms | plain compile s | "
+          + " | ".join(f"`{v}` step | `{v}` compile" for v in variants) + " |")
+    print("| --- | ---: | ---: | ---: |" + " ---: | ---: |" * len(variants))
     by = {}
     for r in data["results"]:
-      by.setdefault(r["groups"], {})[r["variant"]] = r
-    for g, v in by.items():
-      print(f"| {g} | {v['plain']['step_ms']:.1f} | {v['layerwise']['step_ratio']:.2f}x | "
-            f"{v['layerwise']['compile_ratio']:.2f}x | {v['partition']['step_ratio']:.2f}x | "
-            f"{v['partition']['compile_ratio']:.2f}x |")
+      if isinstance(r["groups"], int):
+        by.setdefault((r["tree"], r["groups"]), {})[r["variant"]] = r
+    for (tree, g), v in by.items():
+      cells = [f"{v[x]['step_ratio']:.2f}x | {v[x]['compile_ratio']:.2f}x"
+               if x in v else "- | -" for x in variants]
+      print(f"| `{tree}` | {g} | {v['plain']['step_ms']:.1f} | "
+            f"{v['plain']['compile_s']:.2f} | " + " | ".join(cells) + " |")
+    special = [r for r in data["results"] if not isinstance(r["groups"], int)]
+    if special:
+      print("\n| tree | rows | variant | step | compile | state | arrays |")
+      print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+      for r in special:
+        print(f"| `{r['tree']}` | {r['groups']} | `{r['variant']}` | "
+              f"{r['step_ratio']:.2f}x | {r['compile_ratio']:.2f}x | "
+              f"{r['state_ratio']:.2f}x | {r.get('arrays', '-')} |")
 
 
 def frozen_chart(results, images):

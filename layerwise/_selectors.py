@@ -142,6 +142,28 @@ class Compiled:
     return src if isinstance(src, str) else getattr(src, "pattern", self.text)
 
 
+_SPECIAL = frozenset(".^$*+?{}[]\\|()")
+
+
+def _regex_prefix(regex: re.Pattern[str]) -> tuple[str, ...]:
+  """The whole path segments every path ``regex`` fully matches starts with:
+  the literal text before its first special character, when nothing but
+  literals precede it (no alternation, no flags), cut at its last '/'."""
+  pattern = regex.pattern
+  if not isinstance(pattern, str) or "|" in pattern or regex.flags & (
+      re.IGNORECASE | re.VERBOSE):
+    return ()
+  end = 0
+  while end < len(pattern) and pattern[end] not in _SPECIAL:
+    end += 1
+  if end < len(pattern) and pattern[end] in "*+?{":
+    end -= 1  # the last literal is repeated (or optional)
+  literal = pattern[:end]
+  if "/" not in literal:
+    return ()
+  return tuple(literal[:literal.rindex("/")].split("/"))
+
+
 def compile_selector(selector: SelectorLike) -> Compiled:
   """Compiles any selector form; raises ``TypeError`` for anything else."""
   if isinstance(selector, Compiled):
@@ -166,7 +188,8 @@ def compile_selector(selector: SelectorLike) -> Compiled:
   if isinstance(selector, re.Pattern):
     return Compiled(
         selector, _diagnostics.text_of(selector),
-        lambda path, spec: selector.fullmatch(path) is not None, False)
+        lambda path, spec: selector.fullmatch(path) is not None, False,
+        prefix=_regex_prefix(selector))
   if callable(selector):
     if not isinstance(selector, Selector):  # a Selector's was checked
       _validate.check_arity(selector, 2, lambda: (
