@@ -76,8 +76,7 @@ def groups_chart(results, images):
     ax.set_ylabel(f"{what}, ratio to optax.adamw")
     ax.set_title(what, fontsize=10)
     ax.legend(fontsize=6)
-  fig.suptitle("AdamW with per-group learning rates against plain optax.adamw
-"
+  fig.suptitle("AdamW with per-group learning rates against plain optax.adamw\n"
                + caption(now or panels[0][1], COMMANDS["groups"]).replace("\n", " "),
                fontsize=8)
   fig.tight_layout()

@@ -83,11 +83,16 @@ def structure_key(leaves: Sequence[Any], treedef: Any) -> Any:
 _SPECS: dict[Any, tuple[tuple[str, ...], tuple[jax.ShapeDtypeStruct, ...]]] = {}
 
 
-def paths_and_specs(tree: Any
+_NO_KEY = object()
+
+
+def paths_and_specs(tree: Any, key: Any = _NO_KEY
                     ) -> tuple[list[str], list[jax.ShapeDtypeStruct], Any]:
-  """Each leaf's path and shape/dtype (never its values), and the treedef."""
+  """Each leaf's path and shape/dtype (never its values), and the treedef;
+  ``key`` is the tree's :func:`structure_key`, when the caller has it."""
   path_strs, leaves, treedef = _paths.flatten_with_paths(tree)
-  key = structure_key(leaves, treedef)
+  if key is _NO_KEY:
+    key = structure_key(leaves, treedef)
   if key is not None and key in _SPECS:
     return path_strs, list(_SPECS[key][1]), treedef
   specs = [leaf_spec(x, p) for x, p in zip(leaves, path_strs)]
@@ -144,7 +149,11 @@ class _Index:
 
   def winner(self, path: str, spec: Any) -> int:
     """The first rule that matches the leaf, -1 for none."""
-    best = min(self.exact.get(path, self.everything), self.everything)
+    best = self.exact.get(path, self.everything)
+    if self.everything < best:
+      best = self.everything
+    if not self.always and not self.trie:  # lookups only
+      return best if best < len(self.selectors) else -1
     candidates = [r for r in self.always if r < best]
     node: dict[Any, Any] | None = self.trie
     for seg in path.split("/") if self.trie else ():
@@ -261,7 +270,7 @@ class RuleSet:
     hit = None if key is None else self._cache.get(key)
     if hit is not None:
       return hit
-    path_strs, spec_list, treedef = paths_and_specs(tree)
+    path_strs, spec_list, treedef = paths_and_specs(tree, key)
     specs = tuple(spec_list)
     winner = tuple(self._index.winner(p, s) for p, s in zip(path_strs, specs))
     result = Match(treedef, tuple(path_strs), specs, winner)

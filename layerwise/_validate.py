@@ -228,10 +228,23 @@ def schedule_value(fn: str, value: Any, count: jax.Array, text: str,
 # ------------------------------------------------------------------- dtypes
 
 
+_INEXACT: dict[Any, bool] = {}
+
+
 def is_inexact(dtype: Any) -> bool:
   """Whether leaves of ``dtype`` (floating point or complex) can be changed
   by a rule; integers, bools and ``float0`` cannot."""
-  return dtype != jax.dtypes.float0 and jnp.issubdtype(dtype, jnp.inexact)
+  try:
+    return _INEXACT[dtype]
+  except (KeyError, TypeError):
+    pass
+  inexact = bool(dtype != jax.dtypes.float0
+                 and jnp.issubdtype(dtype, jnp.inexact))
+  try:
+    _INEXACT[dtype] = inexact
+  except TypeError:  # an unhashable dtype-like: not cached
+    pass
+  return inexact
 
 
 def check_dtypes(fn: str, paths: Sequence[str], specs: Sequence[Any],

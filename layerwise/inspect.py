@@ -40,6 +40,24 @@ def _human(n: int) -> str:
 _NUMERIC = ("size", "state_bytes")
 
 
+class _Formatter:
+  """``fn(value, *args)``, computed once per distinct hashable value (a
+  table of 50,000 rows has a handful of distinct values per column)."""
+
+  def __init__(self) -> None:
+    self._seen: dict[Any, str] = {}
+
+  def __call__(self, fn: Any, value: Any, *args: Any) -> str:
+    try:
+      key = (type(value), value, args)
+      hit = self._seen.get(key)
+    except TypeError:  # unhashable: formatted each time
+      return fn(*args, value) if args else fn(value)
+    if hit is None:
+      hit = self._seen[key] = fn(*args, value) if args else fn(value)
+    return hit
+
+
 def _cell(column: str, value: Any) -> str:
   if column == "shape":
     return str(value)
@@ -85,9 +103,10 @@ class Description:
     """
     groups: dict[str, dict[str, Any]] = {}
     total = sum(r["size"] for r in self.rows)
+    shown = _Formatter()
     for r in self.rows:
       value = r.get(self.group_by)
-      g = groups.setdefault(format_value(value),
+      g = groups.setdefault(shown(format_value, value),
                             {"value": value, "leaves": 0, "size": 0})
       g["leaves"] += 1
       g["size"] += r["size"]
@@ -100,9 +119,12 @@ class Description:
   def table(self) -> str:
     """The table as text."""
     cells = [list(self.columns)]
-    cells += [[_cell(c, r[c]) + (f" (rule: {format_value(r[c + '_given'])})"
-                                 if r.get(c + "_given") is not None else "")
-               for c in self.columns] for r in self.rows]
+    shown = _Formatter()
+    given = [c + "_given" for c in self.columns]
+    cells += [[shown(_cell, r[c], c)
+               + (f" (rule: {format_value(r[g])})" if r.get(g) is not None
+                  else "") for c, g in zip(self.columns, given)]
+              for r in self.rows]
     right = {j for j, c in enumerate(self.columns) if c in _NUMERIC}
     widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
 
@@ -116,14 +138,15 @@ class Description:
 
     with_bytes = self.shared_state_bytes is not None
     head = [self.group_by, "leaves", "params", "share"]
+    totals = self.totals()
     foot = [[_cell(self.group_by, g["value"]), str(g["leaves"]), _human(g["size"]),
-             f"{g['fraction']:.1%}"] for g in self.totals()]
+             f"{g['fraction']:.1%}"] for g in totals]
     size = sum(r["size"] for r in self.rows)
     foot.append(["total", str(len(self.rows)), _human(size),
                  f"{1.0 if self.rows else 0.0:.1%}"])
     if with_bytes:
       head.append("state bytes")
-      for row, g in zip(foot, self.totals()):
+      for row, g in zip(foot, totals):
         row.append(_human(g.get("state_bytes", 0)))
       foot[-1].append(_human(sum(r["state_bytes"] for r in self.rows)
                              + self.shared_state_bytes))
