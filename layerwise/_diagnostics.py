@@ -146,11 +146,21 @@ def rules_hint(rules: Any, what: str) -> str:
 # ------------------------------------------------------- rule-set checks
 
 
+def _defensive(selectors: Sequence[Any], r: int) -> bool:
+  """Whether rule ``r`` is a defensive final catch-all, which may take no
+  leaf: the last rule, a pure catch-all (``"**"``, ``re.compile(".*")``),
+  after no other catch-all (a second catch-all is dead code)."""
+  return (r == len(selectors) - 1 and selectors[r].catch_all
+          and not any(c.catch_all for c in selectors[:r]))
+
+
 def check_match(selectors: Sequence[Any], paths: Sequence[str],
                 winner: Sequence[int], losing: Mapping[int, Sequence[int]],
                 *, has_default: bool, what: str) -> None:
   """Raises :class:`RuleError` for unmatched leaves (without a default),
-  unused selectors and shadowed rules, all sections at once.
+  unused selectors and shadowed rules, all sections at once. A final
+  catch-all that every leaf's earlier rule leaves nothing to is not
+  shadowed: ending a rule set with ``"**"`` is defensive, not a typo.
 
   ``selectors`` are compiled selectors (``text``, ``pattern``, ``source``,
   ``is_text``); ``winner[i]`` is the rule leaf ``i`` took (-1: none) and
@@ -161,7 +171,8 @@ def check_match(selectors: Sequence[Any], paths: Sequence[str],
   unmatched = ([] if has_default else
                [p for p, r in zip(paths, winner) if r < 0])
   unused = sorted(r for r, leaves in losing.items() if not leaves)
-  shadowed = sorted(r for r, leaves in losing.items() if leaves)
+  shadowed = sorted(r for r, leaves in losing.items()
+                    if leaves and not _defensive(selectors, r))
   matches = losing
 
   if unmatched:

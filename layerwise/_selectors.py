@@ -235,6 +235,18 @@ class Compiled:
     return isinstance(self.source, (str, re.Pattern))
 
   @property
+  def catch_all(self) -> bool:
+    """Whether the selector is a pure catch-all, which selects every leaf
+    by its form alone: the glob ``"**"``, the regex ``re.compile(".*")``,
+    or a selector of every leaf made by the library (``of_paths(None)``).
+    A callable of the user's (``lambda path, leaf: True``) cannot be told
+    apart from any other and is not one."""
+    if self.everything:
+      return True
+    return (isinstance(self.source, re.Pattern)
+            and self.source.pattern == ".*")
+
+  @property
   def pattern(self) -> str:
     """Glob or regex source, for similarity suggestions."""
     src = self.source

@@ -347,9 +347,32 @@ def test_shadowed_by_several_rules():
                 ("**", 4)], PARAMS)
 
 
-def test_catch_all_shadowed_when_everything_is_covered():
-  with pytest.raises(lw.RuleError, match=r"rule 1: '\*\*' never applies"):
-    lw.resolve({"**/*": 1.0, "**": 0.0}, PARAMS)
+@pytest.mark.parametrize("catch_all", ["**", "/**", re.compile(".*")])
+def test_final_catch_all_may_take_nothing(catch_all):
+  # Every leaf has two or more segments, so '**/*' takes them all and the
+  # defensive catch-all that ends the rule set takes none: no error, and
+  # every value is the one resolving without the catch-all gives.
+  rules = [("embed/**", 0.1), ("**/*", 1.0), (catch_all, 0.0)]
+  assert lw.resolve(rules, PARAMS) == lw.resolve(rules[:2], PARAMS)
+  tx = lw.scale_by_rules(rules)
+  assert tx.init(PARAMS).rules.values == (0.1,) + (1.0,) * 11
+
+
+@pytest.mark.parametrize("rules, shadowed", [
+    # a catch-all that is not the last rule
+    ([("**/*", 1.0), ("**", 0.0), ("head/**", 2.0)], ("'**'", "'head/**'")),
+    # a second catch-all after a first one is dead code
+    ([("**", 1.0), ("**", 0.0)], ("'**'",)),
+    # not a pure catch-all: a glob that happens to match everything here
+    ([("**/*", 1.0), ("*/**", 0.0)], ("'*/**'",)),
+    # nor a callable, which cannot be told apart from any other
+    ([("**/*", 1.0), (lw.Selector(lambda p, x: True, "everything"), 0.0)],
+     ("everything",)),
+])
+def test_other_rules_that_take_nothing_are_still_shadowed(rules, shadowed):
+  with pytest.raises(lw.RuleError, match="never applies") as info:
+    lw.resolve(rules, PARAMS)
+  assert info.value.shadowed == shadowed
 
 
 def test_all_problems_reported_together():
