@@ -111,10 +111,12 @@ def scale_state(rules: Any = None) -> Any:
   return tx.init(PARAMS)
 
 
-def _hidden_rule() -> Any:
-  """lw.partition whose inner rule set names another group's leaves."""
+def _inner_typo() -> Any:
+  """lw.partition whose inner rule set has a selector that matches no leaf
+  of the whole model (naming another group's leaves is allowed)."""
   return lw.partition({
-      "head/**": lw.scale_by_rules({"encoder/**": 0.1, "**": 1.0}),
+      "head/**": lw.scale_by_rules({"encoder/**": 0.5, "encodr/**": 0.1,
+                                    "**": 1.0}),
       "**": optax.sgd(0.1)})
 
 
@@ -441,9 +443,10 @@ CATALOGUE = [
                   PARAMS, update_params=RENAMED), ValueError,
         ("lw.partition: the params passed to update",
          "only in the params: 'embedding'", "Pass the params the updates are for")),
-    Row("partition-inner-rule-names-hidden-leaf", at_init(_hidden_rule),
-        lw.RuleError, ("rule 0: 'encoder/**'", "sees only its 1 parameter(s)",
-                       "Pass strict=False")),
+    Row("partition-inner-rule-typo", at_init(_inner_typo),
+        lw.RuleError, ("rule 1: 'encodr/**'", "closest: 'encoder/**'",
+                       "holds 1 of the model's 4 parameter(s)",
+                       "checked against the whole model")),
     Row("freeze-inner-not-transformation",
         lambda: lw.freeze("adam", "embed"), TypeError,
         ("lw.freeze wraps an optax transformation, got str",
