@@ -146,22 +146,39 @@ def rules_hint(rules: Any, what: str) -> str:
 # ------------------------------------------------------- rule-set checks
 
 
+def _defensive(selectors: Sequence[Any], r: int) -> bool:
+  """Whether rule ``r`` is a defensive final catch-all, which may take no
+  leaf: the last rule, a pure catch-all (``"**"``, ``re.compile(".*")``),
+  after no other catch-all (a second catch-all is dead code)."""
+  return (r == len(selectors) - 1 and selectors[r].catch_all
+          and not any(c.catch_all for c in selectors[:r]))
+
+
 def check_match(selectors: Sequence[Any], paths: Sequence[str],
                 winner: Sequence[int], losing: Mapping[int, Sequence[int]],
-                *, has_default: bool, what: str) -> None:
+                *, has_default: bool, what: str,
+                unmatched: Sequence[str] | None = None) -> None:
   """Raises :class:`RuleError` for unmatched leaves (without a default),
-  unused selectors and shadowed rules, all sections at once.
+  unused selectors and shadowed rules, all sections at once. A final
+  catch-all that every leaf's earlier rule leaves nothing to is not
+  shadowed: ending a rule set with ``"**"`` is defensive, not a typo.
 
   ``selectors`` are compiled selectors (``text``, ``pattern``, ``source``,
   ``is_text``); ``winner[i]`` is the rule leaf ``i`` took (-1: none) and
   ``losing[r]``, for each rule ``r`` that took no leaf, the leaves it
-  matches.
+  matches. ``unmatched``, when given, are the leaves that need a rule and
+  have none, instead of every leaf of ``paths`` that has none (a rule set
+  resolved on part of a model is checked against all of it, but only the
+  part needs rules).
   """
   sections: list[str] = []
-  unmatched = ([] if has_default else
-               [p for p, r in zip(paths, winner) if r < 0])
+  if unmatched is None:
+    unmatched = ([] if has_default else
+                 [p for p, r in zip(paths, winner) if r < 0])
+  unmatched = list(unmatched)
   unused = sorted(r for r, leaves in losing.items() if not leaves)
-  shadowed = sorted(r for r, leaves in losing.items() if leaves)
+  shadowed = sorted(r for r, leaves in losing.items()
+                    if leaves and not _defensive(selectors, r))
   matches = losing
 
   if unmatched:

@@ -11,12 +11,23 @@ A rule set is checked when it is resolved against a tree: a leaf no rule
 matches, a selector that matches no leaf (a typo) and a rule that matches
 leaves but never wins them (shadowed by earlier rules) are errors that name
 the paths and the closest selectors or paths (:mod:`layerwise._diagnostics`).
+
+A rule set inside :func:`layerwise.partition` or :func:`layerwise.freeze` is
+resolved on its group's leaves only, but written for the whole model (as
+``lw.layer_decay(0.8, params)`` is). While the outer transformation calls
+its inner ones it sets the whole model (:func:`whole_model`), and the checks
+read it: a rule may name leaves of the model that the group does not hold,
+a selector is a typo only when it matches no leaf of the whole model, and a
+rule is shadowed only when it wins no leaf of it; each leaf of the group
+still needs a rule.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, Union
 
 import jax
@@ -102,6 +113,57 @@ def paths_and_specs(tree: Any, key: Any = _NO_KEY
     _SPECS[key] = (tuple(path_strs), tuple(specs))
   return path_strs, specs, treedef
 
+
+
+class Whole:
+  """The leaves of the whole model (paths and shapes/dtypes) that a rule set
+  resolved on part of it is checked against (see :func:`whole_model`).
+
+  Compared by value, with its hash computed once: a check already made
+  against the same model is not made again.
+  """
+
+  __slots__ = ("paths", "specs", "_hash")
+
+  def __init__(self, paths: Sequence[str],
+               specs: Sequence[jax.ShapeDtypeStruct]):
+    self.paths = tuple(paths)
+    self.specs = tuple(specs)
+    self._hash = hash(self.paths)
+
+  def __hash__(self) -> int:
+    return self._hash
+
+  def __eq__(self, other: Any) -> bool:
+    if self is other:
+      return True
+    return (isinstance(other, Whole) and self._hash == other._hash
+            and self.paths == other.paths and self.specs == other.specs)
+
+
+_WHOLE: contextvars.ContextVar[Whole | None] = contextvars.ContextVar(
+    "layerwise_whole_model", default=None)
+
+
+@contextlib.contextmanager
+def whole_model(whole: Callable[[], Whole]) -> Iterator[None]:
+  """Within this block, strict resolution checks rule sets against the
+  whole model ``whole()`` rather than only the tree they are resolved on.
+
+  :func:`layerwise.partition` and :func:`layerwise.freeze` call their inner
+  transformations in it: each sees a tree of its group's leaves, but a rule
+  set in it was written for the whole model. The outermost block wins (a
+  ``freeze`` inside a ``partition`` checks against the model the partition
+  was given), and ``whole`` is only called when this block is the outermost.
+  """
+  if _WHOLE.get() is not None:
+    yield
+    return
+  token = _WHOLE.set(whole())
+  try:
+    yield
+  finally:
+    _WHOLE.reset(token)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -240,7 +302,7 @@ class RuleSet:
     self.what = what
     self._index = _Index(self.selectors)
     self._cache: dict[Any, Match] = {}
-    self._checked: set[tuple[Match, bool]] = set()
+    self._checked: set[tuple[Match, bool, Whole | None]] = set()
 
   def map_values(self, fn: Callable[[Any, str], Any]) -> "RuleSet":
     """The same selectors with values ``fn(value, selector_text)``: the
@@ -286,11 +348,13 @@ class RuleSet:
     """Resolves the rules against ``tree``; see :func:`resolve`."""
     m = self.match(tree)
     if strict:
-      # The checks depend only on the match and on whether there is a
-      # default; a structure that passed them once passes them again.
-      check_key = (m, default is MISSING)
+      # The checks depend only on the match, on whether there is a default
+      # and on the whole model, if any; a structure that passed them once
+      # passes them again.
+      whole = _WHOLE.get()
+      check_key = (m, default is MISSING, whole)
       if check_key not in self._checked:
-        self._check(m, default)
+        self._check(m, default, whole)
         self._checked.add(check_key)
     fallback = None if default is MISSING else default
     values = tuple(self.values[r] if r >= 0 else fallback for r in m.winner)
@@ -299,19 +363,29 @@ class RuleSet:
 
   # Errors --------------------------------------------------------------
 
-
-  # Errors --------------------------------------------------------------
-
-  def _check(self, m: Match, default: Any) -> None:
+  def _check(self, m: Match, default: Any, whole: Whole | None) -> None:
+    paths, specs, winner = m.paths, m.specs, m.winner
+    unmatched = None
+    if whole is not None and whole.paths != paths:
+      # Part of a model: a rule is used if it wins a leaf of the tree or
+      # of the rest of the model; only the tree's own leaves need a rule.
+      unmatched = ([] if default is not MISSING else
+                   [p for p, r in zip(paths, winner) if r < 0])
+      here = set(paths)
+      rest = [(p, s) for p, s in zip(whole.paths, whole.specs)
+              if p not in here]
+      paths = paths + tuple(p for p, _ in rest)
+      specs = specs + tuple(s for _, s in rest)
+      winner = winner + tuple(self._index.winner(p, s) for p, s in rest)
     # Only a rule that wins no leaf can be unused or shadowed: only those
     # are tried on every leaf.
-    won = set(m.winner)
-    losing = {r: tuple(i for i, (p, s) in enumerate(zip(m.paths, m.specs))
+    won = set(winner)
+    losing = {r: tuple(i for i, (p, s) in enumerate(zip(paths, specs))
                        if c.match(p, s))
               for r, c in enumerate(self.selectors) if r not in won}
-    _diagnostics.check_match(self.selectors, m.paths, m.winner, losing,
+    _diagnostics.check_match(self.selectors, paths, winner, losing,
                              has_default=default is not MISSING,
-                             what=self.what)
+                             what=self.what, unmatched=unmatched)
 
 
 # ------------------------------------------------------------ public API

@@ -4,7 +4,8 @@ A selector is
 
 * a glob string over the '/'-joined parameter path: ``*`` matches within one
   segment, ``**`` any number of whole segments (none included), ``?`` and
-  ``[...]`` as in :mod:`fnmatch`; a leading ``'/'`` is ignored;
+  ``[...]`` as in :mod:`fnmatch`, ``{0..11}`` any decimal number from 0 to
+  11; a leading ``'/'`` is ignored;
 * a compiled regular expression (``re.compile(...)``), matched in full;
 * a callable ``(path, leaf) -> bool``, called with a ``jax.ShapeDtypeStruct``
   as ``leaf`` (selectors see shapes and dtypes, never values), such as
@@ -34,6 +35,97 @@ __all__ = ["Selector", "SelectorLike", "all_of", "any_of", "ndim_at_least",
 SelectorLike = Union[str, "re.Pattern[str]", Callable[[str, Any], bool]]
 
 
+def _range_regex(lo: int, hi: int, width: int) -> str:
+  """A regex for the decimal numbers ``lo`` to ``hi``, written without
+  leading zeros, or padded with zeros to ``width`` digits (``width`` 0: no
+  padding).
+
+  The range is cut at every change of digit count and of digit prefix into
+  pieces of the form ``prefix[x-y][0-9]{k}`` (0..11 is ``[0-9]|1[0-1]``), so
+  the regex grows with the number of digits, not with the range.
+  """
+  stops = {hi}
+  nines = 1
+  while lo <= (stop := int(str(lo)[:-nines] + "9" * nines)) < hi:
+    stops.add(stop)
+    nines += 1
+  zeros = 1
+  while lo < (stop := (hi + 1) - (hi + 1) % 10**zeros - 1) <= hi:
+    stops.add(stop)
+    zeros += 1
+  pieces, start = [], lo
+  for stop in sorted(stops):
+    piece, any_digit = "", 0
+    for a, b in zip(str(start), str(stop)):
+      if a == b:
+        piece += a
+      elif a == "0" and b == "9":
+        any_digit += 1
+      else:
+        piece += f"[{a}-{b}]"
+    piece += "[0-9]" * any_digit
+    pieces.append("0" * (width - len(str(stop))) + piece)
+    start = stop + 1
+  return "(?:" + "|".join(pieces) + ")"
+
+
+_RANGE = re.compile(r"(\d+)\.\.(\d+)")
+_DIGITS_RANGE = re.compile(r"(\d+)-(\d+)")
+
+
+def _numeric_range(seg: str, i: int, pattern: str) -> tuple[str, int]:
+  """The regex of the range ``{lo..hi}`` that starts at ``seg[i]``, and the
+  index of its closing ``}``."""
+  j = seg.find("}", i)
+  if j < 0:
+    raise ValueError(
+        f"Glob selector {pattern!r} has an unclosed '{{'. Close the numeric "
+        "range, as in 'layers_{0..11}', or write '[{]' for a literal '{'.")
+  body = seg[i + 1:j]
+  m = _RANGE.fullmatch(body)
+  if m is None:
+    raise ValueError(
+        f"Glob selector {pattern!r}: '{{{body}}}' is not a numeric range. A "
+        "range is {first..last} with two decimal integers, as in "
+        "'layers_{0..11}'; for alternatives write one rule each, "
+        "lw.any_of(...) or a regex; write '[{]' for a literal '{'.")
+  first, last = m.groups()
+  lo, hi = int(first), int(last)
+  if lo > hi:
+    raise ValueError(
+        f"Glob selector {pattern!r}: the range '{{{body}}}' is empty, its "
+        f"first number is larger than its last. Write '{{{last}..{first}}}'.")
+  padded = any(len(x) > 1 and x[0] == "0" for x in (first, last))
+  width = max(len(first), len(last)) if padded else 0
+  return _range_regex(lo, hi, width), j
+
+
+def _check_class(body: str, pattern: str) -> None:
+  """Refuses a character class that reads as a range of numbers: digits, a
+  dash and digits, with more than one digit on a side (``[0-11]`` is the
+  characters 0 and 1, not the numbers 0 to 11)."""
+  negated = body[:1] in ("!", "^")
+  m = _DIGITS_RANGE.fullmatch(body[1:] if negated else body)
+  if m is None or (len(m.group(1)) == 1 and len(m.group(2)) == 1):
+    return
+  first, last = m.groups()
+  chars = set(first[:-1]) | set(last[1:]) | {
+      chr(k) for k in range(ord(first[-1]), ord(last[0]) + 1)}
+  shown = ", ".join(repr(c) for c in sorted(chars))
+  if negated:
+    what = f"one character other than {shown},"
+    fix = ""
+  else:
+    what = f"one character, {shown}," if chars else "no character"
+    fix = (f" For the numbers {int(first)} to {int(last)}, write "
+           + repr(pattern.replace(f"[{body}]", f"{{{first}..{last}}}", 1))
+           + ".")
+  raise ValueError(
+      f"Glob selector {pattern!r} has the character class '[{body}]', "
+      f"which matches {what} not a number of several digits.{fix} For a "
+      "class of digits, write single-digit ranges, such as '[0-9]'.")
+
+
 def _segment_regex(seg: str, pattern: str) -> str:
   """Regex for one glob segment (no '/' inside)."""
   out, i, n = [], 0, len(seg)
@@ -43,6 +135,9 @@ def _segment_regex(seg: str, pattern: str) -> str:
       out.append("[^/]*")
     elif c == "?":
       out.append("[^/]")
+    elif c == "{":
+      regex, i = _numeric_range(seg, i, pattern)
+      out.append(regex)
     elif c == "[":
       j = i + 1
       if j < n and seg[j] in "!^":
@@ -56,6 +151,7 @@ def _segment_regex(seg: str, pattern: str) -> str:
             f"Glob selector {pattern!r} has an unclosed '['. Close the "
             "character class, or write '[[]' for a literal '['.")
       body = seg[i + 1:j]
+      _check_class(body, pattern)
       if body[:1] in ("!", "^"):
         body = "^" + body[1:]
       body = body.replace("\\", "\\\\")
@@ -75,6 +171,9 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     True
     >>> bool(glob_to_regex("a/*").fullmatch("/a/b/c"))
     False
+    >>> [bool(glob_to_regex("layers_{0..11}").fullmatch(f"/layers_{i}"))
+    ...  for i in ("0", "11", "12", "01")]
+    [True, True, False, False]
   """
   body = pattern[1:] if pattern.startswith("/") else pattern
   if not body:
@@ -108,7 +207,7 @@ def _check_bool(result: Any, selector: Any, path: str) -> bool:
       "computed from the path, shape and dtype (it is never given values).")
 
 
-_WILDCARDS = frozenset("*?[")
+_WILDCARDS = frozenset("*?[{")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +233,18 @@ class Compiled:
   def is_text(self) -> bool:
     """Whether the selector is a glob or regex (comparable to paths)."""
     return isinstance(self.source, (str, re.Pattern))
+
+  @property
+  def catch_all(self) -> bool:
+    """Whether the selector is a pure catch-all, which selects every leaf
+    by its form alone: the glob ``"**"``, the regex ``re.compile(".*")``,
+    or a selector of every leaf made by the library (``of_paths(None)``).
+    A callable of the user's (``lambda path, leaf: True``) cannot be told
+    apart from any other and is not one."""
+    if self.everything:
+      return True
+    return (isinstance(self.source, re.Pattern)
+            and self.source.pattern == ".*")
 
   @property
   def pattern(self) -> str:

@@ -31,7 +31,7 @@ import optax
 
 from layerwise import _core, _diagnostics, _validate
 from layerwise._resolve import (MISSING, Flags, Resolution, Rules, RuleSet,
-                                flag_rules)
+                                Whole, flag_rules, whole_model)
 from layerwise._types import PyTree
 
 __all__ = ["FreezeState", "PartitionState", "freeze", "partition",
@@ -137,7 +137,20 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
 
   ``shown(group)`` is the value ``describe`` shows for a leaf of ``group``;
   ``pack`` and ``unpack`` make the state from the inner states and back.
+
+  Each inner transformation sees its group's leaves only, but the rule sets
+  in it are written for the whole model (``lw.layer_decay(0.8, params)``):
+  it is called within :func:`~layerwise._resolve.whole_model`, so that they
+  are checked against every leaf of the model, hidden ones included.
   """
+  wholes: dict[_core.Plan, Whole] = {}  # by plan: made once per structure
+
+  def whole_of(plan: _core.Plan) -> Whole:
+    if plan not in wholes:
+      if len(wholes) >= 32:
+        wholes.pop(next(iter(wholes)))
+      wholes[plan] = Whole(plan.paths, plan.specs())
+    return wholes[plan]
 
   def init(res: Resolution, params: list[Any]) -> Any:
     groups = tuple(res.values)
@@ -146,16 +159,19 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     states = []
     for k, tx in enumerate(txs):
       try:
-        states.append(tx.init(_Group.of(plan, k).tree(params, res.treedef)))
+        with whole_model(lambda: Whole(res.paths, res.specs)):
+          states.append(tx.init(_Group.of(plan, k).tree(params,
+                                                        res.treedef)))
       except _diagnostics.RuleError as e:
         # A rule set inside sees the group's leaves only: say so.
         raise _diagnostics.RuleError(
             f"{e}\n\n(This rule set belongs to the optimizer of {names[k]}, "
-            f"which sees only its {len(plan.members(k))} parameter(s); the "
-            "other parameters are hidden from it, so its rules must not "
-            "name them. Pass strict=False to a rule set shared with other "
-            "groups.)", unmatched=e.unmatched, unused=e.unused,
-            shadowed=e.shadowed) from None
+            f"which holds {len(plan.members(k))} of the model's "
+            f"{len(plan.paths)} parameter(s). It is checked against the whole "
+            "model: its rules may name the other parameters, but each "
+            "selector must match a parameter of the model, and each of the "
+            "group's parameters needs a rule.)", unmatched=e.unmatched,
+            unused=e.unused, shadowed=e.shadowed) from None
     return pack(tuple(states), plan)
 
   def update(step: _core.Step, state: Any) -> tuple[list[Any], Any]:
@@ -165,9 +181,12 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     new_states = []
     for k, (tx, inner) in enumerate(zip(txs, unpack(state))):
       group = _Group.of(plan, k)
-      new_updates, new_state = tx.update(
-          group.tree(step.updates, step.treedef), inner,
-          group.tree(step.params, step.treedef), **step.extra)
+      # Rule sets resolved at update (a label function of optax.partition)
+      # are checked against the whole model too.
+      with whole_model(lambda: whole_of(plan)):
+        new_updates, new_state = tx.update(
+            group.tree(step.updates, step.treedef), inner,
+            group.tree(step.params, step.treedef), **step.extra)
       new_leaves = jax.tree_util.tree_leaves(new_updates)
       if len(new_leaves) != len(group.members):
         raise ValueError(
@@ -210,7 +229,11 @@ def partition(
   say), covers its group alone. Unlike ``optax.partition``, the tree holds
   no ``optax.MaskedNode()`` for the other groups' leaves, so the state's
   size, and the cost of passing it to a jitted step, do not grow with the
-  number of groups. The groups are found once, from the paths, shapes and dtypes;
+  number of groups. A rule set inside a group's transformation is resolved
+  on the group's leaves but checked against the whole model: it may name
+  the other groups' leaves (``lw.layer_decay(0.8, params)`` serves every
+  group), and a selector that matches no leaf of the model is still an
+  error. The groups are found once, from the paths, shapes and dtypes;
   nothing is matched inside ``jit``. Extra arguments of ``update`` (such as
   ``value`` for ``optax.contrib`` optimizers) are passed to every group.
 
@@ -326,6 +349,12 @@ def freeze(
   ``optax.clip_by_global_norm`` inside it measures the trainable leaves
   only; a norm computed after ``freeze`` sees zeros. To also skip their
   backward computation, apply :func:`stop_gradient` in the loss function.
+
+  Rule sets inside ``inner`` are written for the whole model: they are
+  resolved on the trainable leaves but checked against every leaf, so
+  ``lw.scale_by_rules(lw.layer_decay(0.8, params))`` works inside with any
+  block frozen, at the whole model's depths (build it on the whole params,
+  not on the trainable subtree, whose block count differs).
 
   To unfreeze a group later without recompiling, or to warm it up, use a
   multiplier of 0 in :func:`layerwise.scale_by_rules` instead: the inner

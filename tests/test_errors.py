@@ -111,10 +111,12 @@ def scale_state(rules: Any = None) -> Any:
   return tx.init(PARAMS)
 
 
-def _hidden_rule() -> Any:
-  """lw.partition whose inner rule set names another group's leaves."""
+def _inner_typo() -> Any:
+  """lw.partition whose inner rule set has a selector that matches no leaf
+  of the whole model (naming another group's leaves is allowed)."""
   return lw.partition({
-      "head/**": lw.scale_by_rules({"encoder/**": 0.1, "**": 1.0}),
+      "head/**": lw.scale_by_rules({"encoder/**": 0.5, "encodr/**": 0.1,
+                                    "**": 1.0}),
       "**": optax.sgd(0.1)})
 
 
@@ -164,6 +166,23 @@ CATALOGUE = [
         ValueError, ("segment 'enc**'", "Use '*' to match part of one")),
     Row("glob-empty", lambda: lw.resolve({"": 0.1}, PARAMS), ValueError,
         ("Glob selector '' is empty", "Use '**' to select every parameter")),
+    Row("glob-bracket-number-range",
+        lambda: lw.resolve({"layers_[0-11]/**": 0.1, "**": 1.0}, PARAMS),
+        ValueError, ("'layers_[0-11]/**' has the character class '[0-11]'",
+                     "matches one character, '0', '1',",
+                     "write 'layers_{0..11}/**'")),
+    Row("glob-range-reversed",
+        lambda: lw.resolve({"layers_{5..2}/**": 0.1, "**": 1.0}, PARAMS),
+        ValueError, ("the range '{5..2}' is empty", "Write '{2..5}'")),
+    Row("glob-range-not-numbers",
+        lambda: lw.resolve({"layers_{a..b}/**": 0.1, "**": 1.0}, PARAMS),
+        ValueError, ("'{a..b}' is not a numeric range",
+                     "two decimal integers, as in 'layers_{0..11}'",
+                     "write '[{]' for a literal '{'")),
+    Row("glob-range-unclosed",
+        lambda: lw.resolve({"layers_{0..11/**": 0.1, "**": 1.0}, PARAMS),
+        ValueError, ("'layers_{0..11/**' has an unclosed '{'",
+                     "Close the numeric range")),
     Row("selector-typo",
         lambda: lw.resolve({"encodr/**": 0.1, "**": 1.0}, PARAMS),
         lw.RuleError, ("rule 0: 'encodr/**'", "closest: 'encoder/**'",
@@ -424,9 +443,10 @@ CATALOGUE = [
                   PARAMS, update_params=RENAMED), ValueError,
         ("lw.partition: the params passed to update",
          "only in the params: 'embedding'", "Pass the params the updates are for")),
-    Row("partition-inner-rule-names-hidden-leaf", at_init(_hidden_rule),
-        lw.RuleError, ("rule 0: 'encoder/**'", "sees only its 1 parameter(s)",
-                       "Pass strict=False")),
+    Row("partition-inner-rule-typo", at_init(_inner_typo),
+        lw.RuleError, ("rule 1: 'encodr/**'", "closest: 'encoder/**'",
+                       "holds 1 of the model's 4 parameter(s)",
+                       "checked against the whole model")),
     Row("freeze-inner-not-transformation",
         lambda: lw.freeze("adam", "embed"), TypeError,
         ("lw.freeze wraps an optax transformation, got str",

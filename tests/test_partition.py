@@ -277,14 +277,134 @@ def test_freeze_errors():
     lw.freeze("discriminator/**", optax.sgd(1.0))
   with pytest.raises(lw.RuleError, match="match no rule"):
     lw.freeze(optax.sgd(1.0), {"discriminator/**": True}).init(GAN)
-  # A rule set inside freeze sees the trainable leaves only.
+  # A rule set inside freeze is checked against the whole model: a typo
+  # in it is an error that says so.
   inner = optax.chain(optax.sgd(1.0),
-                      lw.scale_by_rules({"discriminator/**": 0.1, "**": 1.0}))
+                      lw.scale_by_rules({"discriminatr/**": 0.1, "**": 1.0}))
   with pytest.raises(lw.RuleError, match=re.escape(
-      "belongs to the optimizer of the trainable leaves, which sees only its "
-      "3 parameter(s)")) as info:
+      "belongs to the optimizer of the trainable leaves, which holds 3 of "
+      "the model's 6 parameter(s). It is checked against the whole model"
+  )) as info:
     lw.freeze(inner, "discriminator/**").init(GAN)
-  assert info.value.unused == ("'discriminator/**'",)
+  assert info.value.unused == ("'discriminatr/**'",)
+
+
+# -------------------------------- rule sets written for the whole model
+
+# Three blocks and a head: lw.layer_decay(0.5, BLOCKS) gives the head 1.0,
+# blocks/2 0.5, blocks/1 0.25, blocks/0 0.125 and the embedding 0.0625.
+BLOCKS = {"embed": normal(4, 2),
+          "blocks": [{"w": normal(2, 2), "b": normal(2)} for _ in range(3)],
+          "head": {"w": normal(2, 3)}}
+DECAY = {"embed": 0.0625, "blocks/0/b": 0.125, "blocks/0/w": 0.125,
+         "blocks/1/b": 0.25, "blocks/1/w": 0.25, "blocks/2/b": 0.5,
+         "blocks/2/w": 0.5, "head/w": 1.0}
+
+
+def multipliers(tx, params):
+  """Path -> multiplier of every scale_by_rules state in ``tx``'s state."""
+  def is_scale(x):
+    return isinstance(x, lw.ScaleByRulesState)
+  out = {}
+  for s in jax.tree_util.tree_leaves(tx.init(params), is_leaf=is_scale):
+    if is_scale(s):
+      out.update(zip(s.rules.paths, s.multipliers.tolist()))
+  return out
+
+
+def test_layer_decay_of_the_whole_model_inside_freeze():
+  # The issue: with the top block frozen, layer_decay built on the whole
+  # model failed (its blocks/2 rule matched only frozen leaves), and built
+  # on the trainable subtree it re-inferred two blocks (blocks/0: 0.25).
+  rules = lw.layer_decay(0.5, BLOCKS)
+  assert lw.resolve(rules, BLOCKS) == jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(BLOCKS),
+      [DECAY[p] for p in jax.tree_util.tree_leaves(lw.paths(BLOCKS))])
+  inner = optax.chain(optax.sgd(1.0), lw.scale_by_rules(rules))
+  tx = lw.freeze(inner, "blocks/2/**")
+  grads = jax.tree_util.tree_map(jnp.ones_like, BLOCKS)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(BLOCKS))
+  # The reference: the unfrozen model's updates, zero where frozen.
+  unfrozen, _ = inner.update(grads, inner.init(BLOCKS))
+  expected = {**unfrozen, "blocks": [*unfrozen["blocks"][:2], {
+      "w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}]}
+  chex.assert_trees_all_equal(updates, expected)
+  assert float(updates["blocks"][0]["w"][0, 0]) == -0.125
+  trainable = {p: v for p, v in DECAY.items() if not p.startswith("blocks/2")}
+  assert multipliers(tx, BLOCKS) == trainable
+
+
+def test_the_issue_call_with_the_embedding_frozen():
+  # lw.freeze(lw.scale_by_rules(lw.layer_decay(0.8, params)), frozen) with
+  # depth 0 frozen: the rules take every trainable leaf before the last.
+  rules = lw.layer_decay(0.8, BLOCKS)
+  whole = dict(zip(jax.tree_util.tree_leaves(lw.paths(BLOCKS)),
+                   jax.tree_util.tree_leaves(lw.resolve(rules, BLOCKS))))
+  tx = lw.freeze(lw.scale_by_rules(rules), "embed")
+  assert multipliers(tx, BLOCKS) == {
+      p: np.float32(v).item() for p, v in whole.items() if p != "embed"}
+
+
+def test_whole_model_rules_inside_freeze_still_catch_mistakes():
+  # A selector that matches nothing in the whole model is still a typo.
+  with pytest.raises(lw.RuleError) as info:
+    lw.freeze(lw.scale_by_rules({"blocks/2/**": 0.5, "haed/**": 1.0,
+                                 "**": 0.1}), "blocks/2/**").init(BLOCKS)
+  assert info.value.unused == ("'haed/**'",)
+  assert "(closest: 'head/**'" in str(info.value)
+  # A rule that wins nothing in the whole model is still shadowed.
+  with pytest.raises(lw.RuleError) as info:
+    lw.freeze(lw.scale_by_rules({"blocks/**": 0.5, "blocks/2/**": 0.1,
+                                 "**": 1.0}), "blocks/2/**").init(BLOCKS)
+  assert info.value.shadowed == ("'blocks/2/**'",)
+  # Each trainable leaf needs a rule; the frozen ones do not.
+  with pytest.raises(lw.RuleError) as info:
+    lw.freeze(lw.scale_by_rules({"blocks/**": 0.5, "head/**": 1.0}),
+              "blocks/2/**").init(BLOCKS)
+  assert info.value.unmatched == ("embed",)
+
+
+def test_partition_groups_each_given_rules_for_the_whole_model():
+  rules = lw.layer_decay(0.5, BLOCKS)
+  blocks_tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules(rules))
+  rest_tx = optax.chain(optax.sgd(0.1), lw.scale_by_rules(rules))
+  tx = lw.partition({"blocks/**": blocks_tx, "**": rest_tx})
+  grads = jax.tree_util.tree_map(jnp.ones_like, BLOCKS)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(BLOCKS))
+  # The reference: each group's chain on the whole model, restricted to it.
+  ref_blocks, _ = blocks_tx.update(grads, blocks_tx.init(BLOCKS))
+  ref_rest, _ = rest_tx.update(grads, rest_tx.init(BLOCKS))
+  chex.assert_trees_all_equal(
+      updates, {**ref_rest, "blocks": ref_blocks["blocks"]})
+  assert float(updates["blocks"][0]["w"][0, 0]) == -0.125
+  np.testing.assert_allclose(updates["embed"], -0.00625, rtol=1e-6)
+  assert multipliers(tx, BLOCKS) == DECAY
+  # A nested freeze checks against the model the partition was given.
+  nested = lw.partition({"blocks/**": lw.freeze(blocks_tx, "blocks/2/**"),
+                         "**": rest_tx})
+  assert multipliers(nested, BLOCKS) == {
+      p: v for p, v in DECAY.items() if not p.startswith("blocks/2")}
+
+
+def test_label_function_inside_freeze_is_checked_against_the_whole_model():
+  # optax.partition calls its label function at init and at every update:
+  # a rule set for the whole model must pass at both.
+  label_fn = lw.labels({"blocks/2/**": "slow", "blocks/**": "fast",
+                        "**": "slow"})
+  inner = optax.partition({"fast": optax.sgd(1.0), "slow": optax.sgd(0.1)},
+                          label_fn)
+  tx = lw.freeze(inner, "blocks/2/**")
+  grads = jax.tree_util.tree_map(jnp.ones_like, BLOCKS)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(BLOCKS))
+  assert [float(updates["blocks"][i]["w"][0, 0]) for i in range(3)] == [
+      -1.0, -1.0, 0.0]
+  np.testing.assert_allclose(updates["head"]["w"], -0.1, rtol=1e-6)
+  # Outside freeze, the same label function on the trainable leaves alone
+  # is strict as before: 'blocks/2/**' matches none of them.
+  trainable = {**BLOCKS, "blocks": BLOCKS["blocks"][:2]}
+  with pytest.raises(lw.RuleError):
+    lw.labels({"blocks/2/**": "slow", "blocks/**": "fast",
+               "**": "slow"})(trainable)
 
 
 # ------------------------------------------------------------- stop_gradient

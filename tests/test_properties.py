@@ -468,8 +468,14 @@ def test_first_match_wins(data):
     unmatched = ([p for (p, _), r in zip(leaf_list, winner) if r is None]
                  if default is _resolve.MISSING else [])
     unused = [c.text for c, m in zip(cases, matches) if not m]
+    # A final pure catch-all ('**', re.compile('.*')) after no other may
+    # take nothing: it is defensive, not dead.
+    pure = [c.selector in ("**", "/**") or (
+        isinstance(c.selector, re.Pattern) and c.selector.pattern == ".*")
+            for c in cases]
     shadowed = [c.text for r, (c, m) in enumerate(zip(cases, matches))
-                if m and all(winner[i] != r for i in m)]
+                if m and all(winner[i] != r for i in m)
+                and not (r == len(cases) - 1 and pure[r] and not any(pure[:r]))]
     if unmatched or unused or shadowed:
       with pytest.raises(lw.RuleError) as info:
         rule_set.resolve(tree, default=default)

@@ -101,6 +101,158 @@ def test_glob_agrees_with_fnmatch_reference(pattern_segs, path_segs):
   assert glob_matches(pattern, path) == reference_glob(pattern, path)
 
 
+# ---------------------------------------------------------- numeric ranges
+
+
+@pytest.mark.parametrize("pattern, path, expected", [
+    ("layers_{0..11}", "layers_0", True),
+    ("layers_{0..11}", "layers_7", True),
+    ("layers_{0..11}", "layers_11", True),
+    ("layers_{0..11}", "layers_12", False),
+    ("layers_{0..11}", "layers_01", False),  # no leading zeros
+    ("layers_{0..11}", "layers_", False),
+    ("layers_{2..10}", "layers_1", False),
+    ("layers_{2..10}", "layers_2", True),
+    ("layers_{2..10}", "layers_10", True),
+    ("{00..11}", "00", True),                # padded to the bounds' width
+    ("{00..11}", "07", True),
+    ("{00..11}", "11", True),
+    ("{00..11}", "7", False),
+    ("{00..11}", "12", False),
+    ("{1..010}", "001", True),
+    ("{1..010}", "010", True),
+    ("{1..010}", "1", False),
+    ("{7..7}", "7", True),
+    ("w{0..3}_{0..1}", "w3_1", True),
+    ("w{0..3}_{0..1}", "w4_0", False),
+    ("w{0..3}x", "w12x", False),
+    ("layers_{0..11}/**", "layers_11/attn/kernel", True),
+    ("blocks/{0..2}/*", "blocks/2/w", True),
+    ("blocks/{0..2}/*", "blocks/3/w", False),
+    ("[{]0..1}", "{0..1}", True),            # a literal '{'
+])
+def test_numeric_range_semantics(pattern, path, expected):
+  assert glob_matches(pattern, path) is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 3000), st.integers(0, 3000), st.booleans())
+def test_numeric_range_is_exactly_its_numbers(a, b, padded):
+  lo, hi = min(a, b), max(a, b)
+  width = len(str(hi)) + 1 if padded else 0
+  first = str(lo).zfill(width) if padded else str(lo)
+  sel = _selectors.compile_selector(f"n{{{first}..{hi}}}")
+  # Every number up to past the range, written plainly and padded.
+  for k in range(0, hi + 1200, 7 if hi > 500 else 1):
+    for text in {str(k), str(k).zfill(width)}:
+      expected = lo <= k <= hi and text == (str(k).zfill(width) if padded
+                                           else str(k))
+      assert sel.match("n" + text, spec()) is expected, (first, hi, text)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("layers_[0-11]/**", "write 'layers_{0..11}/**'"),
+    ("layers_[0-11]/**", "which matches one character, '0', '1', not a "
+                         "number of several digits"),
+    ("x[2-10]", "write 'x{2..10}'"),
+    ("x[10-12]", "write 'x{10..12}'"),
+    ("x[!0-11]", "one character other than '0', '1'"),
+    ("a{5..2}", "is empty, its first number is larger than its last. "
+                "Write '{2..5}'"),
+    ("a{x..y}", "'{x..y}' is not a numeric range"),
+    ("a{q,k,v}", "'{q,k,v}' is not a numeric range"),
+    ("a{-1..3}", "'{-1..3}' is not a numeric range"),
+    ("a{0..3", "has an unclosed '{'"),
+    ("a{0..3/b}", "has an unclosed '{'"),
+])
+def test_bad_numeric_ranges(pattern, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _selectors.compile_selector(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["[0-9]", "[01]", "[0-35-9]", "[a-z0-9]",
+                                     "[!0-2]", "x[1-2]y"])
+def test_classes_of_single_digits_stay_classes(pattern):
+  _selectors.compile_selector(pattern)
+
+
+DEEP = {f"layers_{i}": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+        for i in range(24)}
+
+
+def test_ranges_in_the_index_agree_with_trying_every_rule():
+  # The index puts a glob in a trie by its literal leading segments; a
+  # range is not literal, so these must be tried, in order, like any glob.
+  rules = [("layers_1{0..3}/b", 0), ("layers_{0..3}/*", 1),
+           ("layers_{20..23}/w", 2), ("**/layers_{4..9}/**", 3),
+           (re.compile(r"layers_1\d/w"), 4), ("layers_{10..23}/**", 5),
+           ("**", 6)]
+  res = _resolve.RuleSet(rules).resolve(DEEP)
+  compiled = [_selectors.compile_selector(s) for s, _ in rules]
+  expected = [next(r for r, c in enumerate(compiled) if c.match(p, s))
+              for p, s in zip(res.paths, res.specs)]
+  assert list(res.rule_index) == expected
+  out = lw.resolve(rules, DEEP)
+  assert [out[f"layers_{i}"]["w"] for i in range(24)] == (
+      [1] * 4 + [3] * 6 + [4] * 10 + [2] * 4)
+  assert [out[f"layers_{i}"]["b"] for i in range(24)] == (
+      [1] * 4 + [3] * 6 + [0] * 4 + [5] * 10)
+
+
+def test_the_issue_bracket_range_is_refused_and_the_range_trains_12_layers():
+  with pytest.raises(ValueError, match=re.escape("'layers_{0..11}/**'")):
+    lw.scale_by_rules({"layers_[0-11]/**": 0.1, "**": 1.0})
+  tx = optax.chain(optax.sgd(1.0),
+                   lw.scale_by_rules({"layers_{0..11}/**": 0.1, "**": 1.0}))
+  updates, _ = tx.update(DEEP, tx.init(DEEP))
+  got = [float(updates[f"layers_{i}"]["b"][0]) for i in range(24)]
+  np.testing.assert_allclose(got, [-0.1] * 12 + [-1.0] * 12, rtol=1e-6)
+
+
+def test_ranges_work_wherever_a_glob_does():
+  # freeze: exactly layers 0..11 get a zero update and hold no state.
+  tx = lw.freeze(optax.adam(1.0), "layers_{0..11}/**")
+  state = tx.init(DEEP)
+  updates, _ = tx.update(DEEP, state)
+  assert [float(updates[f"layers_{i}"]["w"].sum()) == 0.0
+          for i in range(24)] == [True] * 12 + [False] * 12
+  assert sorted(state.inner_state[0].mu) == sorted(
+      f"layers_{i}" for i in range(12, 24))
+  # set_scale picks the leaves of the range.
+  state = optax.chain(optax.sgd(1.0), lw.scale_by_rules({"**": 1.0})).init(DEEP)
+  state = lw.set_scale(state, "layers_{20..23}/*", 0.5)
+  scale = state[1]
+  picked = [p for p, v in zip(scale.rules.paths, scale.multipliers.tolist())
+            if v == 0.5]
+  assert picked == sorted(f"layers_{i}/{k}" for i in range(20, 24)
+                          for k in "bw")
+  # labels, and describe names the rule as written.
+  label_fn = lw.labels({"layers_{0..5}/**": "low", "**": "high"})
+  assert [label_fn(DEEP)[f"layers_{i}"]["w"] for i in (0, 5, 6)] == [
+      "low", "low", "high"]
+  table = str(lw.describe({"layers_{0..5}/**": 0.5, "**": 1.0}, DEEP))
+  assert "'layers_{0..5}/**'" in table
+  # transplant copies the range only.
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, DEEP)
+  copied, _ = lw.transplant(zeros, DEEP, "layers_{0..1}/**")
+  assert [float(copied[f"layers_{i}"]["w"].sum()) for i in range(3)] == [
+      4.0, 4.0, 0.0]
+
+
+def test_a_range_that_matches_nothing_is_a_typo_with_the_closest_paths():
+  with pytest.raises(lw.RuleError) as info:
+    lw.resolve({"layer_{0..3}/**": 0.1, "**": 1.0}, DEEP)
+  assert info.value.unused == ("'layer_{0..3}/**'",)
+  assert "(closest: 'layers_" in str(info.value)
+  with pytest.raises(lw.RuleError) as info:  # a range past the last layer
+    lw.resolve({"layers_{24..31}/**": 0.1, "**": 1.0}, DEEP)
+  assert info.value.unused == ("'layers_{24..31}/**'",)
+  with pytest.raises(lw.RuleError) as info:  # leaves outside every range
+    lw.resolve({"layers_{0..11}/**": 0.1, "layers_{13..23}/**": 1.0}, DEEP)
+  assert info.value.unmatched == ("layers_12/b", "layers_12/w")
+  assert "(closest selector: " in str(info.value)
+
+
 # ----------------------------------------------------- regexes and callables
 
 
@@ -347,9 +499,32 @@ def test_shadowed_by_several_rules():
                 ("**", 4)], PARAMS)
 
 
-def test_catch_all_shadowed_when_everything_is_covered():
-  with pytest.raises(lw.RuleError, match=r"rule 1: '\*\*' never applies"):
-    lw.resolve({"**/*": 1.0, "**": 0.0}, PARAMS)
+@pytest.mark.parametrize("catch_all", ["**", "/**", re.compile(".*")])
+def test_final_catch_all_may_take_nothing(catch_all):
+  # Every leaf has two or more segments, so '**/*' takes them all and the
+  # defensive catch-all that ends the rule set takes none: no error, and
+  # every value is the one resolving without the catch-all gives.
+  rules = [("embed/**", 0.1), ("**/*", 1.0), (catch_all, 0.0)]
+  assert lw.resolve(rules, PARAMS) == lw.resolve(rules[:2], PARAMS)
+  tx = lw.scale_by_rules(rules)
+  assert tx.init(PARAMS).rules.values == (0.1,) + (1.0,) * 11
+
+
+@pytest.mark.parametrize("rules, shadowed", [
+    # a catch-all that is not the last rule
+    ([("**/*", 1.0), ("**", 0.0), ("head/**", 2.0)], ("'**'", "'head/**'")),
+    # a second catch-all after a first one is dead code
+    ([("**", 1.0), ("**", 0.0)], ("'**'",)),
+    # not a pure catch-all: a glob that happens to match everything here
+    ([("**/*", 1.0), ("*/**", 0.0)], ("'*/**'",)),
+    # nor a callable, which cannot be told apart from any other
+    ([("**/*", 1.0), (lw.Selector(lambda p, x: True, "everything"), 0.0)],
+     ("everything",)),
+])
+def test_other_rules_that_take_nothing_are_still_shadowed(rules, shadowed):
+  with pytest.raises(lw.RuleError, match="never applies") as info:
+    lw.resolve(rules, PARAMS)
+  assert info.value.shadowed == shadowed
 
 
 def test_all_problems_reported_together():
