@@ -239,11 +239,11 @@ class Selector:
     >>> import jax
     >>> import layerwise as lw
     >>> is_vector = lw.Selector(lambda path, leaf: leaf.ndim == 1, "vector")
-    >>> sel = is_vector & ~lw.any_of("head/**", "**/bias")
+    >>> sel = is_vector & ~lw.any_of("head/**", "**/scale")
     >>> sel
-    vector & ~('head/**' | '**/bias')
-    >>> lw.Selector(sel, "vectors outside the head")
-    vectors outside the head
+    vector & ~('head/**' | '**/scale')
+    >>> lw.Selector(sel, "vectors but the head's and scales")
+    vectors but the head's and scales
     >>> sel("encoder/bias", jax.ShapeDtypeStruct((3,), "float32"))
     True
     >>> sel("head/bias", jax.ShapeDtypeStruct((3,), "float32"))

@@ -137,7 +137,8 @@ class Description:
 
   Attributes:
     columns: the row keys shown in the table, in order.
-    rows: one ``dict`` per parameter, in flattening order. Every row has
+    rows: one ``dict`` per parameter, in flattening order (the table sorts
+      them by path, naturally). Every row has
       ``path`` (str), ``shape`` (tuple), ``dtype`` (str) and ``size`` (int);
       for a rule set, ``rule`` (the selector that applied, as text, or
       ``"(default)"``) and ``value`` (the rule's value itself); for an
@@ -147,7 +148,8 @@ class Description:
     group_by: the column whose values the totals are grouped by: ``value``
       for a rule set; for a transformation, its first layerwise column
       (``scale``, say), or ``dtype`` if it has none. Any column can total
-      the table instead: ``dataclasses.replace(d, group_by="weight_decay")``
+      the table instead, and so can a rule column's selectors
+      (``"scale_rule"``): ``dataclasses.replace(d, group_by="weight_decay")``
       (a column that is not there is an error).
     shared_state_bytes: optimizer-state bytes not attributable to one
       parameter (step counts, ...); ``None`` for a rule set.
@@ -174,10 +176,15 @@ class Description:
   shared_state_bytes: int | None = None
 
   def __post_init__(self) -> None:
-    if self.group_by not in self.columns:
+    # The columns, and what every row holds besides (each rule column's
+    # selector, ``scale_rule``); not the ``_given`` of changed rows only.
+    keys = list(self.columns) + [k for k in (self.rows[0] if self.rows else ())
+                                 if k not in self.columns
+                                 and not k.endswith("_given")]
+    if self.group_by not in keys:
       raise ValueError(
           f"lw.describe: group_by={self.group_by!r} is not a column of this "
-          f"description; choose one of {', '.join(map(repr, self.columns))} "
+          f"description; choose one of {', '.join(map(repr, keys))} "
           "(dataclasses.replace(description, group_by=column)).")
 
   def totals(self) -> list[dict[str, Any]]:
@@ -553,12 +560,21 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   shows each parameter's latest clipping and tracked norms: ``clip_norm``
   and ``clip_scale`` for :func:`layerwise.clip_by_rules` (the values of the
   parameter's group), ``track_norm`` for :func:`layerwise.track_norms`.
+  :func:`layerwise.hyperparams` reads the same live values as data, inside
+  ``jit`` too.
+
+  The table sorts paths naturally (``layers_2`` before ``layers_10``;
+  ``rows`` keep the flattening order), shows a schedule by what it is and
+  its value at step 0 (``polynomial_schedule (0.5 at step 0)``), and totals
+  by the first value column (another: ``dataclasses.replace(d,
+  group_by=column)``).
 
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax
       transformation.
     params: the parameters the rules are for.
-    opt_state: for a transformation, its state, to show the latest norms.
+    opt_state: for a transformation, its state, to show the values it
+      holds and the latest norms.
     default: as in :func:`layerwise.resolve` (rule sets only).
     strict: as in :func:`layerwise.resolve` (rule sets only); the same
       errors are raised.

@@ -210,6 +210,10 @@ def test_totals_by_another_column():
   assert [line.split()[:4] for line in foot[:3]] == [
       ["scale", "leaves", "params", "share"], ["1.0", "2", "6", "66.7%"],
       ["0.5", "1", "3", "33.3%"]]
+  # Per rule: the selectors of a column, which rows hold beside it.
+  by_rule = dataclasses.replace(d, group_by="scale_rule")
+  assert [(t["value"], t["leaves"]) for t in by_rule.totals()] == [
+      ("'**'", 2), ("'h'", 1)]
   with pytest.raises(ValueError, match="group_by='lr' is not a column"):
     dataclasses.replace(d, group_by="lr")
 
