@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,11 +85,17 @@ def natural_key(path: str) -> tuple[tuple[Any, ...], ...]:
     >>> sorted(["layers_10/w", "layers_2/w", "embed"], key=natural_key)
     ['embed', 'layers_2/w', 'layers_10/w']
   """
-  out = []
-  for segment in path.split("/"):
-    runs = re.split(r"(\d+)", segment)  # text, digits, text, ...
-    out.append(tuple(int(r) if k % 2 else r for k, r in enumerate(runs)))
-  return tuple(out)
+  return tuple(map(_segment_key, path.split("/")))
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+@functools.lru_cache(maxsize=65536)
+def _segment_key(segment: str) -> tuple[Any, ...]:
+  # text, number, text, ...: the types alternate alike in every key.
+  runs = _DIGITS.split(segment)
+  return tuple(int(r) if k % 2 else r for k, r in enumerate(runs))
 
 
 def _human(n: int) -> str:
