@@ -37,7 +37,7 @@ from layerwise.clipping import (
     clip_zscore,
     set_threshold,
 )
-from layerwise.inspect import Description, describe, norms
+from layerwise.inspect import Description, describe, hyperparams, norms
 from layerwise.layer_rates import (
     DEFAULT_HEAD,
     DEFAULT_STEM,
@@ -108,6 +108,7 @@ __all__ = [
     "equivalent_multipliers",
     "equivalent_scales",
     "freeze",
+    "hyperparams",
     "labels",
     "layer_decay",
     "map_updates",

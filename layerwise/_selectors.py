@@ -319,6 +319,13 @@ def compile_selector(selector: SelectorLike) -> Compiled:
       "(re.compile(r'.*/bias')) or a callable (path, leaf) -> bool.")
 
 
+# How a selector's text binds, to parenthesize it inside another's: an
+# operand of ``|`` or ``&`` (or of ``~``) is parenthesized when it is itself a
+# combination of another operator, so that texts read as the expression
+# that builds them: ``ndim_at_least(2) & ~('**/bias' | '**/scale')``.
+_ATOM = ""
+
+
 class Selector:
   """A callable selector ``(path, leaf) -> bool`` with a readable name.
 
@@ -328,6 +335,13 @@ class Selector:
   ``jax.ShapeDtypeStruct`` (or anything with ``shape``, ``ndim`` and
   ``dtype``).
 
+  A combination is named by the expression that builds it, with ``|``,
+  ``&`` and ``~`` (``ndim_at_least(2) & ~('**/bias' | '**/scale')``), in
+  :func:`layerwise.describe`'s table and in error messages. To give any
+  selector a shorter name, wrap it: ``lw.Selector(selector, "matrices")``
+  (a ``Selector`` is itself a function ``(path, leaf) -> bool``), as
+  :data:`layerwise.NO_DECAY` is named ``lw.NO_DECAY``.
+
   Args:
     fn: the predicate ``(path: str, leaf) -> bool``.
     text: how the selector is shown in tables and error messages.
@@ -336,9 +350,11 @@ class Selector:
     >>> import jax
     >>> import layerwise as lw
     >>> is_vector = lw.Selector(lambda path, leaf: leaf.ndim == 1, "vector")
-    >>> sel = is_vector & ~lw.any_of("head/**")
+    >>> sel = is_vector & ~lw.any_of("head/**", "**/scale")
     >>> sel
-    all_of(vector, not_(any_of('head/**')))
+    vector & ~('head/**' | '**/scale')
+    >>> lw.Selector(sel, "vectors but the head's and scales")
+    vectors but the head's and scales
     >>> sel("encoder/bias", jax.ShapeDtypeStruct((3,), "float32"))
     True
     >>> sel("head/bias", jax.ShapeDtypeStruct((3,), "float32"))
@@ -358,6 +374,7 @@ class Selector:
         "(a jax.ShapeDtypeStruct) and returns a bool."))
     self._fn = fn
     self.text = text
+    self._op = _ATOM  # "|" or "&" for the texts of any_of and all_of
     # Set by of_paths: what resolution may know without calling fn.
     self.paths: frozenset[str] | None = None
     self.everything = False
@@ -391,19 +408,31 @@ def trusted(fn: Callable[[str, Any], bool], text: str) -> Selector:
   selector = Selector.__new__(Selector)
   selector._fn = fn  # pylint: disable=protected-access
   selector.text = text
+  selector._op = _ATOM  # pylint: disable=protected-access
   selector.paths = None
   selector.everything = False
   return selector
 
 
-def _combine(name: str, selectors: Sequence[SelectorLike],
+def _operand(c: Compiled, op: str) -> str:
+  inner = getattr(c.source, "_op", _ATOM)
+  return f"({c.text})" if inner not in (_ATOM, op) else c.text
+
+
+def _combine(name: str, op: str, selectors: Sequence[SelectorLike],
              reduce: Callable[[Any], bool]) -> Selector:
   if not selectors:
     raise ValueError(f"{name}() needs at least one selector.")
   compiled = [compile_selector(s) for s in selectors]
-  text = f"{name}({', '.join(c.text for c in compiled)})"
-  return trusted(
+  if len(compiled) == 1:  # any_of(x) is x, and reads so
+    op = getattr(compiled[0].source, "_op", _ATOM)
+    text = compiled[0].text
+  else:
+    text = f" {op} ".join(_operand(c, op) for c in compiled)
+  selector = trusted(
       lambda path, leaf: reduce(c.match(path, leaf) for c in compiled), text)
+  selector._op = op  # pylint: disable=protected-access
+  return selector
 
 
 def any_of(*selectors: SelectorLike) -> Selector:
@@ -423,7 +452,7 @@ def any_of(*selectors: SelectorLike) -> Selector:
     >>> sel("encoder/ln_norm/scale", leaf), sel("encoder/kernel", leaf)
     (True, False)
   """
-  return _combine("any_of", selectors, any)
+  return _combine("any_of", "|", selectors, any)
 
 
 def all_of(*selectors: SelectorLike) -> Selector:
@@ -444,7 +473,7 @@ def all_of(*selectors: SelectorLike) -> Selector:
     >>> sel("encoder/bias", jax.ShapeDtypeStruct((4,), "float32"))
     False
   """
-  return _combine("all_of", selectors, all)
+  return _combine("all_of", "&", selectors, all)
 
 
 def not_(selector: SelectorLike) -> Selector:
@@ -468,8 +497,8 @@ def not_(selector: SelectorLike) -> Selector:
     (True, False)
   """
   c = compile_selector(selector)
-  return trusted(lambda path, leaf: not c.match(path, leaf),
-                 f"not_({c.text})")
+  text = c.text if getattr(c.source, "_op", _ATOM) == _ATOM else f"({c.text})"
+  return trusted(lambda path, leaf: not c.match(path, leaf), f"~{text}")
 
 
 def of_paths(paths: Iterable[str] | None, text: str) -> Selector:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -15,11 +17,52 @@ from layerwise import _core, _paths, _validate
 from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
 from layerwise._types import PyTree
 
-__all__ = ["Description", "describe", "norms"]
+__all__ = ["Description", "describe", "hyperparams", "norms"]
 
 
-def format_value(value: Any, width: int = 40) -> str:
-  """A rule value as shown in a table cell."""
+def _function_name(fn: Any) -> str | None:
+  """A function's name as a table shows it: its own name, or, for the
+  closure a schedule factory returns (a function ``schedule`` defined in
+  ``polynomial_schedule``, as optax writes them, or one of optax's
+  lambdas), the factory's."""
+  qualname = getattr(fn, "__qualname__", None)
+  if not isinstance(qualname, str):
+    return None
+  parts = qualname.split(".<locals>.")
+  if len(parts) > 1 and (parts[-1] == "schedule" or (
+      parts[-1] == "<lambda>"
+      and str(getattr(fn, "__module__", "")).startswith("optax"))):
+    return parts[-2]
+  return parts[-1]
+
+
+def _at_step_0(fn: Any) -> float | None:
+  """``fn(0)`` as a float, if ``fn`` is a schedule that gives a real scalar
+  there (``None`` for anything else: a function of other arguments, say)."""
+  try:
+    value = np.asarray(fn(0))
+  except Exception:  # pylint: disable=broad-except  # not a schedule
+    return None
+  if value.shape != () or not np.issubdtype(value.dtype, np.number) or (
+      np.iscomplexobj(value)):
+    return None
+  return float(value)
+
+
+def _schedule_text(fn: Any, factor: float = 1.0) -> str:
+  """``polynomial_schedule (0.5 at step 0)``: what a schedule is, and the
+  value it gives (times ``factor``) at the first step."""
+  name = _function_name(fn) or repr(fn)
+  if factor != 1.0:
+    name = f"{factor:g} x {name}"
+  value = _at_step_0(fn)
+  return name if value is None else (
+      f"{name} ({format_value(factor * value)} at step 0)")
+
+
+def format_value(value: Any, width: int = 50) -> str:
+  """A rule value as shown in a table cell; a schedule (any function) by
+  its name and its value at step 0."""
   if isinstance(value, bool) or value is None:
     return str(value)
   if isinstance(value, (float, np.floating)):
@@ -27,10 +70,32 @@ def format_value(value: Any, width: int = 40) -> str:
     return f"{v:.1f}" if v.is_integer() and abs(v) < 1e6 else f"{v:.4g}"
   if isinstance(value, (int, np.integer, str)):
     return str(value)
-  name = getattr(value, "__qualname__", None) or getattr(value, "__name__",
-                                                         None)
-  text = name if name else repr(value)
+  if callable(value) and not isinstance(value, type):
+    text = _schedule_text(value)
+  else:
+    text = repr(value)
   return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def natural_key(path: str) -> tuple[tuple[Any, ...], ...]:
+  """A sort key that orders paths as people count: ``layers_2`` before
+  ``layers_10``, segment by segment.
+
+  Examples:
+    >>> sorted(["layers_10/w", "layers_2/w", "embed"], key=natural_key)
+    ['embed', 'layers_2/w', 'layers_10/w']
+  """
+  return tuple(map(_segment_key, path.split("/")))
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+@functools.lru_cache(maxsize=65536)
+def _segment_key(segment: str) -> tuple[Any, ...]:
+  # text, number, text, ...: the types alternate alike in every key.
+  runs = _DIGITS.split(segment)
+  return tuple(int(r) if k % 2 else r for k, r in enumerate(runs))
 
 
 def _human(n: int) -> str:
@@ -79,32 +144,70 @@ class Description:
 
   Attributes:
     columns: the row keys shown in the table, in order.
-    rows: one ``dict`` per parameter, in flattening order. Every row has
+    rows: one ``dict`` per parameter, in flattening order (the table sorts
+      them by path, naturally). Every row has
       ``path`` (str), ``shape`` (tuple), ``dtype`` (str) and ``size`` (int);
       for a rule set, ``rule`` (the selector that applied, as text, or
       ``"(default)"``) and ``value`` (the rule's value itself); for an
       optax transformation, one value column per layerwise rule set in it
       (``scale``, ...) with its selector under ``<column>_rule``, and
       ``state_bytes``, the optimizer-state bytes the parameter holds.
-    group_by: the column whose values the totals are grouped by.
+    group_by: the column whose values the totals are grouped by: ``value``
+      for a rule set; for a transformation, its first layerwise column
+      (``scale``, say), or ``dtype`` if it has none. Any column can total
+      the table instead, and so can a rule column's selectors
+      (``"scale_rule"``): ``dataclasses.replace(d, group_by="weight_decay")``
+      (a column that is not there is an error).
     shared_state_bytes: optimizer-state bytes not attributable to one
       parameter (step counts, ...); ``None`` for a rule set.
+
+  Examples:
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+    >>> d = lw.describe({"w": 0.5, "**": 1.0}, params)
+    >>> print(dataclasses.replace(d, group_by="dtype"))
+    path  shape   dtype    size  rule  value
+    ----  ------  -------  ----  ----  -----
+    b     (2,)    float32     2  '**'  1.0
+    w     (2, 2)  float32     4  'w'   0.5
+    <BLANKLINE>
+    dtype    leaves  params   share
+    float32       2       6  100.0%
+    total         2       6  100.0%
   """
   columns: tuple[str, ...]
   rows: tuple[dict[str, Any], ...]
   group_by: str = "value"
   shared_state_bytes: int | None = None
 
+  def __post_init__(self) -> None:
+    # The columns, and what every row holds besides (each rule column's
+    # selector, ``scale_rule``); not the ``_given`` of changed rows only.
+    keys = list(self.columns) + [k for k in (self.rows[0] if self.rows else ())
+                                 if k not in self.columns
+                                 and not k.endswith("_given")]
+    if self.group_by not in keys:
+      raise ValueError(
+          f"lw.describe: group_by={self.group_by!r} is not a column of this "
+          f"description; choose one of {', '.join(map(repr, keys))} "
+          "(dataclasses.replace(description, group_by=column)).")
+
   def totals(self) -> list[dict[str, Any]]:
     """Parameters per value of ``group_by``: ``[{"value", "leaves", "size",
     "fraction"}]`` (and ``"state_bytes"`` for a transformation).
 
-    Values are grouped by how they print, in order of first appearance.
+    Values are grouped by how they print, in order of first appearance in
+    ``rows``.
     """
+    return self._totals(self.rows)
+
+  def _totals(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, dict[str, Any]] = {}
-    total = sum(r["size"] for r in self.rows)
+    total = sum(r["size"] for r in rows)
     shown = _Formatter()
-    for r in self.rows:
+    for r in rows:
       value = r.get(self.group_by)
       g = groups.setdefault(shown(format_value, value),
                             {"value": value, "leaves": 0, "size": 0})
@@ -117,14 +220,17 @@ class Description:
     return list(groups.values())
 
   def table(self) -> str:
-    """The table as text."""
+    """The table as text: the rows sorted by path, naturally (``layers_2``
+    before ``layers_10``; ``rows`` keep the flattening order), then the
+    totals, in order of first appearance in the table."""
+    rows = sorted(self.rows, key=lambda r: natural_key(r["path"]))
     cells = [list(self.columns)]
     shown = _Formatter()
     given = [c + "_given" for c in self.columns]
     cells += [[shown(_cell, r[c], c)
                + (f" (rule: {format_value(r[g])})" if r.get(g) is not None
                   else "") for c, g in zip(self.columns, given)]
-              for r in self.rows]
+              for r in rows]
     right = {j for j, c in enumerate(self.columns) if c in _NUMERIC}
     widths = [max(len(row[j]) for row in cells) for j in range(len(cells[0]))]
 
@@ -138,7 +244,7 @@ class Description:
 
     with_bytes = self.shared_state_bytes is not None
     head = [self.group_by, "leaves", "params", "share"]
-    totals = self.totals()
+    totals = self._totals(rows)
     foot = [[_cell(self.group_by, g["value"]), str(g["leaves"]), _human(g["size"]),
              f"{g['fraction']:.1%}"] for g in totals]
     size = sum(r["size"] for r in self.rows)
@@ -244,7 +350,7 @@ class _ScaledSchedule:
     self.factor, self.schedule = factor, schedule
 
   def __repr__(self) -> str:
-    return f"{self.factor:g} x {format_value(self.schedule)}"
+    return _schedule_text(self.schedule, self.factor)
 
 
 def _concrete(vector: Any) -> np.ndarray | None:
@@ -358,9 +464,16 @@ def norms(opt_state: PyTree) -> dict[str, jax.Array]:
     >>> lw.norms(state)
     {'clip/head/norm': Array(10., dtype=float32), 'clip/head/scale': Array(0.1, dtype=float32)}
   """
-  out: dict[str, jax.Array] = {}
-  for node in _core.find_states(opt_state):
-    items = _core.metrics_of(node)
+  return _keyed(_core.metrics_of(node)
+                for node in _core.find_states(opt_state))
+
+
+def _keyed(per_state: Iterable[list[tuple[str, Any]]]) -> dict[str, Any]:
+  """One flat dict of the ``(key, value)`` pairs of each state, in order; a
+  state whose keys an earlier one holds gets a number after its keys'
+  first part (``clip2/...``)."""
+  out: dict[str, Any] = {}
+  for items in per_state:
     if not items:
       continue
     keys = [k for k, _ in items]
@@ -371,6 +484,59 @@ def norms(opt_state: PyTree) -> dict[str, jax.Array]:
       k += 1
     out.update(zip(keys, (v for _, v in items)))
   return out
+
+
+def _live_items(node: Any) -> list[tuple[str, Any]]:
+  """``(key, scalar)`` for each entry of each live vector of a state (the
+  state protocol's ``live``)."""
+  plan: _core.Plan = node.rules
+  items = []
+  for name, live in _core.live_of(node).items():
+    owners = plan.paths if live.per == "leaf" else plan.group_names
+    suffix = "" if name == plan.kind else f"/{name}"
+    items += [(f"{plan.kind}/{owner}{suffix}", value) for owner, value in
+              zip(owners, _core.entries(live.vector, len(owners)))]
+  return items
+
+
+def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
+  """The hyperparameters the state holds now, as a dict: the live values.
+
+  Reads every layerwise state that holds hyperparameters as arrays,
+  anywhere in ``opt_state`` (chains, ``MultiSteps``, ``partition``...), in
+  order: the multipliers of :func:`layerwise.scale_by_rules`
+  (``"scale/<path>"``), the weight decays of
+  :func:`layerwise.add_decayed_weights` (``"weight_decay/<path>"``) and the
+  thresholds of :func:`layerwise.clip_by_rules`
+  (``"clip/<group>/threshold"``, beside the ``norm`` and ``scale`` of
+  :func:`layerwise.norms`). These are the values that
+  :func:`layerwise.set_scale`, :func:`layerwise.set_weight_decay` and
+  :func:`layerwise.set_threshold` set and a checkpoint restores, whatever
+  the rules in code say now; for a leaf whose rule is a schedule, the factor
+  that multiplies it (1.0 unless set). Keys are numbered as in
+  :func:`layerwise.norms` where a later state would repeat them
+  (``"scale2/head/w"``). The values are float32 scalars; it works inside
+  ``jit``, so a train step can return them as metrics (``{**lw.norms(s),
+  **lw.hyperparams(s)}``).
+
+  Args:
+    opt_state: an optimizer state.
+
+  Returns:
+    A flat ``{key: scalar}`` dict, empty if the state holds no layerwise
+    hyperparameters.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"embed": jnp.ones(2), "head": jnp.ones(2)}
+    >>> tx = optax.chain(optax.sgd(0.1),
+    ...                  lw.scale_by_rules({"embed": 0.3, "**": 1.0}))
+    >>> state = lw.set_scale(tx.init(params), "embed", 0.1)
+    >>> lw.hyperparams(state)
+    {'scale/embed': Array(0.1, dtype=float32), 'scale/head': Array(1., dtype=float32)}
+  """
+  return _keyed(_live_items(node) for node in _core.find_states(opt_state))
 
 
 def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
@@ -401,12 +567,21 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   shows each parameter's latest clipping and tracked norms: ``clip_norm``
   and ``clip_scale`` for :func:`layerwise.clip_by_rules` (the values of the
   parameter's group), ``track_norm`` for :func:`layerwise.track_norms`.
+  :func:`layerwise.hyperparams` reads the same live values as data, inside
+  ``jit`` too.
+
+  The table sorts paths naturally (``layers_2`` before ``layers_10``;
+  ``rows`` keep the flattening order), shows a schedule by what it is and
+  its value at step 0 (``polynomial_schedule (0.5 at step 0)``), and totals
+  by the first value column (another: ``dataclasses.replace(d,
+  group_by=column)``).
 
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax
       transformation.
     params: the parameters the rules are for.
-    opt_state: for a transformation, its state, to show the latest norms.
+    opt_state: for a transformation, its state, to show the values it
+      holds and the latest norms.
     default: as in :func:`layerwise.resolve` (rule sets only).
     strict: as in :func:`layerwise.resolve` (rule sets only); the same
       errors are raised.

@@ -153,6 +153,7 @@ NOT_TRANSFORMATIONS: dict[str, str] = {
     "stop_gradient": "test_partition, test_sharding",
     "set_weight_decay": "test_live (setters, no retrace, the sweep)",
     "set_threshold": "test_live (setters, no retrace, the sweep)",
+    "hyperparams": "test_live (the values set, restored, under jit)",
     "transplant": "test_transfer",
     "restore_state": "test_state_format (states saved by 0.1.0.dev0 and now)",
     "TransplantReport": "test_transfer",

@@ -13,6 +13,7 @@ must come at ``init``, or at the first ``update`` under ``jax.jit`` (its
 trace, never its run).
 """
 
+import dataclasses
 import math
 import pathlib
 import re
@@ -558,6 +559,11 @@ CATALOGUE = [
     Row("describe-wrong-state", _describe_with_wrong_state, ValueError,
         ("opt_state does not have the structure of tx.init(params)",
          "pass the state of this transformation")),
+    Row("describe-group-by-unknown",
+        lambda: dataclasses.replace(lw.describe({"**": 1.0}, PARAMS),
+                                    group_by="scale"), ValueError,
+        ("lw.describe: group_by='scale' is not a column of this description",
+         "choose one of 'path', 'shape', 'dtype', 'size', 'rule', 'value'")),
     # ------------------------------- trees that changed between init and update
     Row("changed-scale-by-rules-extra-leaf",
         at_update(lambda: lw.scale_by_rules({"**": 0.5}), EXTRA), ValueError,
@@ -641,7 +647,7 @@ _NO_BAD_INPUT = {
     "NO_DECAY", "AddDecayedWeightsState", "ClipByRulesState", "Description",
     "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
     "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
-    "norms", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
+    "norms", "hyperparams", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
     "Flags", "ScalarOrSchedule",
 }
 

@@ -551,7 +551,7 @@ def test_no_head_found():
     layer_decay(0.65, params)
   msg = str(info.value)
   assert msg.startswith("lw.layer_decay found no head: no parameter "
-                        "matches head=any_of('**/head/**', ")
+                        "matches head='**/head/**' | '**/heads/**' | ")
   assert "head='classifier/**'" in msg and "head=None" in msg
   with pytest.raises(ValueError, match=r"no parameter matches head='haed/\*\*'"):
     layer_decay(0.65, params, head="haed/**")

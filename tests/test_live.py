@@ -142,6 +142,157 @@ def test_describe_shows_what_the_state_holds():
   assert "0.05 (rule: 0.01)" in text
 
 
+def f32(x):
+  return np.float32(x)
+
+
+def hyperparams_chain():
+  return optax.chain(
+      lw.clip_by_rules({"embed": lw.clip_norm(1.0),
+                        "layers/**": lw.clip_group_norm(2.0), "**": None}),
+      lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.01}),
+      optax.sgd(0.1),
+      lw.scale_by_rules({"embed": 0.3, "**": 1.0}))
+
+
+def test_hyperparams_reads_the_values_set_and_works_under_jit():
+  tx = hyperparams_chain()
+  state = lw.set_scale(tx.init(PARAMS), "embed", 0.1)
+  state = lw.set_weight_decay(state, "head/**", 0.05)
+  state = lw.set_threshold(lw.set_threshold(state, "embed", 4.0),
+                           "layers/1/w", 0.5)
+  # What was set, in float32 (the state's dtype); the rest as the rules
+  # gave it: NO_DECAY's 0.0 for vectors, the clipping groups' thresholds.
+  want = {"clip/embed/threshold": f32(4.0),
+          "clip/layers/**/threshold": f32(0.5),
+          "weight_decay/embed": f32(0.01), "weight_decay/head/w": f32(0.05),
+          "weight_decay/layers/0/b": f32(0.0),
+          "weight_decay/layers/0/w": f32(0.01),
+          "weight_decay/layers/1/b": f32(0.0),
+          "weight_decay/layers/1/w": f32(0.01),
+          "scale/embed": f32(0.1), "scale/head/w": f32(1.0),
+          "scale/layers/0/b": f32(1.0), "scale/layers/0/w": f32(1.0),
+          "scale/layers/1/b": f32(1.0), "scale/layers/1/w": f32(1.0)}
+  assert list(lw.hyperparams(state)) == list(want)  # in the chain's order
+  for got in (lw.hyperparams(state), jax.jit(lw.hyperparams)(state)):
+    assert sorted(got) == sorted(want)  # jit returns a dict's keys sorted
+    for key, value in got.items():
+      assert isinstance(value, jax.Array) and value.shape == ()
+      assert value.dtype == jnp.float32 and value == want[key], key
+
+  # A train step returns them as metrics, beside the norms, and a step
+  # with another setting reads the new values without compiling again.
+  @jax.jit
+  def step(state):
+    updates, state = tx.update(GRADS, state, PARAMS)
+    return updates, state, {**lw.norms(state), **lw.hyperparams(state)}
+
+  _, state, metrics = step(state)
+  assert metrics["scale/embed"] == f32(0.1)
+  assert metrics["clip/embed/threshold"] == f32(4.0)
+  assert "clip/embed/norm" in metrics
+  _, _, metrics = step(lw.set_scale(state, "embed", 0.7))
+  assert metrics["scale/embed"] == f32(0.7)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_hyperparams_of_nested_and_repeated_states():
+  # Two scale_by_rules over the same leaves: the second's keys are numbered
+  # as lw.norms numbers them; the states inside lw.partition are found.
+  tx = optax.chain(
+      lw.partition({"embed": optax.chain(
+          optax.sgd(0.1), lw.scale_by_rules({"**": 0.5})),
+                    "**": optax.adam(0.1)}),
+      lw.scale_by_rules({"embed": 2.0, "**": 1.0}),
+      lw.scale_by_rules({"head/**": 3.0, "**": 1.0}))
+  state = tx.init(PARAMS)
+  got = jax.device_get(lw.hyperparams(lw.set_scale(state, "head/w", 0.25)))
+  # set_scale sets every state that covers head/w: both of the chain's.
+  assert got == {"scale/embed": 0.5,
+                 "scale2/embed": 2.0, "scale2/head/w": 0.25,
+                 "scale2/layers/0/b": 1.0, "scale2/layers/0/w": 1.0,
+                 "scale2/layers/1/b": 1.0, "scale2/layers/1/w": 1.0,
+                 "scale3/embed": 1.0, "scale3/head/w": 0.25,
+                 "scale3/layers/0/b": 1.0, "scale3/layers/0/w": 1.0,
+                 "scale3/layers/1/b": 1.0, "scale3/layers/1/w": 1.0}
+  # No layerwise hyperparameters: nothing to read.
+  assert lw.hyperparams(optax.adam(0.1).init(PARAMS)) == {}
+  tracked = optax.chain(lw.track_norms({"**": "all"}), optax.sgd(0.1))
+  assert lw.hyperparams(tracked.init(PARAMS)) == {}
+
+
+def test_a_schedules_factor_is_read_and_described():
+  schedule = optax.linear_schedule(0.5, 1.0, 4)
+  tx = optax.chain(optax.sgd(0.1),
+                   lw.scale_by_rules({"embed": schedule, "**": 1.0}))
+  state = tx.init(PARAMS)
+  assert lw.hyperparams(state)["scale/embed"] == f32(1.0)
+  rows = {r["path"]: r for r in lw.describe(tx, PARAMS, opt_state=state).rows}
+  assert rows["embed"]["scale"] is schedule
+  state = lw.set_scale(state, "embed", 0.5)
+  assert lw.hyperparams(state)["scale/embed"] == f32(0.5)
+  text = str(lw.describe(tx, PARAMS, opt_state=state))
+  # 0.5 times the schedule, which gives 0.5 at step 0: 0.25.
+  assert "0.5 x polynomial_schedule (0.25 at step 0)" in text
+
+
+def restored_into(new_tx, old_state):
+  """``old_state``'s arrays in a state of ``new_tx``, as a checkpoint
+  restored against ``jax.eval_shape(new_tx.init, params)`` gives it (the
+  arrays by position; the static rules are the target's)."""
+  target = jax.eval_shape(new_tx.init, PARAMS)
+  treedef = jax.tree_util.tree_structure(target)
+  return jax.tree_util.tree_unflatten(treedef,
+                                      jax.tree_util.tree_leaves(old_state))
+
+
+def test_a_restored_value_wins_over_a_rule_changed_in_code_and_shows():
+  """Trained with rule 0.3 and set to 0.1; the code now says 0.5. The
+  restored 0.1 trains (the checkpoint wins), describe shows it marked as
+  differing from the rule 0.5, and hyperparams reads it. The same for a
+  weight decay and a clip threshold."""
+  def make(scale, decay, threshold):
+    return optax.chain(
+        lw.clip_by_rules({"embed": lw.clip_norm(threshold), "**": None}),
+        lw.add_decayed_weights({"head/**": decay, "**": 0.0}),
+        optax.sgd(0.1),
+        lw.scale_by_rules({"embed": scale, "**": 1.0}))
+
+  old_tx = make(0.3, 0.02, 1.0)
+  saved = lw.set_scale(old_tx.init(PARAMS), "embed", 0.1)
+  saved = lw.set_weight_decay(saved, "head/**", 0.04)
+  saved = lw.set_threshold(saved, "embed", 3.0)
+  new_tx = make(0.5, 0.06, 2.0)
+  for state in (restored_into(new_tx, saved),
+                lw.restore_state(new_tx.init(PARAMS), saved)):
+    d = lw.describe(new_tx, PARAMS, opt_state=state)
+    rows = {r["path"]: r for r in d.rows}
+    assert rows["embed"]["scale"] == f32(0.1)
+    assert rows["embed"]["scale_given"] == 0.5
+    assert rows["head/w"]["weight_decay"] == f32(0.04)
+    assert rows["head/w"]["weight_decay_given"] == 0.06
+    assert rows["embed"]["clip_threshold"] == 3.0
+    assert rows["embed"]["clip_threshold_given"] == 2.0
+    text = str(d)
+    assert "0.1 (rule: 0.5)" in text and "0.04 (rule: 0.06)" in text
+    assert "3.0 (rule: 2.0)" in text
+    # Leaves whose restored value is the new rule's are not marked.
+    assert "scale_given" not in rows["head/w"]
+    assert lw.hyperparams(state) == {
+        "clip/embed/threshold": f32(3.0),
+        "weight_decay/embed": f32(0.0), "weight_decay/head/w": f32(0.04),
+        "weight_decay/layers/0/b": f32(0.0),
+        "weight_decay/layers/0/w": f32(0.0),
+        "weight_decay/layers/1/b": f32(0.0),
+        "weight_decay/layers/1/w": f32(0.0),
+        "scale/embed": f32(0.1), "scale/head/w": f32(1.0),
+        "scale/layers/0/b": f32(1.0), "scale/layers/0/w": f32(1.0),
+        "scale/layers/1/b": f32(1.0), "scale/layers/1/w": f32(1.0)}
+    # And the restored values are the ones that train: as the old
+    # transformation from the saved state.
+    assert_trees_equal(updates_of(new_tx, state), updates_of(old_tx, saved))
+
+
 # ------------------------------------------------- a sweep compiles once
 
 SWEEP = textwrap.dedent('''

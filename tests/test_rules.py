@@ -348,8 +348,21 @@ def test_combinators_truth_tables():
 
 def test_combinator_repr_and_empty():
   sel = lw.any_of("**/bias", re.compile(".*norm.*")) & ~lw.ndim_at_least(2)
-  assert repr(sel) == ("all_of(any_of('**/bias', re.compile('.*norm.*')), "
-                       "not_(ndim_at_least(2)))")
+  # Named by the expression that builds it, parenthesized where the
+  # operator changes.
+  assert repr(sel) == ("('**/bias' | re.compile('.*norm.*')) & "
+                       "~ndim_at_least(2)")
+  assert repr(lw.all_of(lw.ndim_at_least(2),
+                        lw.not_(lw.any_of("**/bias", "**/scale")))) == (
+      "ndim_at_least(2) & ~('**/bias' | '**/scale')")
+  assert repr(lw.any_of(lw.any_of("a", "b"), lw.all_of("c", "d"), "e")) == (
+      "'a' | 'b' | ('c' & 'd') | 'e'")
+  assert repr(lw.not_(lw.not_("a"))) == "~~'a'"
+  assert repr(lw.any_of("a")) == "'a'" and repr(~lw.all_of("a")) == "~'a'"
+  # A named selector keeps its name inside combinations.
+  assert repr(lw.NO_DECAY | "**/pos_embed") == "lw.NO_DECAY | '**/pos_embed'"
+  named = lw.Selector(sel, "norms and biases")
+  assert repr(named & "a/**") == "norms and biases & 'a/**'"
   with pytest.raises(ValueError, match="at least one selector"):
     lw.any_of()
 
