@@ -76,7 +76,7 @@ class Plan:
 
   __slots__ = ("kind", "paths", "shapes", "dtypes", "rule_texts", "values",
                "groups", "group_names", "layout", "_hash", "_members",
-               "_treedefs")
+               "_treedefs", "_holes")
 
   kind: str
   paths: tuple[str, ...]
@@ -114,6 +114,8 @@ class Plan:
     # The update structures already checked against the paths: a cache of
     # check_tree, not part of the plan's identity.
     self._treedefs: set[Any] = set()
+    # The same for update trees with None for some leaves (check_holes).
+    self._holes: dict[Any, Holes] = {}
 
   @classmethod
   def of(cls, kind: str, res: Resolution, *, values: Sequence[Any] | None = None,
@@ -171,6 +173,10 @@ class Plan:
     """``tree``'s leaves and treedef, after checking that its paths and
     shapes are those at init (paths are built once per treedef)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return self._checked(fn, tree, leaves, treedef)
+
+  def _checked(self, fn: str, tree: Any, leaves: list[Any],
+               treedef: Any) -> tuple[list[Any], Any]:
     if treedef not in self._treedefs:
       paths = tuple(_paths.flatten_with_paths(tree)[0])
       if paths != self.paths:
@@ -182,8 +188,107 @@ class Plan:
                                          self.shapes, shapes)
     return leaves, treedef
 
+  def check_holes(self, fn: str, tree: Any) -> tuple[list[Any], Any, "Holes"]:
+    """:meth:`check_tree` for a transformation that skips what is absent:
+    ``tree`` may hold ``None`` (or ``optax.MaskedNode()``) in place of any
+    of the leaves at init, or of a whole subtree of them.
+
+    Returns:
+      The leaves in the plan's order (``None`` where absent), the treedef
+      of ``tree`` as given (whose ``unflatten`` takes the present leaves)
+      and the :class:`Holes` found, all decided from the structure alone.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    holes = self._holes.get(treedef)
+    if holes is None:
+      if (treedef in self._treedefs
+          or tuple(_paths.flatten_with_paths(tree)[0]) == self.paths):
+        return self._checked(fn, tree, leaves, treedef) + (NO_HOLES,)
+      paths = tuple(_paths.flatten_with_paths(tree)[0])
+      holes = _find_holes(self.paths, tree)
+      if holes is None:
+        raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
+      self._holes[treedef] = holes
+    full: list[Any] = [None] * len(self.paths)
+    for i, leaf in zip(holes.present, leaves):
+      full[i] = leaf
+    shapes = tuple(tuple(np.shape(full[i])) for i in holes.present)
+    if shapes != tuple(self.shapes[i] for i in holes.present):
+      now = list(self.shapes)
+      for i in holes.present:
+        now[i] = tuple(np.shape(full[i]))
+      raise _diagnostics.structure_error(fn, self.paths, self.paths,
+                                         self.shapes, now)
+    return full, treedef, holes
+
 
 jax.tree_util.register_pytree_node(Plan, lambda p: ((), p), lambda aux, _: aux)
+
+
+def is_hole(node: Any) -> bool:
+  """Whether ``node`` stands for absent leaves: ``None`` or an
+  ``optax.MaskedNode()``."""
+  return node is None or isinstance(node, optax.MaskedNode)
+
+
+class _Hole:
+  """A leaf that marks where ``tree`` had a hole (see :func:`_find_holes`)."""
+  __slots__ = ()
+
+
+class Holes(NamedTuple):
+  """Where an update tree has ``None`` (or ``optax.MaskedNode()``) instead
+  of leaves the params had at init: static, found from its structure.
+
+  Attributes:
+    present: the indices (in the plan's order) of the leaves it has.
+    absent: the indices of those it lacks.
+    treedef: its structure with each hole as one leaf, for flattening the
+      params like it (a hole's leaf is the params' subtree there).
+    slots: for each leaf of ``treedef``, the plan index it is, or -1 for a
+      hole.
+  """
+  present: tuple[int, ...]
+  absent: tuple[int, ...]
+  treedef: Any
+  slots: tuple[int, ...]
+
+
+#: An update tree with every leaf of the plan.
+NO_HOLES = Holes((), (), None, ())
+
+
+def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:
+  """The holes of ``tree`` against the paths ``at_init``, or ``None`` when
+  it differs from them otherwise (a leaf more, renamed, ...).
+
+  Each hole, named by its path, covers the leaves at init under that path:
+  a run of consecutive leaves, since a subtree flattens in one piece.
+  """
+  marked = jax.tree_util.tree_map(lambda x: _Hole() if is_hole(x) else x,
+                                  tree, is_leaf=is_hole)
+  paths, leaves, treedef = _paths.flatten_with_paths(marked)
+  present: list[int] = []
+  absent: list[int] = []
+  slots: list[int] = []
+  i = 0
+  for path, leaf in zip(paths, leaves):
+    if isinstance(leaf, _Hole):
+      under = path + "/"
+      while i < len(at_init) and (path == "" or at_init[i] == path
+                                  or at_init[i].startswith(under)):
+        absent.append(i)
+        i += 1
+      slots.append(-1)
+    elif i < len(at_init) and at_init[i] == path:
+      present.append(i)
+      slots.append(i)
+      i += 1
+    else:
+      return None
+  if i != len(at_init) or not absent:
+    return None
+  return Holes(tuple(present), tuple(absent), treedef, tuple(slots))
 
 
 def flatten_like(fn: str, treedef: Any, tree: Any,
@@ -213,12 +318,17 @@ class Step(NamedTuple):
     treedef: the updates' structure.
     extra: the extra keyword arguments of ``update`` (``optax.chain`` passes
       them to every transformation).
+    absent: the indices of the leaves the updates lack (``None`` or
+      ``optax.MaskedNode()`` in their place; their entries in ``updates``
+      and ``params`` are ``None``), for a transformation made with
+      ``skips=True``; empty otherwise.
   """
   plan: Plan
   updates: list[Any]
   params: list[Any] | None
   treedef: Any
   extra: dict[str, Any]
+  absent: tuple[int, ...] = ()
 
 
 def ruled(
@@ -230,6 +340,7 @@ def ruled(
     init: Callable[[Resolution, list[Any]], Any],
     update: Callable[[Step, Any], tuple[list[Any], Any]],
     needs_params: Callable[[Plan], str | None] | None = None,
+    skips: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A ruled transformation: resolve at init, check and hand over at update.
 
@@ -243,6 +354,11 @@ def ruled(
     update: ``(step, state) -> (update leaves, new state)``.
     needs_params: ``plan -> what needs the params`` (a text for the error)
       or ``None`` when nothing does; ``update`` without params raises then.
+    skips: whether the updates may hold ``None`` (or
+      ``optax.MaskedNode()``) in place of leaves, or of whole subtrees,
+      that the params had at init (:attr:`Step.absent`); they stay where
+      they are in the updates returned, and ``update``'s values for them
+      are ignored. Without it, such updates are a structure error.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -255,15 +371,29 @@ def ruled(
   def update_fn(updates: Any, state: Any, params: Any = None,
                 **extra_args: Any) -> tuple[Any, Any]:
     plan = plan_of(fn, state)
-    leaves, treedef = plan.check_tree(fn, updates)
-    param_leaves = (None if params is None
-                    else flatten_like(fn, treedef, params))
+    if not skips:
+      leaves, treedef = plan.check_tree(fn, updates)
+      holes = NO_HOLES
+    else:
+      leaves, treedef, holes = plan.check_holes(fn, updates)
+    if params is None:
+      param_leaves = None
+    elif not holes.absent:
+      param_leaves = flatten_like(fn, treedef, params)
+    else:  # the params have leaves where the updates have holes
+      given = flatten_like(fn, holes.treedef, params)
+      param_leaves = [None] * len(plan.paths)
+      for i, p in zip(holes.slots, given):
+        if i >= 0:
+          param_leaves[i] = p
     if param_leaves is None and needs_params is not None:
       who = needs_params(plan)
       if who is not None:
         raise _validate.missing_params(fn, who)
     out, new_state = update(Step(plan, leaves, param_leaves, treedef,
-                                 extra_args), state)
+                                 extra_args, holes.absent), state)
+    if holes.absent:
+      out = [out[i] for i in holes.present]
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
