@@ -583,16 +583,64 @@ def no_state_error(fn: str, what: str, transformation: str) -> ValueError:
       f"{transformation}(...) into the optimizer to set {what}.")
 
 
-def unmatched_error(fn: str, selector: SelectorLike,
-                    paths: Sequence[str]) -> ValueError:
-  """The error for a selector that matches no leaf of any state."""
+def coverage(paths: Sequence[str]) -> str:
+  """What ``paths`` cover, short: ``"3 parameters: 'encoder/**' (2), 'head/w'"``
+  (the paths under each top-level name, counted)."""
+  under: dict[str, list[str]] = {}
+  for p in dict.fromkeys(paths):
+    under.setdefault(p.split("/", 1)[0], []).append(p)
+  parts = [repr(ps[0]) if len(ps) == 1 else f"'{top}/**' ({len(ps)})"
+           for top, ps in under.items()]
+  n = sum(len(ps) for ps in under.values())
+  return (f"{n} parameter{'s' * (n != 1)}: "
+          + _diagnostics.few(parts, quote=False))
+
+
+def unmatched_error(fn: str, selector: SelectorLike, paths: Sequence[str],
+                    transformation: str = "layerwise",
+                    states: int = 1) -> ValueError:
+  """The error for a selector that matches no leaf of the ``states``
+  ``transformation`` states found, which cover ``paths``."""
   c = compile_selector(selector)
   return ValueError(
       f"{fn}: selector {c.text} matches no parameter"
       + _diagnostics.no_match_hint(c.text, c.pattern, paths)
-      + ". Fix the selector: it is matched against the paths of the params "
-      "the state was initialised with (lw.paths(params) lists them).")
+      + f". The {states} {transformation} state{'s' * (states != 1)} found "
+      f"cover{'s' * (states == 1)} {coverage(paths)}. Fix the selector: it is "
+      "matched against the paths of the params the state was initialised "
+      "with (lw.paths(params) lists them). If it names parameters of the "
+      f"model, no {transformation} sees them: one inside a partition "
+      "(lw.partition, lw.freeze, optax.partition) sees its group's "
+      f"parameters only; chain a {transformation} that covers them.")
 
+
+def uncovered_error(fn: str, selector: SelectorLike, holding: Sequence[Any],
+                    known: Sequence[tuple[Any, list[int]]],
+                    transformation: str) -> ValueError:
+  """The error for a selector that matches parameters of the model (those
+  other layerwise states know, ``known``: ``(state, indices)``) but none
+  that the ``holding`` states cover."""
+  c = compile_selector(selector)
+  matched = list(dict.fromkeys(state.rules.paths[i] for state, indices in known
+                               for i in indices))
+  given = "; the ".join(
+      f"{type(state).__name__} found gives them {state.rules.kind} "
+      + _diagnostics.few(list(dict.fromkeys(str(state.rules.values[i])
+                                            for i in indices)), quote=False)
+      for state, indices in known)
+  n = len(holding)
+  covered = [p for state in holding for p in state.rules.paths]
+  return ValueError(
+      f"{fn}: selector {c.text} matches {len(matched)} parameter(s) of the "
+      f"model ({_diagnostics.few(matched)}), but none that a "
+      f"{transformation} covers: the {n} {transformation} "
+      f"state{'s' * (n != 1)} found cover{'s' * (n == 1)} "
+      f"{coverage(covered)}, while the {given}. A {transformation} inside "
+      "lw.partition or lw.freeze sees its group's parameters only: add a "
+      "rule for them to a "
+      f"{transformation} in the optimizer of their group, or chain "
+      f"{transformation} outside the partition, where it covers every "
+      "parameter (lw.describe(tx, params) shows each parameter's rules).")
 
 
 def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
@@ -627,8 +675,14 @@ def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
           f"(their rule is None), so they have no {what[:-1]}. Select "
           f"parameters that it covers (lw.describe(tx, params) shows each "
           "one's rule).")
+    known = [(s, s.rules.select(selector)) for s in find_states(opt_state)
+             if not holds(s)]
+    known = [(s, indices) for s, indices in known if indices]
+    if known:
+      raise uncovered_error(fn, selector, states, known, transformation)
     raise unmatched_error(fn, selector, [p for s in states
-                                         for p in s.rules.paths])
+                                         for p in s.rules.paths],
+                          transformation, len(states))
 
   def replace(node: Any) -> Any:
     if not holds(node) or not picked.get(id(node)):

@@ -168,7 +168,7 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
       group = _Group.of(plan, k)
       if absent:
         gone = [i for i in group.members if i in absent]
-        if len(gone) == len(group.members):
+        if gone and len(gone) == len(group.members):
           # No gradients for the group (alternating updates): it skips its
           # step, so its state (step count, moments) stays as it is.
           new_states.append(inner)

@@ -261,6 +261,17 @@ CATALOGUE = [
     Row("set-scale-typo", lambda: lw.set_scale(scale_state(), "encodr/**", 0.5),
         ValueError, ("selector 'encodr/**' matches no parameter",
                      "closest: 'encoder/**'", "Fix the selector")),
+    Row("set-scale-uncovered",
+        lambda: lw.set_scale(lw.partition({
+            "encoder/**": optax.chain(optax.sgd(0.1),
+                                      lw.scale_by_rules({"**": 1.0})),
+            "**": optax.sgd(0.1)}).init(PARAMS), "head/**", 0.5), ValueError,
+        ("selector 'head/**' matches 1 parameter(s) of the model ('head/w'), "
+         "but none that a lw.scale_by_rules covers",
+         "covers 2 parameters: 'encoder/**' (2)",
+         "the PartitionState found gives them group '**'",
+         "add a rule for them to a lw.scale_by_rules in the optimizer of "
+         "their group, or chain lw.scale_by_rules outside the partition")),
     Row("set-scale-negative",
         lambda: lw.set_scale(scale_state(), "head/**", -1),
         ValueError, ("the new multiplier is -1", "finite and >= 0")),

@@ -117,6 +117,45 @@ def test_a_schedule_is_multiplied_by_the_set_value():
     assert_trees_equal(got, updates_of(reference, reference.init(PARAMS)))
 
 
+@pytest.mark.parametrize("inner, setter, value, name", [
+    (lw.scale_by_rules({"**": 1.0}), lw.set_scale, 0.5, "lw.scale_by_rules"),
+    (lw.add_decayed_weights({"**": 0.1}), lw.set_weight_decay, 0.5,
+     "lw.add_decayed_weights"),
+    (lw.clip_by_rules({"**": lw.clip_norm(1.0)}), lw.set_threshold, 0.5,
+     "lw.clip_by_rules"),
+])
+def test_a_setter_says_which_states_it_found_and_what_they_cover(
+    inner, setter, value, name):
+  """The parameters exist, but the state that holds the value sits in
+  another group's optimizer: the error says so, not "fix the selector"."""
+  fn = setter.__name__
+  tx = lw.partition({"layers/**": optax.chain(inner, optax.adam(1e-3)),
+                     "**": optax.adam(1e-3)})
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError) as e:
+    setter(state, "head/**", value)
+  assert str(e.value) == (
+      f"lw.{fn}: selector 'head/**' matches 1 parameter(s) of the model "
+      f"('head/w'), but none that a {name} covers: the 1 {name} state found "
+      "covers 4 parameters: 'layers/**' (4), while the PartitionState found "
+      f"gives them group '**'. A {name} inside lw.partition or lw.freeze "
+      "sees its group's parameters only: add a rule for them to a "
+      f"{name} in the optimizer of their group, or chain {name} outside "
+      "the partition, where it covers every parameter (lw.describe(tx, "
+      "params) shows each parameter's rules).")
+  # A selector that no state knows is a typo, and the error says what the
+  # states found cover.
+  with pytest.raises(ValueError) as e:
+    setter(state, "layer/**", value)
+  assert str(e.value).startswith(
+      f"lw.{fn}: selector 'layer/**' matches no parameter (closest: "
+      f"'layers/**'"), str(e.value)
+  assert (f"The 1 {name} state found covers 4 parameters: 'layers/**' (4). "
+          "Fix the selector") in str(e.value)
+  # The same setter on the covered leaves works.
+  setter(state, "layers/**", value)
+
+
 def test_describe_shows_what_the_state_holds():
   tx = optax.chain(
       lw.clip_by_rules({"embed": lw.clip_norm(1.0), "**": None}),
