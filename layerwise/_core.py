@@ -399,6 +399,13 @@ def ruled(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+#: How to turn a checkpoint restored without a target into a state.
+RESTORE_HINT = ("A checkpoint restored without a target is plain lists and "
+                "dicts: restore against jax.eval_shape(tx.init, params), or "
+                "turn what was restored into a state with "
+                "lw.restore_state(tx.init(params), restored).")
+
+
 def plan_of(fn: str, state: Any) -> Plan:
   """The plan of a layerwise state, or an error that says what the state is
   instead."""
@@ -408,11 +415,34 @@ def plan_of(fn: str, state: Any) -> Plan:
   raise TypeError(
       f"{fn}: the state passed to update is a {type(state).__name__}, not "
       "the state this transformation's init returned (it has no layerwise "
-      "rules). Pass the state from init, or from the previous update. A "
-      "checkpoint restored without a target is plain lists and dicts: "
-      "restore against jax.eval_shape(tx.init, params), or turn what was "
-      "restored into a state with lw.restore_state(tx.init(params), "
-      "restored).")
+      "rules). Pass the state from init, or from the previous update. "
+      + RESTORE_HINT)
+
+
+_PLAIN = (dict, list, tuple)
+
+
+def is_plain(tree: Any) -> bool:
+  """Whether ``tree`` is arrays in plain dicts, lists and tuples only (no
+  optax state: every optax state is a ``NamedTuple``), as a checkpoint
+  restored without a target gives them back."""
+  def leaf(node: Any) -> bool:
+    return type(node) not in _PLAIN and node is not None
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=leaf)
+  return bool(leaves) and all(
+      isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves)
+
+
+def check_not_plain(fn: str, opt_state: Any) -> None:
+  """Raises the "not a layerwise state" error for an ``opt_state`` that
+  holds no layerwise state because it is plain dicts and lists of arrays
+  (:func:`is_plain`); for any other state, does nothing."""
+  if is_plain(opt_state) and not find_states(opt_state):
+    raise TypeError(
+        f"{fn}: opt_state is a {type(opt_state).__name__} of plain dicts, "
+        "lists and arrays, not an optimizer state (optax states are "
+        "NamedTuples): it holds no layerwise state, whose rules checkpoints "
+        "do not save, so there is nothing to read or set. " + RESTORE_HINT)
 
 
 # ---------------------------------------------------------- the protocol
@@ -657,6 +687,7 @@ def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
 
   states = [s for s in find_states(opt_state) if holds(s)]
   if not states:
+    check_not_plain(fn, opt_state)
     raise no_state_error(fn, what, transformation)
   picked = {}
   outside = 0  # leaves matched but in no group of a per-group value

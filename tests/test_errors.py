@@ -123,6 +123,15 @@ def _describe_with_wrong_state() -> Any:
   return lw.describe(tx, PARAMS, opt_state=optax.sgd(0.1).init(PARAMS))
 
 
+# The state of chain(clip_by_rules, sgd, scale_by_rules) as orbax restores it
+# without a target: lists and dicts, the static rules gone.
+RESTORED_PLAIN = [{"norms": jnp.ones(4), "scales": jnp.ones(4),
+                   "thresholds": jnp.ones(4), "stats": {}, "rules": None},
+                  [{}, None],
+                  {"count": jnp.int32(1), "multipliers": jnp.ones(4),
+                   "rules": None}]
+
+
 # Fragments shared by the structure rows.
 INIT_AGAIN = "call init again with the new params"
 NOT_AT_INIT = "do not have the structure of the params given to init"
@@ -551,6 +560,16 @@ CATALOGUE = [
                               "multipliers": jnp.ones(4)}), TypeError,
         ("the state passed to update is a dict", "restored without a target",
          "lw.restore_state(tx.init(params), restored)")),
+    Row("norms-plain-dict-state",
+        lambda: lw.norms(RESTORED_PLAIN), TypeError,
+        ("lw.norms: opt_state is a list of plain dicts, lists and arrays, "
+         "not an optimizer state", "lw.restore_state(tx.init(params), "
+                                   "restored)")),
+    Row("set-scale-plain-dict-state",
+        lambda: lw.set_scale(RESTORED_PLAIN, "**", 0.5), TypeError,
+        ("lw.set_scale: opt_state is a list of plain dicts",
+         "restore against jax.eval_shape(tx.init, params)",
+         "lw.restore_state(tx.init(params), restored)")),
     # -------------------------------------------------------------- describe
     Row("describe-not-rules", lambda: lw.describe(0.1, PARAMS), TypeError,
         ("describe() takes a rule set", "got float")),
@@ -640,7 +659,7 @@ _NO_BAD_INPUT = {
     "NO_DECAY", "AddDecayedWeightsState", "ClipByRulesState", "Description",
     "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
     "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
-    "norms", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
+    "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
     "Flags", "ScalarOrSchedule",
 }
 
