@@ -673,6 +673,27 @@ def test_every_public_function_has_a_row():
       "for their bad input (or list them in _NO_BAD_INPUT).")
 
 
+def test_a_changed_tree_is_reported_before_the_optimizers_wrapped():
+  """lw.partition and lw.freeze check the updates before their optimizers
+  see them; in a plain chain, optax's transformations before the first
+  layerwise one fail first, with optax's error (the documented limit), and
+  a layerwise transformation placed first reports it instead."""
+  inner = lambda: optax.chain(optax.adam(0.1), lw.scale_by_rules({"**": 1.0}))
+  for make, fn in [
+      (lambda: lw.freeze(inner(), "head/**"), "lw.freeze"),
+      (lambda: lw.partition({"head/**": inner(), "**": optax.adam(0.1)}),
+       "lw.partition"),
+      (lambda: optax.chain(lw.track_norms({"**": "all"}), inner()),
+       "lw.track_norms")]:
+    for changed, detail in [(EXTRA, "not in the params at init: 'extra'"),
+                            (RESHAPED, "'embed' has shape (5, 2) now")]:
+      with pytest.raises(ValueError, match=_pattern(
+          (f"{fn}: the updates " + NOT_AT_INIT, detail, INIT_AGAIN))):
+        at_update(make, changed, update_params=changed)()
+  with pytest.raises(TypeError, match="incompatible shapes for broadcasting"):
+    at_update(inner, RESHAPED, update_params=RESHAPED)()
+
+
 # ------------------------------------------- integer leaves that pass through
 
 
