@@ -180,6 +180,9 @@ class Plan:
     if treedef not in self._treedefs:
       paths = tuple(_paths.flatten_with_paths(tree)[0])
       if paths != self.paths:
+        holes = _find_holes(self.paths, tree)
+        if holes is not None:
+          raise unskipped_error(fn, [self.paths[i] for i in holes.absent])
         raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
       self._treedefs.add(treedef)
     shapes = tuple(tuple(np.shape(x)) for x in leaves)
@@ -256,6 +259,19 @@ class Holes(NamedTuple):
 
 #: An update tree with every leaf of the plan.
 NO_HOLES = Holes((), (), None, ())
+
+
+def unskipped_error(fn: str, absent: Sequence[str]) -> ValueError:
+  """The error for updates with ``None`` for leaves, given to a
+  transformation that does not skip them."""
+  return ValueError(
+      f"{fn}: the updates hold None (or optax.MaskedNode()) for "
+      f"{len(absent)} parameter(s) ({_diagnostics.few(absent)}), and {fn} "
+      "does not skip parameters without gradients: only lw.partition and "
+      "lw.freeze do, a whole group at a time (alternating updates). Put "
+      f"{fn} inside the optimizer of each group (lw.partition({{...: "
+      f"optax.chain({fn}(...), ...)}})), or give every parameter a "
+      "gradient.")
 
 
 def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:

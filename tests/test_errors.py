@@ -611,6 +611,14 @@ CATALOGUE = [
                   list(jax.tree_util.tree_leaves(PARAMS))), ValueError,
         ("lw.freeze: the updates " + NOT_AT_INIT,
          "not in the params at init: '0', '1', '2', '3'", INIT_AGAIN)),
+    Row("changed-none-gradients",
+        at_update(lambda: optax.chain(lw.clip_by_rules(
+            {"**": lw.clip_norm(1.0)}), lw.partition({"head/**": optax.adam(0.1),
+                                                      "**": optax.sgd(0.1)})),
+                  {**PARAMS, "head": None}), ValueError,
+        ("lw.clip_by_rules: the updates hold None (or optax.MaskedNode()) "
+         "for 1 parameter(s) ('head/w')", "only lw.partition and lw.freeze do",
+         "Put lw.clip_by_rules inside the optimizer of each group")),
     Row("changed-reparameterize-extra-leaf",
         at_update(lambda: lw.reparameterize(optax.adam(0.1), {"**": 0.5}),
                   EXTRA, update_params=EXTRA), ValueError,
