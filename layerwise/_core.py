@@ -76,7 +76,7 @@ class Plan:
 
   __slots__ = ("kind", "paths", "shapes", "dtypes", "rule_texts", "values",
                "groups", "group_names", "layout", "_hash", "_members",
-               "_treedefs")
+               "_treedefs", "_holes")
 
   kind: str
   paths: tuple[str, ...]
@@ -114,6 +114,8 @@ class Plan:
     # The update structures already checked against the paths: a cache of
     # check_tree, not part of the plan's identity.
     self._treedefs: set[Any] = set()
+    # The same for update trees with None for some leaves (check_holes).
+    self._holes: dict[Any, Holes] = {}
 
   @classmethod
   def of(cls, kind: str, res: Resolution, *, values: Sequence[Any] | None = None,
@@ -171,9 +173,16 @@ class Plan:
     """``tree``'s leaves and treedef, after checking that its paths and
     shapes are those at init (paths are built once per treedef)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return self._checked(fn, tree, leaves, treedef)
+
+  def _checked(self, fn: str, tree: Any, leaves: list[Any],
+               treedef: Any) -> tuple[list[Any], Any]:
     if treedef not in self._treedefs:
       paths = tuple(_paths.flatten_with_paths(tree)[0])
       if paths != self.paths:
+        holes = _find_holes(self.paths, tree)
+        if holes is not None:
+          raise unskipped_error(fn, [self.paths[i] for i in holes.absent])
         raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
       self._treedefs.add(treedef)
     shapes = tuple(tuple(np.shape(x)) for x in leaves)
@@ -182,8 +191,120 @@ class Plan:
                                          self.shapes, shapes)
     return leaves, treedef
 
+  def check_holes(self, fn: str, tree: Any) -> tuple[list[Any], Any, "Holes"]:
+    """:meth:`check_tree` for a transformation that skips what is absent:
+    ``tree`` may hold ``None`` (or ``optax.MaskedNode()``) in place of any
+    of the leaves at init, or of a whole subtree of them.
+
+    Returns:
+      The leaves in the plan's order (``None`` where absent), the treedef
+      of ``tree`` as given (whose ``unflatten`` takes the present leaves)
+      and the :class:`Holes` found, all decided from the structure alone.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    holes = self._holes.get(treedef)
+    if holes is None:
+      if (treedef in self._treedefs
+          or tuple(_paths.flatten_with_paths(tree)[0]) == self.paths):
+        return self._checked(fn, tree, leaves, treedef) + (NO_HOLES,)
+      paths = tuple(_paths.flatten_with_paths(tree)[0])
+      holes = _find_holes(self.paths, tree)
+      if holes is None:
+        raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
+      self._holes[treedef] = holes
+    full: list[Any] = [None] * len(self.paths)
+    for i, leaf in zip(holes.present, leaves):
+      full[i] = leaf
+    shapes = tuple(tuple(np.shape(full[i])) for i in holes.present)
+    if shapes != tuple(self.shapes[i] for i in holes.present):
+      now = list(self.shapes)
+      for i in holes.present:
+        now[i] = tuple(np.shape(full[i]))
+      raise _diagnostics.structure_error(fn, self.paths, self.paths,
+                                         self.shapes, now)
+    return full, treedef, holes
+
 
 jax.tree_util.register_pytree_node(Plan, lambda p: ((), p), lambda aux, _: aux)
+
+
+def is_hole(node: Any) -> bool:
+  """Whether ``node`` stands for absent leaves: ``None`` or an
+  ``optax.MaskedNode()``."""
+  return node is None or isinstance(node, optax.MaskedNode)
+
+
+class _Hole:
+  """A leaf that marks where ``tree`` had a hole (see :func:`_find_holes`)."""
+  __slots__ = ()
+
+
+class Holes(NamedTuple):
+  """Where an update tree has ``None`` (or ``optax.MaskedNode()``) instead
+  of leaves the params had at init: static, found from its structure.
+
+  Attributes:
+    present: the indices (in the plan's order) of the leaves it has.
+    absent: the indices of those it lacks.
+    treedef: its structure with each hole as one leaf, for flattening the
+      params like it (a hole's leaf is the params' subtree there).
+    slots: for each leaf of ``treedef``, the plan index it is, or -1 for a
+      hole.
+  """
+  present: tuple[int, ...]
+  absent: tuple[int, ...]
+  treedef: Any
+  slots: tuple[int, ...]
+
+
+#: An update tree with every leaf of the plan.
+NO_HOLES = Holes((), (), None, ())
+
+
+def unskipped_error(fn: str, absent: Sequence[str]) -> ValueError:
+  """The error for updates with ``None`` for leaves, given to a
+  transformation that does not skip them."""
+  return ValueError(
+      f"{fn}: the updates hold None (or optax.MaskedNode()) for "
+      f"{len(absent)} parameter(s) ({_diagnostics.few(absent)}), and {fn} "
+      "does not skip parameters without gradients: only lw.partition and "
+      "lw.freeze do, a whole group at a time (alternating updates). Put "
+      f"{fn} inside the optimizer of each group (lw.partition({{...: "
+      f"optax.chain({fn}(...), ...)}})), or give every parameter a "
+      "gradient.")
+
+
+def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:
+  """The holes of ``tree`` against the paths ``at_init``, or ``None`` when
+  it differs from them otherwise (a leaf more, renamed, ...).
+
+  Each hole, named by its path, covers the leaves at init under that path:
+  a run of consecutive leaves, since a subtree flattens in one piece.
+  """
+  marked = jax.tree_util.tree_map(lambda x: _Hole() if is_hole(x) else x,
+                                  tree, is_leaf=is_hole)
+  paths, leaves, treedef = _paths.flatten_with_paths(marked)
+  present: list[int] = []
+  absent: list[int] = []
+  slots: list[int] = []
+  i = 0
+  for path, leaf in zip(paths, leaves):
+    if isinstance(leaf, _Hole):
+      under = path + "/"
+      while i < len(at_init) and (path == "" or at_init[i] == path
+                                  or at_init[i].startswith(under)):
+        absent.append(i)
+        i += 1
+      slots.append(-1)
+    elif i < len(at_init) and at_init[i] == path:
+      present.append(i)
+      slots.append(i)
+      i += 1
+    else:
+      return None
+  if i != len(at_init) or not absent:
+    return None
+  return Holes(tuple(present), tuple(absent), treedef, tuple(slots))
 
 
 def flatten_like(fn: str, treedef: Any, tree: Any,
@@ -213,12 +334,17 @@ class Step(NamedTuple):
     treedef: the updates' structure.
     extra: the extra keyword arguments of ``update`` (``optax.chain`` passes
       them to every transformation).
+    absent: the indices of the leaves the updates lack (``None`` or
+      ``optax.MaskedNode()`` in their place; their entries in ``updates``
+      and ``params`` are ``None``), for a transformation made with
+      ``skips=True``; empty otherwise.
   """
   plan: Plan
   updates: list[Any]
   params: list[Any] | None
   treedef: Any
   extra: dict[str, Any]
+  absent: tuple[int, ...] = ()
 
 
 def ruled(
@@ -230,6 +356,7 @@ def ruled(
     init: Callable[[Resolution, list[Any]], Any],
     update: Callable[[Step, Any], tuple[list[Any], Any]],
     needs_params: Callable[[Plan], str | None] | None = None,
+    skips: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A ruled transformation: resolve at init, check and hand over at update.
 
@@ -243,6 +370,11 @@ def ruled(
     update: ``(step, state) -> (update leaves, new state)``.
     needs_params: ``plan -> what needs the params`` (a text for the error)
       or ``None`` when nothing does; ``update`` without params raises then.
+    skips: whether the updates may hold ``None`` (or
+      ``optax.MaskedNode()``) in place of leaves, or of whole subtrees,
+      that the params had at init (:attr:`Step.absent`); they stay where
+      they are in the updates returned, and ``update``'s values for them
+      are ignored. Without it, such updates are a structure error.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -255,18 +387,39 @@ def ruled(
   def update_fn(updates: Any, state: Any, params: Any = None,
                 **extra_args: Any) -> tuple[Any, Any]:
     plan = plan_of(fn, state)
-    leaves, treedef = plan.check_tree(fn, updates)
-    param_leaves = (None if params is None
-                    else flatten_like(fn, treedef, params))
+    if not skips:
+      leaves, treedef = plan.check_tree(fn, updates)
+      holes = NO_HOLES
+    else:
+      leaves, treedef, holes = plan.check_holes(fn, updates)
+    if params is None:
+      param_leaves = None
+    elif not holes.absent:
+      param_leaves = flatten_like(fn, treedef, params)
+    else:  # the params have leaves where the updates have holes
+      given = flatten_like(fn, holes.treedef, params)
+      param_leaves = [None] * len(plan.paths)
+      for i, p in zip(holes.slots, given):
+        if i >= 0:
+          param_leaves[i] = p
     if param_leaves is None and needs_params is not None:
       who = needs_params(plan)
       if who is not None:
         raise _validate.missing_params(fn, who)
     out, new_state = update(Step(plan, leaves, param_leaves, treedef,
-                                 extra_args), state)
+                                 extra_args, holes.absent), state)
+    if holes.absent:
+      out = [out[i] for i in holes.present]
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: How to turn a checkpoint restored without a target into a state.
+RESTORE_HINT = ("A checkpoint restored without a target is plain lists and "
+                "dicts: restore against jax.eval_shape(tx.init, params), or "
+                "turn what was restored into a state with "
+                "lw.restore_state(tx.init(params), restored).")
 
 
 def plan_of(fn: str, state: Any) -> Plan:
@@ -278,11 +431,34 @@ def plan_of(fn: str, state: Any) -> Plan:
   raise TypeError(
       f"{fn}: the state passed to update is a {type(state).__name__}, not "
       "the state this transformation's init returned (it has no layerwise "
-      "rules). Pass the state from init, or from the previous update. A "
-      "checkpoint restored without a target is plain lists and dicts: "
-      "restore against jax.eval_shape(tx.init, params), or turn what was "
-      "restored into a state with lw.restore_state(tx.init(params), "
-      "restored).")
+      "rules). Pass the state from init, or from the previous update. "
+      + RESTORE_HINT)
+
+
+_PLAIN = (dict, list, tuple)
+
+
+def is_plain(tree: Any) -> bool:
+  """Whether ``tree`` is arrays in plain dicts, lists and tuples only (no
+  optax state: every optax state is a ``NamedTuple``), as a checkpoint
+  restored without a target gives them back."""
+  def leaf(node: Any) -> bool:
+    return type(node) not in _PLAIN and node is not None
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=leaf)
+  return bool(leaves) and all(
+      isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves)
+
+
+def check_not_plain(fn: str, opt_state: Any) -> None:
+  """Raises the "not a layerwise state" error for an ``opt_state`` that
+  holds no layerwise state because it is plain dicts and lists of arrays
+  (:func:`is_plain`); for any other state, does nothing."""
+  if is_plain(opt_state) and not find_states(opt_state):
+    raise TypeError(
+        f"{fn}: opt_state is a {type(opt_state).__name__} of plain dicts, "
+        "lists and arrays, not an optimizer state (optax states are "
+        "NamedTuples): it holds no layerwise state, whose rules checkpoints "
+        "do not save, so there is nothing to read or set. " + RESTORE_HINT)
 
 
 # ---------------------------------------------------------- the protocol
@@ -453,16 +629,64 @@ def no_state_error(fn: str, what: str, transformation: str) -> ValueError:
       f"{transformation}(...) into the optimizer to set {what}.")
 
 
-def unmatched_error(fn: str, selector: SelectorLike,
-                    paths: Sequence[str]) -> ValueError:
-  """The error for a selector that matches no leaf of any state."""
+def coverage(paths: Sequence[str]) -> str:
+  """What ``paths`` cover, short: ``"3 parameters: 'encoder/**' (2), 'head/w'"``
+  (the paths under each top-level name, counted)."""
+  under: dict[str, list[str]] = {}
+  for p in dict.fromkeys(paths):
+    under.setdefault(p.split("/", 1)[0], []).append(p)
+  parts = [repr(ps[0]) if len(ps) == 1 else f"'{top}/**' ({len(ps)})"
+           for top, ps in under.items()]
+  n = sum(len(ps) for ps in under.values())
+  return (f"{n} parameter{'s' * (n != 1)}: "
+          + _diagnostics.few(parts, quote=False))
+
+
+def unmatched_error(fn: str, selector: SelectorLike, paths: Sequence[str],
+                    transformation: str = "layerwise",
+                    states: int = 1) -> ValueError:
+  """The error for a selector that matches no leaf of the ``states``
+  ``transformation`` states found, which cover ``paths``."""
   c = compile_selector(selector)
   return ValueError(
       f"{fn}: selector {c.text} matches no parameter"
       + _diagnostics.no_match_hint(c.text, c.pattern, paths)
-      + ". Fix the selector: it is matched against the paths of the params "
-      "the state was initialised with (lw.paths(params) lists them).")
+      + f". The {states} {transformation} state{'s' * (states != 1)} found "
+      f"cover{'s' * (states == 1)} {coverage(paths)}. Fix the selector: it is "
+      "matched against the paths of the params the state was initialised "
+      "with (lw.paths(params) lists them). If it names parameters of the "
+      f"model, no {transformation} sees them: one inside a partition "
+      "(lw.partition, lw.freeze, optax.partition) sees its group's "
+      f"parameters only; chain a {transformation} that covers them.")
 
+
+def uncovered_error(fn: str, selector: SelectorLike, holding: Sequence[Any],
+                    known: Sequence[tuple[Any, list[int]]],
+                    transformation: str) -> ValueError:
+  """The error for a selector that matches parameters of the model (those
+  other layerwise states know, ``known``: ``(state, indices)``) but none
+  that the ``holding`` states cover."""
+  c = compile_selector(selector)
+  matched = list(dict.fromkeys(state.rules.paths[i] for state, indices in known
+                               for i in indices))
+  given = "; the ".join(
+      f"{type(state).__name__} found gives them {state.rules.kind} "
+      + _diagnostics.few(list(dict.fromkeys(str(state.rules.values[i])
+                                            for i in indices)), quote=False)
+      for state, indices in known)
+  n = len(holding)
+  covered = [p for state in holding for p in state.rules.paths]
+  return ValueError(
+      f"{fn}: selector {c.text} matches {len(matched)} parameter(s) of the "
+      f"model ({_diagnostics.few(matched)}), but none that a "
+      f"{transformation} covers: the {n} {transformation} "
+      f"state{'s' * (n != 1)} found cover{'s' * (n == 1)} "
+      f"{coverage(covered)}, while the {given}. A {transformation} inside "
+      "lw.partition or lw.freeze sees its group's parameters only: add a "
+      "rule for them to a "
+      f"{transformation} in the optimizer of their group, or chain "
+      f"{transformation} outside the partition, where it covers every "
+      "parameter (lw.describe(tx, params) shows each parameter's rules).")
 
 
 def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
@@ -479,6 +703,7 @@ def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
 
   states = [s for s in find_states(opt_state) if holds(s)]
   if not states:
+    check_not_plain(fn, opt_state)
     raise no_state_error(fn, what, transformation)
   picked = {}
   outside = 0  # leaves matched but in no group of a per-group value
@@ -497,8 +722,14 @@ def set_live(fn: str, opt_state: Any, name: str, selector: SelectorLike,
           f"(their rule is None), so they have no {what[:-1]}. Select "
           f"parameters that it covers (lw.describe(tx, params) shows each "
           "one's rule).")
+    known = [(s, s.rules.select(selector)) for s in find_states(opt_state)
+             if not holds(s)]
+    known = [(s, indices) for s, indices in known if indices]
+    if known:
+      raise uncovered_error(fn, selector, states, known, transformation)
     raise unmatched_error(fn, selector, [p for s in states
-                                         for p in s.rules.paths])
+                                         for p in s.rules.paths],
+                          transformation, len(states))
 
   def replace(node: Any) -> Any:
     if not holds(node) or not picked.get(id(node)):

@@ -453,6 +453,11 @@ def norms(opt_state: PyTree) -> dict[str, jax.Array]:
   Returns:
     A flat ``{key: scalar}`` dict, empty if the state tracks no norms.
 
+  Raises:
+    TypeError: for plain dicts and lists of arrays (a checkpoint restored
+      without a target), which hold no layerwise state to read: turn them
+      into a state with :func:`layerwise.restore_state` first.
+
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import layerwise as lw
@@ -464,6 +469,7 @@ def norms(opt_state: PyTree) -> dict[str, jax.Array]:
     >>> lw.norms(state)
     {'clip/head/norm': Array(10., dtype=float32), 'clip/head/scale': Array(0.1, dtype=float32)}
   """
+  _core.check_not_plain("lw.norms", opt_state)
   return _keyed(_core.metrics_of(node)
                 for node in _core.find_states(opt_state))
 
@@ -536,6 +542,7 @@ def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
     >>> lw.hyperparams(state)
     {'scale/embed': Array(0.1, dtype=float32), 'scale/head': Array(1., dtype=float32)}
   """
+  _core.check_not_plain("lw.hyperparams", opt_state)
   return _keyed(_live_items(node) for node in _core.find_states(opt_state))
 
 

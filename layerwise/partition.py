@@ -178,9 +178,19 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     plan = step.plan
     assert plan.groups is not None
     out: list[Any] = [None] * len(step.updates)
+    absent = set(step.absent)
     new_states = []
     for k, (tx, inner) in enumerate(zip(txs, unpack(state))):
       group = _Group.of(plan, k)
+      if absent:
+        gone = [i for i in group.members if i in absent]
+        if gone and len(gone) == len(group.members):
+          # No gradients for the group (alternating updates): it skips its
+          # step, so its state (step count, moments) stays as it is.
+          new_states.append(inner)
+          continue
+        if gone:
+          raise _partly_absent(fn, names[k], plan, gone, len(group.members))
       # Rule sets resolved at update (a label function of optax.partition)
       # are checked against the whole model too.
       with whole_model(lambda: whole_of(plan)):
@@ -198,12 +208,25 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
         out[i] = u
       new_states.append(new_state)
     for i, g in enumerate(plan.groups):
-      if g < 0:  # frozen: exactly zero, whatever the gradient (NaN included)
+      if g < 0 and i not in absent:
+        # frozen: exactly zero, whatever the gradient (NaN included)
         out[i] = _zero_like(step.updates[i])
     return out, pack(tuple(new_states), plan)
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update)
+                     init=init, update=update, skips=True)
+
+
+def _partly_absent(fn: str, name: str, plan: _core.Plan, gone: Sequence[int],
+                   size: int) -> ValueError:
+  """The error for updates that lack some, not all, of a group's leaves."""
+  return ValueError(
+      f"{fn}: the updates hold None (or optax.MaskedNode()) for {len(gone)} "
+      f"of the {size} parameters of the optimizer of {name} "
+      f"({_diagnostics.few([plan.paths[i] for i in gone])}). A group steps "
+      "as a whole or not at all: give all of them gradients (zeros "
+      "where there are none), or None for all of them to skip its "
+      "step (its optimizer state then stays as it is).")
 
 
 # ---------------------------------------------------------------- partition
@@ -236,6 +259,13 @@ def partition(
   error. The groups are found once, from the paths, shapes and dtypes;
   nothing is matched inside ``jit``. Extra arguments of ``update`` (such as
   ``value`` for ``optax.contrib`` optimizers) are passed to every group.
+
+  A group whose gradients are all ``None`` (or ``optax.MaskedNode()``), as
+  in a GAN that steps the discriminator and the generator in turn, skips
+  its step: its transformation is not called, its state (step count
+  included) stays as it is, and its updates come back as given. This is
+  decided from the tree's structure, when ``update`` is traced. ``None``
+  for only some of a group's leaves is an error.
 
   Args:
     rules: ``{selector: transformation or None}``; see
@@ -281,6 +311,15 @@ def partition(
     'generator/**'           1       2   33.3%           16
     total                    3       6  100.0%           40
     (total state bytes include 8 not held by one parameter, such as step counts)
+
+    Alternating steps: with no gradients for the generator, only the
+    discriminator's Adam steps (and counts the step):
+
+    >>> grads = {"generator": None, "discriminator": {"w": jnp.ones(2)},
+    ...          "features": None}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> updates["generator"], [int(s[0].count) for s in state.inner_states]
+    (None, [1, 2])
 
     A Muon-style split, matrices to one optimizer and the rest to another:
 
@@ -349,6 +388,9 @@ def freeze(
   ``optax.clip_by_global_norm`` inside it measures the trainable leaves
   only; a norm computed after ``freeze`` sees zeros. To also skip their
   backward computation, apply :func:`stop_gradient` in the loss function.
+  Gradients that are ``None`` (or ``optax.MaskedNode()``) stay ``None`` in
+  the updates; when every trainable leaf's gradient is, ``inner`` skips its
+  step (its state stays as it is).
 
   Rule sets inside ``inner`` are written for the whole model: they are
   resolved on the trainable leaves but checked against every leaf, so

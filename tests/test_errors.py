@@ -126,6 +126,15 @@ def _describe_with_wrong_state() -> Any:
   return lw.describe(tx, PARAMS, opt_state=optax.sgd(0.1).init(PARAMS))
 
 
+# The state of chain(clip_by_rules, sgd, scale_by_rules) as orbax restores it
+# without a target: lists and dicts, the static rules gone.
+RESTORED_PLAIN = [{"norms": jnp.ones(4), "scales": jnp.ones(4),
+                   "thresholds": jnp.ones(4), "stats": {}, "rules": None},
+                  [{}, None],
+                  {"count": jnp.int32(1), "multipliers": jnp.ones(4),
+                   "rules": None}]
+
+
 # Fragments shared by the structure rows.
 INIT_AGAIN = "call init again with the new params"
 NOT_AT_INIT = "do not have the structure of the params given to init"
@@ -281,6 +290,17 @@ CATALOGUE = [
     Row("set-scale-typo", lambda: lw.set_scale(scale_state(), "encodr/**", 0.5),
         ValueError, ("selector 'encodr/**' matches no parameter",
                      "closest: 'encoder/**'", "Fix the selector")),
+    Row("set-scale-uncovered",
+        lambda: lw.set_scale(lw.partition({
+            "encoder/**": optax.chain(optax.sgd(0.1),
+                                      lw.scale_by_rules({"**": 1.0})),
+            "**": optax.sgd(0.1)}).init(PARAMS), "head/**", 0.5), ValueError,
+        ("selector 'head/**' matches 1 parameter(s) of the model ('head/w'), "
+         "but none that a lw.scale_by_rules covers",
+         "covers 2 parameters: 'encoder/**' (2)",
+         "the PartitionState found gives them group '**'",
+         "add a rule for them to a lw.scale_by_rules in the optimizer of "
+         "their group, or chain lw.scale_by_rules outside the partition")),
     Row("set-scale-negative",
         lambda: lw.set_scale(scale_state(), "head/**", -1),
         ValueError, ("the new multiplier is -1", "finite and >= 0")),
@@ -448,6 +468,14 @@ CATALOGUE = [
         lw.RuleError, ("rule 1: 'encodr/**'", "closest: 'encoder/**'",
                        "holds 1 of the model's 4 parameter(s)",
                        "checked against the whole model")),
+    Row("partition-group-partly-none",
+        at_update(lambda: lw.partition({"encoder/**": optax.adam(0.1),
+                                        "**": optax.sgd(0.1)}),
+                  {**PARAMS, "encoder": {"w": None, "b": jnp.ones(2)}}),
+        ValueError, ("lw.partition: the updates hold None",
+                     "for 1 of the 2 parameters of the optimizer of "
+                     "'encoder/**' ('encoder/w')",
+                     "or None for all of them to skip its step")),
     Row("freeze-inner-not-transformation",
         lambda: lw.freeze("adam", "embed"), TypeError,
         ("lw.freeze wraps an optax transformation, got str",
@@ -553,6 +581,16 @@ CATALOGUE = [
                               "multipliers": jnp.ones(4)}), TypeError,
         ("the state passed to update is a dict", "restored without a target",
          "lw.restore_state(tx.init(params), restored)")),
+    Row("norms-plain-dict-state",
+        lambda: lw.norms(RESTORED_PLAIN), TypeError,
+        ("lw.norms: opt_state is a list of plain dicts, lists and arrays, "
+         "not an optimizer state", "lw.restore_state(tx.init(params), "
+                                   "restored)")),
+    Row("set-scale-plain-dict-state",
+        lambda: lw.set_scale(RESTORED_PLAIN, "**", 0.5), TypeError,
+        ("lw.set_scale: opt_state is a list of plain dicts",
+         "restore against jax.eval_shape(tx.init, params)",
+         "lw.restore_state(tx.init(params), restored)")),
     # -------------------------------------------------------------- describe
     Row("describe-not-rules", lambda: lw.describe(0.1, PARAMS), TypeError,
         ("describe() takes a rule set", "got float")),
@@ -599,6 +637,14 @@ CATALOGUE = [
                   list(jax.tree_util.tree_leaves(PARAMS))), ValueError,
         ("lw.freeze: the updates " + NOT_AT_INIT,
          "not in the params at init: '0', '1', '2', '3'", INIT_AGAIN)),
+    Row("changed-none-gradients",
+        at_update(lambda: optax.chain(lw.clip_by_rules(
+            {"**": lw.clip_norm(1.0)}), lw.partition({"head/**": optax.adam(0.1),
+                                                      "**": optax.sgd(0.1)})),
+                  {**PARAMS, "head": None}), ValueError,
+        ("lw.clip_by_rules: the updates hold None (or optax.MaskedNode()) "
+         "for 1 parameter(s) ('head/w')", "only lw.partition and lw.freeze do",
+         "Put lw.clip_by_rules inside the optimizer of each group")),
     Row("changed-reparameterize-extra-leaf",
         at_update(lambda: lw.reparameterize(optax.adam(0.1), {"**": 0.5}),
                   EXTRA, update_params=EXTRA), ValueError,
@@ -647,7 +693,7 @@ _NO_BAD_INPUT = {
     "NO_DECAY", "AddDecayedWeightsState", "ClipByRulesState", "Description",
     "FreezeState", "MapUpdatesState", "PartitionState", "ReparameterizeState",
     "RuleError", "ScaleByRulesState", "TrackNormsState", "TransplantReport",
-    "norms", "hyperparams", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
+    "hyperparams", "paths", "DEFAULT_HEAD", "DEFAULT_STEM", "Rules", "SelectorLike",
     "Flags", "ScalarOrSchedule",
 }
 
@@ -659,6 +705,27 @@ def test_every_public_function_has_a_row():
   assert not missing, (
       f"no row of docs/errors.md is raised by {missing}: add catalogue rows "
       "for their bad input (or list them in _NO_BAD_INPUT).")
+
+
+def test_a_changed_tree_is_reported_before_the_optimizers_wrapped():
+  """lw.partition and lw.freeze check the updates before their optimizers
+  see them; in a plain chain, optax's transformations before the first
+  layerwise one fail first, with optax's error (the documented limit), and
+  a layerwise transformation placed first reports it instead."""
+  inner = lambda: optax.chain(optax.adam(0.1), lw.scale_by_rules({"**": 1.0}))
+  for make, fn in [
+      (lambda: lw.freeze(inner(), "head/**"), "lw.freeze"),
+      (lambda: lw.partition({"head/**": inner(), "**": optax.adam(0.1)}),
+       "lw.partition"),
+      (lambda: optax.chain(lw.track_norms({"**": "all"}), inner()),
+       "lw.track_norms")]:
+    for changed, detail in [(EXTRA, "not in the params at init: 'extra'"),
+                            (RESHAPED, "'embed' has shape (5, 2) now")]:
+      with pytest.raises(ValueError, match=_pattern(
+          (f"{fn}: the updates " + NOT_AT_INIT, detail, INIT_AGAIN))):
+        at_update(make, changed, update_params=changed)()
+  with pytest.raises(TypeError, match="incompatible shapes for broadcasting"):
+    at_update(inner, RESHAPED, update_params=RESHAPED)()
 
 
 # ------------------------------------------- integer leaves that pass through

@@ -9,6 +9,7 @@ setter is the same transformation built with the new value.
 
 import json
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -115,6 +116,90 @@ def test_a_schedule_is_multiplied_by_the_set_value():
     got = updates_of(tx, setter(tx.init(PARAMS), "**", 0.5))
     reference = make(lambda count: 0.5 * schedule(count))
     assert_trees_equal(got, updates_of(reference, reference.init(PARAMS)))
+
+
+@pytest.mark.parametrize("inner, setter, value, name", [
+    (lw.scale_by_rules({"**": 1.0}), lw.set_scale, 0.5, "lw.scale_by_rules"),
+    (lw.add_decayed_weights({"**": 0.1}), lw.set_weight_decay, 0.5,
+     "lw.add_decayed_weights"),
+    (lw.clip_by_rules({"**": lw.clip_norm(1.0)}), lw.set_threshold, 0.5,
+     "lw.clip_by_rules"),
+])
+def test_a_setter_says_which_states_it_found_and_what_they_cover(
+    inner, setter, value, name):
+  """The parameters exist, but the state that holds the value sits in
+  another group's optimizer: the error says so, not "fix the selector"."""
+  fn = setter.__name__
+  tx = lw.partition({"layers/**": optax.chain(inner, optax.adam(1e-3)),
+                     "**": optax.adam(1e-3)})
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError) as e:
+    setter(state, "head/**", value)
+  assert str(e.value) == (
+      f"lw.{fn}: selector 'head/**' matches 1 parameter(s) of the model "
+      f"('head/w'), but none that a {name} covers: the 1 {name} state found "
+      "covers 4 parameters: 'layers/**' (4), while the PartitionState found "
+      f"gives them group '**'. A {name} inside lw.partition or lw.freeze "
+      "sees its group's parameters only: add a rule for them to a "
+      f"{name} in the optimizer of their group, or chain {name} outside "
+      "the partition, where it covers every parameter (lw.describe(tx, "
+      "params) shows each parameter's rules).")
+  # A selector that no state knows is a typo, and the error says what the
+  # states found cover.
+  with pytest.raises(ValueError) as e:
+    setter(state, "layer/**", value)
+  assert str(e.value).startswith(
+      f"lw.{fn}: selector 'layer/**' matches no parameter (closest: "
+      f"'layers/**'"), str(e.value)
+  assert (f"The 1 {name} state found covers 4 parameters: 'layers/**' (4). "
+          "Fix the selector") in str(e.value)
+  # The same setter on the covered leaves works.
+  setter(state, "layers/**", value)
+
+
+def test_a_state_restored_without_a_target_is_named_as_such(tmp_path):
+  """orbax without a target gives plain lists and dicts back: update,
+  lw.norms and the setters say so and point to lw.restore_state, instead
+  of an AttributeError or an empty dict."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = optax.chain(lw.clip_by_rules({"**": lw.clip_norm(1.0)}),
+                   optax.sgd(0.1), lw.scale_by_rules({"**": 0.5}))
+  _, state = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", state)
+  checkpointer.wait_until_finished()
+  raw = checkpointer.restore(tmp_path / "ckpt")
+  assert isinstance(raw, list) and isinstance(raw[2], dict)
+  hint = "lw.restore_state(tx.init(params), restored)"
+  with pytest.raises(TypeError, match=re.escape(
+      "lw.clip_by_rules: the state passed to update is a dict")):
+    tx.update(GRADS, raw, PARAMS)
+  with pytest.raises(TypeError) as e:
+    lw.norms(raw)
+  assert str(e.value).startswith(
+      "lw.norms: opt_state is a list of plain dicts, lists and arrays, not "
+      "an optimizer state")
+  assert hint in str(e.value)
+  for setter, value in [(lw.set_scale, 0.1), (lw.set_threshold, 2.0)]:
+    with pytest.raises(TypeError) as e:
+      setter(raw, "**", value)
+    assert str(e.value).startswith(f"lw.{setter.__name__}: opt_state is a "
+                                   "list of plain dicts"), str(e.value)
+    assert hint in str(e.value)
+  # Restored into a state, everything reads it again.
+  state = lw.restore_state(tx.init(PARAMS), raw)
+  assert set(lw.norms(state)) == {"clip/embed/norm", "clip/embed/scale",
+                                  "clip/head/w/norm", "clip/head/w/scale",
+                                  "clip/layers/0/b/norm",
+                                  "clip/layers/0/b/scale",
+                                  "clip/layers/0/w/norm",
+                                  "clip/layers/0/w/scale",
+                                  "clip/layers/1/b/norm",
+                                  "clip/layers/1/b/scale",
+                                  "clip/layers/1/w/norm",
+                                  "clip/layers/1/w/scale"}
+  # An optimizer state that tracks no norms still reads as none.
+  assert lw.norms(optax.adam(0.1).init(PARAMS)) == {}
 
 
 def test_describe_shows_what_the_state_holds():

@@ -156,6 +156,71 @@ def test_extra_args_reach_every_group():
   np.testing.assert_array_equal(updates["b"], [-1.0, -1.0, -1.0])
 
 
+def _absent_as(form, tree):
+  """``tree``'s gradients left out, as a user writes it: the subtree ``None``,
+  each leaf ``None``, or ``optax.MaskedNode()`` (as ``optax.partition``
+  writes it)."""
+  if form == "subtree":
+    return None
+  if form == "leaves":
+    return jax.tree_util.tree_map(lambda _: None, tree)
+  return optax.MaskedNode()
+
+
+@pytest.mark.parametrize("form", ["subtree", "leaves", "masked"])
+def test_alternating_gan_steps_equal_two_separate_adams(form):
+  """D, G, D, G with one state: the idle group gets no gradients and skips
+  its step, as two optax.adam states stepped on their own turns only."""
+  tx = lw.partition({"generator/**": optax.adam(1e-3),
+                     "discriminator/**": optax.adam(2e-4)})
+  state = tx.init(GAN)
+  # The references: optax.adam on each group's tree alone (nested dicts of
+  # its paths, the tree each group's optimizer sees).
+  refs = {"generator": optax.adam(1e-3), "discriminator": optax.adam(2e-4)}
+  ref_states = {n: refs[n].init({n: GAN[n]}) for n in refs}
+  ours, ref = GAN, GAN
+  step = jax.jit(tx.update)
+  for k, turn in enumerate(["discriminator", "generator"] * 2):
+    idle = "generator" if turn == "discriminator" else "discriminator"
+    g = grads_at(ours, k)
+    grads = {turn: g[turn], idle: _absent_as(form, g[idle])}
+    updates, state = step(grads, state, ours)
+    # The idle group's updates come back as given: None stays None.
+    assert (jax.tree_util.tree_structure(updates[idle])
+            == jax.tree_util.tree_structure(grads[idle]))
+    ours = {turn: optax.apply_updates(ours[turn], updates[turn]),
+            idle: ours[idle]}
+    u, ref_states[turn] = jax.jit(refs[turn].update)(
+        {turn: grads_at(ref, k)[turn]}, ref_states[turn])
+    ref = {**ref, turn: optax.apply_updates(ref[turn], u[turn])}
+  chex.assert_trees_all_equal(ours, ref)
+  # Each inner state (counts and moments) as if stepped on its turns only.
+  chex.assert_trees_all_equal(
+      state.inner_states,
+      (ref_states["generator"], ref_states["discriminator"]))
+  assert [int(s[0].count) for s in state.inner_states] == [2, 2]
+
+
+def test_freeze_skips_the_step_without_trainable_gradients():
+  tx = lw.freeze(optax.adam(1e-2), "discriminator/**")
+  state = tx.init(GAN)
+  g = grads_at(GAN, 0)
+  # No gradient for the trainable leaves: the inner adam does not step.
+  updates, skipped = jax.jit(tx.update)({**g, "generator": None}, state)
+  assert updates["generator"] is None
+  chex.assert_trees_all_equal(updates["discriminator"], jax.tree_util.tree_map(
+      jnp.zeros_like, g["discriminator"]))
+  chex.assert_trees_all_equal(skipped, state)
+  # None for the frozen leaves: the trainable ones step as adam alone.
+  updates, state = jax.jit(tx.update)({**g, "discriminator": None}, state)
+  assert updates["discriminator"] is None
+  ref = optax.adam(1e-2)
+  expected, ref_state = jax.jit(ref.update)(
+      {"generator": g["generator"]}, ref.init({"generator": GAN["generator"]}))
+  chex.assert_trees_all_equal(updates["generator"], expected["generator"])
+  chex.assert_trees_all_equal(state.inner_state, ref_state)
+
+
 def test_partition_errors():
   with pytest.raises(TypeError, match=r"lw.partition: rule 'generator/\*\*' "
                      r"has value 0.1 \(float\); each value must be an optax "
