@@ -70,6 +70,19 @@ def _rates(fn: str, step: _core.Step, vector: Any,
     out.append(rate.astype(dtype))
   return out
 
+
+def _scaled(update: Any, rate: Any) -> Any:
+  """``update * rate``, exactly zero where the rate is 0 (``0 * nan`` is
+  NaN): the rate is a runtime value, so the zero is a select, in the same
+  kernel as the product (leaves of one shape still share it)."""
+  return jnp.where(rate == 0, jnp.zeros((), rate.dtype), update * rate)
+
+
+def _decayed(update: Any, param: Any, weight_decay: Any) -> Any:
+  """``update + weight_decay * param``, the update itself where the weight
+  decay is 0 (a NaN or inf param does not reach it)."""
+  return jnp.where(weight_decay == 0, update, update + weight_decay * param)
+
 # ---------------------------------------------------------------- scale_by_rules
 
 
@@ -185,7 +198,8 @@ def scale_by_rules(
   def update(step: _core.Step, state: ScaleByRulesState
              ) -> tuple[list[Any], ScaleByRulesState]:
     rates = _rates(fn, step, state.multipliers, state.count)
-    out = [u if m is None else u * m for u, m in zip(step.updates, rates)]
+    out = [u if m is None else _scaled(u, m)
+           for u, m in zip(step.updates, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
@@ -382,7 +396,7 @@ def add_decayed_weights(
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
     rates = _rates(fn, step, state.weight_decays, state.count)
-    out = [u if wd is None else u + wd * p
+    out = [u if wd is None else _decayed(u, p, wd)
            for u, p, wd in zip(step.updates, step.params, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 

@@ -478,3 +478,83 @@ def test_describe_chain_reads_rules_without_allocating():
   assert d.shared_state_bytes == 4 + 4 + 4 * 4
   assert [(t["value"], t["leaves"]) for t in d.totals()] == [
       (0.5, 2), (sched, 1), (1.0, 1)]
+
+
+# ------------------------------------------------- a zero is an exact zero
+
+# A model with blocks, for layer_decay; layers_0/w is the leaf whose factor
+# is 0, and its gradient is NaN and inf.
+DEEP = {"embed": jnp.full((2, 2), 0.5), "layers_0": {"w": jnp.full((2, 2), 0.5)},
+        "layers_1": {"w": jnp.full((2, 2), 0.5)}, "head": {"w": jnp.ones(2)}}
+BAD = jnp.array([[jnp.nan, jnp.inf], [-jnp.inf, 1.0]])
+
+
+# Each leaf's multiplier at the first two steps, but for layer_decay.
+ONE_ZERO = {"embed": 1.0, "layers_0/w": 0.0, "layers_1/w": 1.0, "head/w": 1.0}
+
+
+def _zero_by_rule():
+  return lw.scale_by_rules({"layers_0/**": 0.0, "**": 1.0}), None, ONE_ZERO
+
+
+def _zero_by_set_scale():
+  return (lw.scale_by_rules({"**": 1.0}),
+          lambda state: lw.set_scale(state, "layers_0/**", 0.0), ONE_ZERO)
+
+
+def _zero_by_schedule():
+  return lw.scale_by_rules({"layers_0/**": lambda count: jnp.where(
+      count < 5, 0.0, 1.0), "**": 1.0}), None, ONE_ZERO
+
+
+def _zero_by_layer_decay():
+  # 0.5 ** 2 = 0.25 (layers_0) and 0.125 (embed) are below 0.3: frozen.
+  rules = lw.layer_decay(0.5, DEEP, freeze_below=0.3)
+  return lw.scale_by_rules(rules), None, {
+      "embed": 0.0, "layers_0/w": 0.0, "layers_1/w": 0.5, "head/w": 1.0}
+
+
+@pytest.mark.parametrize("make", [_zero_by_rule, _zero_by_set_scale,
+                                  _zero_by_schedule, _zero_by_layer_decay],
+                         ids=["rule", "set_scale", "schedule", "layer_decay"])
+def test_a_zero_multiplier_gives_exact_zeros_for_nan_and_inf(make):
+  # 0 * nan is nan: the zero must be decided at run time, from the factor.
+  scale, setup, factor = make()
+  tx = optax.chain(optax.adam(0.1), scale)
+  ref = optax.adam(0.1)  # elementwise: the other leaves' updates are its
+  state, ref_state = tx.init(DEEP), ref.init(DEEP)
+  if setup is not None:
+    state = setup(state)
+  params = DEEP
+  grads = jax.tree_util.tree_map(jnp.ones_like, DEEP)
+  grads["layers_0"]["w"] = BAD
+  for _ in range(2):  # the second step: Adam's moments of layers_0/w are NaN
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    expected, ref_state = jax.jit(ref.update)(grads, ref_state, params)
+    for path, u in flat(updates).items():
+      if factor[path] == 0.0:
+        np.testing.assert_array_equal(u, np.zeros_like(u), err_msg=path)
+      else:
+        np.testing.assert_array_equal(u, flat(expected)[path] * factor[path],
+                                      err_msg=path)
+    new_params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new_params["layers_0"]["w"],
+                                  DEEP["layers_0"]["w"])
+    params = new_params
+  # The layerwise state holds nothing the gradients reach: it stays finite.
+  assert all(bool(jnp.all(jnp.isfinite(x)))
+             for x in jax.tree_util.tree_leaves(state[1]))
+
+
+def test_a_zero_weight_decay_leaves_the_update_as_it_is():
+  # 0 * nan is nan: a NaN or inf param with weight decay 0 (by its rule or
+  # set between steps) must not reach its update.
+  params = {"a": BAD, "b": BAD, "c": jnp.ones((2, 2))}
+  grads = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, 0.25), params)
+  tx = lw.add_decayed_weights({"a": 0.0, "**": 0.1})
+  state = lw.set_weight_decay(tx.init(params), "b", 0.0)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_array_equal(updates["a"], grads["a"])
+  np.testing.assert_array_equal(updates["b"], grads["b"])
+  ref, _ = optax.add_decayed_weights(0.1).update(grads, None, params)
+  np.testing.assert_array_equal(updates["c"], ref["c"])
