@@ -13,7 +13,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from layerwise import _core, _validate
@@ -34,6 +33,49 @@ def _rate_rules(fn: str, rules: Rules, default: Any,
   if default is not MISSING:
     default = _validate.rate(fn, f"default has {what}", default, what)
   return rule_set, default
+
+
+def _unchanged(fn: str, rule_set: RuleSet, default: Any,
+               what: str) -> Any:
+  """A check, for ``update``, that the state's plan was made from these
+  rules: ``plan -> None``, run once per plan.
+
+  A state keeps the rates it was initialised with, in its vector. A
+  transformation rebuilt with other values and given that state would
+  silently keep the old ones: that is what ``optax.inject_hyperparams``
+  does with a changed ``default`` (it rebuilds the transformation at every
+  update, with the hyperparameters as arrays, concrete outside ``jit``).
+  """
+  texts = [c.text for c in rule_set.selectors]
+  given = {t: v for t, v in zip(texts, rule_set.values)
+           if texts.count(t) == 1}
+  if default is not MISSING:
+    given["(default)"] = default
+  checked: set[_core.Plan] = set()
+
+  def check(plan: _core.Plan) -> None:
+    if plan in checked:
+      return
+    for path, text, value in zip(plan.paths, plan.rule_texts, plan.values):
+      if text not in given or given[text] is value:
+        continue
+      if (_validate.is_schedule(value) or _validate.is_schedule(given[text])
+          or value != given[text]):
+        name = "default" if text == "(default)" else f"rule {text}"
+        shown = lambda v: "a schedule" if _validate.is_schedule(v) else repr(v)
+        raise ValueError(
+            f"{fn}: the {what} of {name} is {shown(given[text])} in this "
+            f"transformation, but the state was initialised with "
+            f"{shown(value)} (parameter {path!r}), and keeps it: the new "
+            f"value would not apply. Under optax.inject_hyperparams, which "
+            "rebuilds the transformation with the changed hyperparameter "
+            "and the old state, list it in static_args (static_args=("
+            f"'default',)) and change {what}s between steps with "
+            f"{_validate.SETTERS[what]}; otherwise, pass the state made by "
+            "this transformation's init.")
+    checked.add(plan)
+
+  return check
 
 
 def _check_dtypes(fn: str, res: Resolution, what: str, neutral: float,
@@ -186,6 +228,7 @@ def scale_by_rules(
   """
   fn = "lw.scale_by_rules"
   rule_set, default = _rate_rules(fn, rules, default, "multiplier")
+  unchanged = _unchanged(fn, rule_set, default, "multiplier")
 
   def init(res: Resolution, params: list[Any]) -> ScaleByRulesState:
     del params
@@ -197,6 +240,7 @@ def scale_by_rules(
 
   def update(step: _core.Step, state: ScaleByRulesState
              ) -> tuple[list[Any], ScaleByRulesState]:
+    unchanged(step.plan)
     rates = _rates(fn, step, state.multipliers, state.count)
     out = [u if m is None else _scaled(u, m)
            for u, m in zip(step.updates, rates)]
@@ -260,12 +304,10 @@ def _live_number(fn: str, value: Any, what: str, builder: str) -> Any:
         f"transformation's structure. Build {builder} with the schedule "
         f"instead (for a leaf whose rule is a schedule, the {what} set here "
         "multiplies it).")
-  _validate.live_array(fn, value)
+  value = _validate.live_value(fn, value)
   if isinstance(value, jax.core.Tracer):
     return value
-  concrete = float(value) if isinstance(value, (jax.Array, np.ndarray)) else value
-  _validate.rate(fn, f"the new {what} is", concrete, what)
-  return value
+  return _validate.rate(fn, f"the new {what} is", value, what)
 
 # ------------------------------------------------------- add_decayed_weights
 
@@ -383,6 +425,7 @@ def add_decayed_weights(
   """
   fn = "lw.add_decayed_weights"
   rule_set, default = _rate_rules(fn, rules, default, "weight decay")
+  unchanged = _unchanged(fn, rule_set, default, "weight decay")
 
   def init(res: Resolution, params: list[Any]) -> AddDecayedWeightsState:
     del params
@@ -395,6 +438,7 @@ def add_decayed_weights(
   def update(step: _core.Step, state: AddDecayedWeightsState
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
+    unchanged(step.plan)
     rates = _rates(fn, step, state.weight_decays, state.count)
     out = [u if wd is None else _decayed(u, p, wd)
            for u, p, wd in zip(step.updates, step.params, rates)]
