@@ -326,6 +326,10 @@ def freeze(
   ``optax.clip_by_global_norm`` inside it measures the trainable leaves
   only; a norm computed after ``freeze`` sees zeros. To also skip their
   backward computation, apply :func:`stop_gradient` in the loss function.
+  ``optax.apply_if_finite`` goes inside too,
+  ``freeze(optax.apply_if_finite(inner, k), frozen)``: a wrapper around
+  ``freeze`` sees every gradient, so it would count the frozen leaves' NaN
+  gradients as non-finite steps, and stop protecting after ``k`` of them.
 
   To unfreeze a group later without recompiling, or to warm it up, use a
   multiplier of 0 in :func:`layerwise.scale_by_rules` instead: the inner

@@ -177,7 +177,9 @@ def scale_by_rules(
   schedule), evaluated at the number of updates made so far (0 at the first
   update, as ``optax.scale_by_schedule``), so a group can warm up, decay or
   unfreeze on its own clock while the optimizer keeps the global schedule.
-  A multiplier of 0 gives a zero update; the inner optimizer still keeps
+  A multiplier of 0 gives an update of exactly zero, whatever the update
+  it is given (NaN and inf included), whether it is the rule's, set by
+  :func:`set_scale` or a schedule's value; the inner optimizer still keeps
   (and updates) its state for that group, which is what gradual unfreezing
   needs: moments are warm when the multiplier becomes positive.
 
@@ -356,8 +358,8 @@ def add_decayed_weights(
 
   Per-group weight decay, as PyTorch param groups give it: the update of
   leaf ``p`` becomes ``u + wd_g * p``, with ``wd_g`` the coefficient of the
-  first rule that matches ``p`` (0 leaves the update as it is). With one
-  rule it is ``optax.add_decayed_weights``.
+  first rule that matches ``p`` (0 leaves the update as it is, even for a
+  NaN or inf param). With one rule it is ``optax.add_decayed_weights``.
 
   Where it sits in the chain decides which weight decay it is:
 
