@@ -9,6 +9,7 @@ are built by :mod:`layerwise.layer_rates`.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
@@ -46,12 +47,15 @@ def _unchanged(fn: str, rule_set: RuleSet, default: Any,
   does with a changed ``default`` (it rebuilds the transformation at every
   update, with the hyperparameters as arrays, concrete outside ``jit``).
   """
-  texts = [c.text for c in rule_set.selectors]
-  given = {t: v for t, v in zip(texts, rule_set.values)
-           if texts.count(t) == 1}
+  texts = collections.Counter(c.text for c in rule_set.selectors)
+  given = {c.text: v for c, v in zip(rule_set.selectors, rule_set.values)
+           if texts[c.text] == 1}  # a text two rules share tells nothing
   if default is not MISSING:
     given["(default)"] = default
   checked: set[_core.Plan] = set()
+
+  def shown(v: Any) -> str:
+    return "a schedule" if _validate.is_schedule(v) else repr(v)
 
   def check(plan: _core.Plan) -> None:
     if plan in checked:
@@ -62,17 +66,18 @@ def _unchanged(fn: str, rule_set: RuleSet, default: Any,
       if (_validate.is_schedule(value) or _validate.is_schedule(given[text])
           or value != given[text]):
         name = "default" if text == "(default)" else f"rule {text}"
-        shown = lambda v: "a schedule" if _validate.is_schedule(v) else repr(v)
+        static = ("list default in static_args (static_args=('default',))"
+                  if text == "(default)" else
+                  "list the argument that holds it in static_args")
         raise ValueError(
             f"{fn}: the {what} of {name} is {shown(given[text])} in this "
             f"transformation, but the state was initialised with "
             f"{shown(value)} (parameter {path!r}), and keeps it: the new "
-            f"value would not apply. Under optax.inject_hyperparams, which "
+            "value would not apply. Under optax.inject_hyperparams, which "
             "rebuilds the transformation with the changed hyperparameter "
-            "and the old state, list it in static_args (static_args=("
-            f"'default',)) and change {what}s between steps with "
-            f"{_validate.SETTERS[what]}; otherwise, pass the state made by "
-            "this transformation's init.")
+            f"and the old state, {static} and change {what}s between steps "
+            f"with {_validate.SETTERS[what]}; otherwise, pass the state made "
+            "by this transformation's init.")
     checked.add(plan)
 
   return check

@@ -641,6 +641,15 @@ def test_a_default_changed_under_inject_hyperparams_is_an_error():
     tx.update(params, state)
   with pytest.raises(TypeError, match="It is a traced value"):
     jax.jit(tx.update)(params, state)
+  # A rule's value, from an argument of a factory: the same.
+  tx = optax.inject_hyperparams(
+      lambda m: lw.scale_by_rules({"head": m, "**": 1.0}))(m=0.5)
+  state = tx.init(params)
+  state.hyperparams["m"] = jnp.asarray(0.25)
+  with pytest.raises(ValueError, match=re.escape(
+      "the multiplier of rule 'head' is 0.25 in this transformation, but the "
+      "state was initialised with 0.5 (parameter 'head')")):
+    tx.update(params, state)
   # The recipe the messages give: default static, multipliers set.
   tx = optax.inject_hyperparams(lw.scale_by_rules, static_args=("default",))(
       {"head": 0.5}, default=1.0)
