@@ -5,9 +5,10 @@ value follows the same rules everywhere and every message has one shape:
 ``"lw.<function>: <what> must be <requirement>, got <value>. <advice>"``.
 
 * A *number* is a concrete real scalar: a Python ``int`` or ``float``, a NumPy
-  scalar or a 0-d NumPy or JAX array (``jnp.float32(0.5)``). ``bool`` is not a
-  number, nor is a traced value (a hyperparameter must be known when the
-  transformation is built).
+  scalar or a 0-d NumPy or JAX array (``jnp.float32(0.5)``), the same for every
+  value a user gives (multipliers, weight decays, thresholds, the values of
+  the setters). ``bool`` and complex numbers are not numbers, nor is a traced
+  value (a hyperparameter must be known when the transformation is built).
 * A *schedule* is a callable ``count -> number``, such as any optax schedule.
 * Rules that change a leaf's update apply to inexact leaves (floating point
   and complex). An integer or bool leaf (a step counter, a mask) is refused
@@ -37,6 +38,33 @@ def _is_traced(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
+def _traced_error(fn: str, name: str) -> TypeError:
+  return TypeError(
+      f"{fn}: {name} must be a concrete number, got a traced value (inside "
+      "jax.jit or a transformation). Give the number when the "
+      "transformation is built; values that change between steps live in "
+      "the optimizer state.")
+
+
+def _real_problem(value: Any) -> str | None:
+  """Why a concrete ``value`` is not a real number (``None`` if it is): the
+  one definition of a number, for every check below."""
+  if isinstance(value, (bool, np.bool_)):
+    return "bool"
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if value.shape != ():
+      return "shape"
+    dtype = value.dtype
+  elif isinstance(value, (int, float, np.number)):
+    dtype = np.result_type(value)
+  else:
+    return "type"
+  if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype,
+                                                           jnp.integer):
+    return None
+  return "dtype"
+
+
 def real(fn: str, name: str, value: Any, *, schedule_hint: str = "") -> float:
   """``value`` as a Python float, or a ``TypeError`` that says why not.
 
@@ -44,23 +72,17 @@ def real(fn: str, name: str, value: Any, *, schedule_hint: str = "") -> float:
   is not allowed, it says what to use instead).
   """
   if _is_traced(value):
-    raise TypeError(
-        f"{fn}: {name} must be a concrete number, got a traced value (inside "
-        "jax.jit or a transformation). Give the number when the "
-        "transformation is built; values that change between steps live in "
-        "the optimizer state.")
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, float, np.number, np.ndarray, jax.Array)):
+    raise _traced_error(fn, name)
+  problem = _real_problem(value)
+  if problem in ("bool", "type"):
     hint = schedule_hint if callable(value) else ""
     raise TypeError(f"{fn}: {name} must be a number, got {value!r} "
                     f"({type(value).__name__}).{hint}")
-  if isinstance(value, (np.ndarray, jax.Array)):
-    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
-                                 or jnp.issubdtype(value.dtype, jnp.integer)):
-      raise TypeError(
-          f"{fn}: {name} must be a number (a real scalar), got an array of "
-          f"shape {value.shape} and dtype {value.dtype}.")
-  elif isinstance(value, np.complexfloating):
+  if problem is not None and isinstance(value, (np.ndarray, jax.Array)):
+    raise TypeError(
+        f"{fn}: {name} must be a number (a real scalar), got an array of "
+        f"shape {value.shape} and dtype {value.dtype}.")
+  if problem is not None:
     raise TypeError(f"{fn}: {name} must be a real number, got {value!r}.")
   return float(value)
 
@@ -149,45 +171,60 @@ def schedule(where: str, value: Any) -> Any:
   return value
 
 
+#: The setter of each kind of rate, for the messages.
+SETTERS = {"multiplier": "lw.set_scale",
+           "weight decay": "lw.set_weight_decay"}
+
+
 def rate(fn: str, where: str, value: Any, what: str) -> Any:
   """A multiplier or a weight decay: a finite number >= 0 or a schedule.
 
   ``where`` names the value up to it (``"rule 'head/**' has multiplier"``).
-  Arrays are refused, even concrete ones: ``optax.inject_hyperparams``
-  turns number arguments into arrays, and a rate given so would be frozen
-  into the compiled step while looking settable.
+  A number is any concrete real scalar (``0.5``, ``np.float32(0.5)``,
+  ``jnp.float32(0.5)``); it is returned as a Python float. A traced value
+  is refused: ``optax.inject_hyperparams`` turns number arguments into
+  arrays, traced in a jitted step, and a rate given so would be frozen into
+  the state at ``init`` while looking settable.
   """
   where = f"{fn}: {where}"
   if is_schedule(value):
     return schedule(where, value)
-  if isinstance(value, (bool, np.bool_)) or not isinstance(
-      value, (int, float, np.number)):
+  problem = "traced" if _is_traced(value) else _real_problem(value)
+  if problem is not None:
     hint = ""
     if getattr(value, "is_clipper", False):
       hint = " A clipper goes in lw.clip_by_rules."
     elif isinstance(value, optax.GradientTransformation):
       hint = " An optimizer per group goes in lw.partition."
-    elif isinstance(value, (jax.Array, np.ndarray)):
-      hint = (f" {what[0].upper()}{what[1:]}s live in the optimizer state, "
-              "as numbers given here: change them between steps with "
-              "lw.set_scale. Under optax.inject_hyperparams, which turns "
-              "number arguments into arrays, list them in static_args "
+    elif problem == "traced":
+      hint = (f" It is a traced value (inside jax.jit or a transformation): "
+              f"{what}s live in the optimizer state, as numbers given when "
+              "the transformation is built; change them between steps with "
+              f"{SETTERS[what]}. Under "
+              "optax.inject_hyperparams, which turns number arguments into "
+              "arrays, list them in static_args "
               "(static_args=('default',)).")
+    elif problem == "shape":
+      hint = (f" It is an array of shape {value.shape}: each rule's {what} "
+              "is one number; write one rule per group for different "
+              "values.")
     raise TypeError(
         f"{where} {value!r} ({type(value).__name__}); a "
         f"{what} is a number or a schedule (count -> number), such as "
         "optax.linear_schedule(0.0, 1.0, 1000)." + hint)
-  if not math.isfinite(value) or value < 0:
+  x = float(value)
+  shown = value if isinstance(value, (int, float)) else x
+  if not math.isfinite(x) or x < 0:
     hint = (" (0 gives a zero update; to freeze leaves without optimizer "
             "state, use lw.freeze)" if what == "multiplier" else "")
-    raise ValueError(f"{where} {value!r}; a {what} must be finite and "
+    raise ValueError(f"{where} {shown!r}; a {what} must be finite and "
                      f">= 0{hint}.")
-  return float(value)
+  return x
 
 
 def live_array(fn: str, value: Any) -> None:
   """Raises for an array that cannot be a new value of a state vector's
-  entries: only a real scalar can."""
+  entries: only a real scalar can (traced or not)."""
   if isinstance(value, (jax.Array, np.ndarray)) and (
       value.shape != () or not (jnp.issubdtype(value.dtype, jnp.floating)
                                 or jnp.issubdtype(value.dtype, jnp.integer))):
@@ -196,6 +233,16 @@ def live_array(fn: str, value: Any) -> None:
         f"array of shape {value.shape} and dtype {value.dtype}. Each "
         f"leaf's value is one number; call {fn.removeprefix('lw.')} once per "
         "group for different values.")
+
+
+def live_value(fn: str, value: Any) -> Any:
+  """A new value for a state vector's entries (a setter's ``value``): a
+  traced real scalar as it is (a setter may run inside a jitted function),
+  any other as a Python float, checked to be a real number."""
+  live_array(fn, value)
+  if _is_traced(value):
+    return value
+  return real(fn, "value", value)
 
 
 def schedule_value(fn: str, value: Any, count: jax.Array, text: str,

@@ -27,7 +27,6 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from layerwise import _core, _norms, _validate
@@ -970,10 +969,9 @@ def set_threshold(opt_state: PyTree, selector: SelectorLike,
     Array([1.5, 2. ], dtype=float32)
   """
   fn = "lw.set_threshold"
-  _validate.live_array(fn, value)
+  value = _validate.live_value(fn, value)
   if not isinstance(value, jax.core.Tracer):
-    concrete = float(value) if isinstance(value, (jax.Array, np.ndarray)) \
-        else value
+    concrete = value
     for node in _core.find_states(opt_state):
       if not isinstance(node, ClipByRulesState):
         continue

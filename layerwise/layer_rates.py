@@ -292,9 +292,10 @@ def layer_decay(
     freeze_below: if given, a depth whose multiplier (after ``min_scale``)
       is below it gets 0.0: its parameters are frozen (timm's
       ``no_opt_scale``). In ``[0, 1]``; the head is never frozen. A
-      multiplier of 0.0 gives a zero update (weight decay included, when
-      ``scale_by_rules`` comes last in the chain) but the inner optimizer
-      still holds state for those leaves.
+      multiplier of 0.0 gives an update of exactly zero, NaN gradients
+      included (weight decay included, when ``scale_by_rules`` comes last
+      in the chain) but the inner optimizer still holds state for those
+      leaves.
 
   Returns:
     A rule set: a list of ``(selector, multiplier)`` pairs, one per depth

@@ -388,6 +388,11 @@ def freeze(
   ``optax.clip_by_global_norm`` inside it measures the trainable leaves
   only; a norm computed after ``freeze`` sees zeros. To also skip their
   backward computation, apply :func:`stop_gradient` in the loss function.
+  ``optax.apply_if_finite`` goes inside too,
+  ``freeze(optax.apply_if_finite(inner, k), frozen)``: a wrapper around
+  ``freeze`` sees every gradient, so it would count the frozen leaves' NaN
+  gradients as non-finite steps, and stop protecting after ``k`` of them.
+
   Gradients that are ``None`` (or ``optax.MaskedNode()``) stay ``None`` in
   the updates; when every trainable leaf's gradient is, ``inner`` skips its
   step (its state stays as it is).

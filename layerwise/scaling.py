@@ -9,11 +9,11 @@ are built by :mod:`layerwise.layer_rates`.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from layerwise import _core, _validate
@@ -34,6 +34,53 @@ def _rate_rules(fn: str, rules: Rules, default: Any,
   if default is not MISSING:
     default = _validate.rate(fn, f"default has {what}", default, what)
   return rule_set, default
+
+
+def _unchanged(fn: str, rule_set: RuleSet, default: Any,
+               what: str) -> Any:
+  """A check, for ``update``, that the state's plan was made from these
+  rules: ``plan -> None``, run once per plan.
+
+  A state keeps the rates it was initialised with, in its vector. A
+  transformation rebuilt with other values and given that state would
+  silently keep the old ones: that is what ``optax.inject_hyperparams``
+  does with a changed ``default`` (it rebuilds the transformation at every
+  update, with the hyperparameters as arrays, concrete outside ``jit``).
+  """
+  texts = collections.Counter(c.text for c in rule_set.selectors)
+  given = {c.text: v for c, v in zip(rule_set.selectors, rule_set.values)
+           if texts[c.text] == 1}  # a text two rules share tells nothing
+  if default is not MISSING:
+    given["(default)"] = default
+  checked: set[_core.Plan] = set()
+
+  def shown(v: Any) -> str:
+    return "a schedule" if _validate.is_schedule(v) else repr(v)
+
+  def check(plan: _core.Plan) -> None:
+    if plan in checked:
+      return
+    for path, text, value in zip(plan.paths, plan.rule_texts, plan.values):
+      if text not in given or given[text] is value:
+        continue
+      if (_validate.is_schedule(value) or _validate.is_schedule(given[text])
+          or value != given[text]):
+        name = "default" if text == "(default)" else f"rule {text}"
+        static = ("list default in static_args (static_args=('default',))"
+                  if text == "(default)" else
+                  "list the argument that holds it in static_args")
+        raise ValueError(
+            f"{fn}: the {what} of {name} is {shown(given[text])} in this "
+            f"transformation, but the state was initialised with "
+            f"{shown(value)} (parameter {path!r}), and keeps it: the new "
+            "value would not apply. Under optax.inject_hyperparams, which "
+            "rebuilds the transformation with the changed hyperparameter "
+            f"and the old state, {static} and change {what}s between steps "
+            f"with {_validate.SETTERS[what]}; otherwise, pass the state made "
+            "by this transformation's init.")
+    checked.add(plan)
+
+  return check
 
 
 def _check_dtypes(fn: str, res: Resolution, what: str, neutral: float,
@@ -69,6 +116,19 @@ def _rates(fn: str, step: _core.Step, vector: Any,
           fn, value, count, step.plan.rule_texts[i], step.plan.paths[i])
     out.append(rate.astype(dtype))
   return out
+
+
+def _scaled(update: Any, rate: Any) -> Any:
+  """``update * rate``, exactly zero where the rate is 0 (``0 * nan`` is
+  NaN): the rate is a runtime value, so the zero is a select, in the same
+  kernel as the product (leaves of one shape still share it)."""
+  return jnp.where(rate == 0, jnp.zeros((), rate.dtype), update * rate)
+
+
+def _decayed(update: Any, param: Any, weight_decay: Any) -> Any:
+  """``update + weight_decay * param``, the update itself where the weight
+  decay is 0 (a NaN or inf param does not reach it)."""
+  return jnp.where(weight_decay == 0, update, update + weight_decay * param)
 
 # ---------------------------------------------------------------- scale_by_rules
 
@@ -122,7 +182,9 @@ def scale_by_rules(
   schedule), evaluated at the number of updates made so far (0 at the first
   update, as ``optax.scale_by_schedule``), so a group can warm up, decay or
   unfreeze on its own clock while the optimizer keeps the global schedule.
-  A multiplier of 0 gives a zero update; the inner optimizer still keeps
+  A multiplier of 0 gives an update of exactly zero, whatever the update
+  it is given (NaN and inf included), whether it is the rule's, set by
+  :func:`set_scale` or a schedule's value; the inner optimizer still keeps
   (and updates) its state for that group, which is what gradual unfreezing
   needs: moments are warm when the multiplier becomes positive.
 
@@ -173,6 +235,7 @@ def scale_by_rules(
   """
   fn = "lw.scale_by_rules"
   rule_set, default = _rate_rules(fn, rules, default, "multiplier")
+  unchanged = _unchanged(fn, rule_set, default, "multiplier")
 
   def init(res: Resolution, params: list[Any]) -> ScaleByRulesState:
     del params
@@ -184,8 +247,10 @@ def scale_by_rules(
 
   def update(step: _core.Step, state: ScaleByRulesState
              ) -> tuple[list[Any], ScaleByRulesState]:
+    unchanged(step.plan)
     rates = _rates(fn, step, state.multipliers, state.count)
-    out = [u if m is None else u * m for u, m in zip(step.updates, rates)]
+    out = [u if m is None else _scaled(u, m)
+           for u, m in zip(step.updates, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
@@ -246,12 +311,10 @@ def _live_number(fn: str, value: Any, what: str, builder: str) -> Any:
         f"transformation's structure. Build {builder} with the schedule "
         f"instead (for a leaf whose rule is a schedule, the {what} set here "
         "multiplies it).")
-  _validate.live_array(fn, value)
+  value = _validate.live_value(fn, value)
   if isinstance(value, jax.core.Tracer):
     return value
-  concrete = float(value) if isinstance(value, (jax.Array, np.ndarray)) else value
-  _validate.rate(fn, f"the new {what} is", concrete, what)
-  return value
+  return _validate.rate(fn, f"the new {what} is", value, what)
 
 # ------------------------------------------------------- add_decayed_weights
 
@@ -300,8 +363,8 @@ def add_decayed_weights(
 
   Per-group weight decay, as PyTorch param groups give it: the update of
   leaf ``p`` becomes ``u + wd_g * p``, with ``wd_g`` the coefficient of the
-  first rule that matches ``p`` (0 leaves the update as it is). With one
-  rule it is ``optax.add_decayed_weights``.
+  first rule that matches ``p`` (0 leaves the update as it is, even for a
+  NaN or inf param). With one rule it is ``optax.add_decayed_weights``.
 
   Where it sits in the chain decides which weight decay it is:
 
@@ -369,6 +432,7 @@ def add_decayed_weights(
   """
   fn = "lw.add_decayed_weights"
   rule_set, default = _rate_rules(fn, rules, default, "weight decay")
+  unchanged = _unchanged(fn, rule_set, default, "weight decay")
 
   def init(res: Resolution, params: list[Any]) -> AddDecayedWeightsState:
     del params
@@ -381,8 +445,9 @@ def add_decayed_weights(
   def update(step: _core.Step, state: AddDecayedWeightsState
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
+    unchanged(step.plan)
     rates = _rates(fn, step, state.weight_decays, state.count)
-    out = [u if wd is None else u + wd * p
+    out = [u if wd is None else _decayed(u, p, wd)
            for u, p, wd in zip(step.updates, step.params, rates)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 

@@ -713,3 +713,24 @@ def test_clip_value_refuses_complex_leaves_and_scaling_takes_them():
   with pytest.raises(TypeError, match="only floating point and complex leaves"):
     lw.clip_by_rules({"**": lw.clip_norm(1.0)}).init(
         {"n": jnp.zeros(2, jnp.int32)})
+
+
+@pytest.mark.parametrize("kind", [float, np.float32, np.array, jnp.float32],
+                         ids=["float", "np.float32", "np-0d", "jnp.float32"])
+def test_thresholds_take_any_concrete_real_scalar(kind):
+  grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([3.0, 4.0])}
+  tx = lw.clip_by_rules({"a": lw.clip_norm(kind(2.5)),
+                         "b": lw.clip_value(kind(1.0))})
+  state = tx.init(grads)
+  updates, _ = jax.jit(tx.update)(grads, state)
+  np.testing.assert_allclose(updates["a"], [1.5, 2.0], rtol=1e-6)
+  np.testing.assert_array_equal(updates["b"], [1.0, 1.0])
+  state = lw.set_threshold(state, "a", kind(1.0))
+  updates, _ = jax.jit(tx.update)(grads, state)
+  np.testing.assert_allclose(updates["a"], [0.6, 0.8], rtol=1e-6)
+  with pytest.raises(TypeError, match="lw.set_threshold: value must be a "
+                     "real number"):
+    lw.set_threshold(state, "a", np.complex64(1.0))
+  with pytest.raises(TypeError, match="threshold must be a concrete number, "
+                     "got a traced value"):
+    jax.jit(lambda c: lw.clip_norm(c))(1.0)

@@ -121,6 +121,16 @@ def _inner_typo() -> Any:
       "**": optax.sgd(0.1)})
 
 
+def _changed_injected_default() -> Any:
+  """An eager update after changing a default that inject_hyperparams
+  holds: the rebuilt transformation would keep the state's multipliers."""
+  tx = optax.inject_hyperparams(lw.scale_by_rules)({"head/**": 0.5},
+                                                   default=1.0)
+  state = _early(lambda: tx.init(PARAMS), "init")
+  state.hyperparams["default"] = jnp.float32(0.25)
+  return tx.update(PARAMS, state)
+
+
 def _describe_with_wrong_state() -> Any:
   tx = lw.scale_by_rules({"**": 1.0})
   return lw.describe(tx, PARAMS, opt_state=optax.sgd(0.1).init(PARAMS))
@@ -230,10 +240,18 @@ CATALOGUE = [
         lambda: lw.scale_by_rules({"head/**": optax.adam(1e-3)}), TypeError,
         ("rule 'head/**' has multiplier", "goes in lw.partition")),
     Row("multiplier-injected-array",
-        lambda: optax.inject_hyperparams(lw.scale_by_rules)(
-            {"head/**": 0.5}, default=1.0).init(PARAMS), TypeError,
-        ("default has multiplier Array(1.", "lw.set_scale",
+        at_update(lambda: optax.inject_hyperparams(lw.scale_by_rules)(
+            {"head/**": 0.5}, default=1.0), PARAMS), TypeError,
+        ("default has multiplier", "It is a traced value", "lw.set_scale",
          "static_args=('default',)")),
+    Row("multiplier-injected-changed", _changed_injected_default, ValueError,
+        ("the multiplier of default is 0.25 in this transformation",
+         "initialised with 1.0 (parameter 'embed')", "would not apply",
+         "static_args=('default',)", "lw.set_scale")),
+    Row("multiplier-complex",
+        lambda: lw.scale_by_rules({"**": jnp.complex64(1.0)}), TypeError,
+        ("rule '**' has multiplier Array(1.+0.j, dtype=complex64)",
+         "a number or a schedule")),
     Row("multiplier-negative",
         lambda: lw.scale_by_rules({"head/**": -0.5, "**": 1.0}), ValueError,
         ("rule 'head/**' has multiplier -0.5", "finite and >= 0",

@@ -671,3 +671,21 @@ def test_references_against_hand_values():
   assert timm_scales(names, VIT_MATCHER, 0.5, no_opt_scale=0.2) == {
       "cls_token": 0.0, "blocks.0.w": 0.25, "blocks.1.w": 0.5, "norm.w": 0.5,
       "head.w": 1.0}
+
+
+@pytest.mark.parametrize("kind", [float, np.float32, np.array,
+                                  jax.numpy.float32],
+                         ids=["float", "np.float32", "np-0d", "jnp.float32"])
+def test_layer_decay_takes_any_concrete_real_scalar(kind):
+  params = {"embed": np.ones(2), "layers_0": {"w": np.ones(2)},
+            "layers_1": {"w": np.ones(2)}, "head": {"w": np.ones(2)}}
+  expected = lw.resolve(lw.layer_decay(0.5, params, min_scale=0.2,
+                                       freeze_below=0.25), params)
+  rules = lw.layer_decay(kind(0.5), params, min_scale=kind(0.2),
+                         freeze_below=kind(0.25))
+  assert lw.resolve(rules, params) == expected
+  assert expected["embed"] == 0.0 and expected["layers_0"]["w"] == 0.25
+  assert all(type(v) is float for _, v in rules)
+  with pytest.raises(TypeError, match="decay must be a concrete number, got "
+                     "a traced value"):
+    jax.jit(lambda d: lw.layer_decay(d, params))(0.5)

@@ -564,3 +564,83 @@ def test_freeze_wraps_multisteps_and_apply_if_finite_wraps_partition():
   assert all(float(jnp.abs(u).sum()) == 0.0
              for u in jax.tree_util.tree_leaves(updates))  # step skipped
   assert int(state.notfinite_count) == 1
+
+
+def _with_nan(grads, group):
+  """``grads`` with a NaN in every leaf of ``group``."""
+  return {**grads, group: jax.tree_util.tree_map(
+      lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads[group])}
+
+
+def _is_zero(tree):
+  return all(not bool(jnp.any(x)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_apply_if_finite_outside_freeze_sees_frozen_nans():
+  # The trap, as optax defines it: apply_if_finite checks the gradients it
+  # is given, all of them, before anything inside it runs, so freeze can
+  # hide nothing from a wrapper around it. A NaN in frozen leaves alone
+  # skips the step (the trainable leaves do not train), and after
+  # max_consecutive_errors such steps it gives up: a NaN in a trainable
+  # leaf then reaches the params. docs/freezing.md gives the order below.
+  tx = optax.apply_if_finite(lw.freeze(optax.adam(1e-2), "discriminator/**"),
+                             2)
+  state, params = tx.init(GAN), GAN
+  frozen_nan = _with_nan(grads_at(GAN, 0), "discriminator")
+  for k in range(3):
+    updates, state = jax.jit(tx.update)(frozen_nan, state, params)
+    assert _is_zero(updates["generator"]) == (k < 2)  # skipped, then given up
+    params = optax.apply_updates(params, updates)
+  trainable_nan = _with_nan(grads_at(GAN, 0), "generator")
+  updates, state = jax.jit(tx.update)(trainable_nan, state, params)
+  assert int(state.notfinite_count) == 4
+  assert bool(jnp.isnan(optax.apply_updates(params, updates)["generator"][
+      "out"]["kernel"]).any())
+
+
+def test_apply_if_finite_inside_freeze_keeps_protecting():
+  # The order to write: apply_if_finite inside freeze sees the trainable
+  # leaves only. NaN in frozen leaves: the step is applied as optax.adam's
+  # on the trainable ones, and no error is counted, however many; NaN in a
+  # trainable leaf: the step is skipped, for every leaf.
+  tx = lw.freeze(optax.apply_if_finite(optax.adam(1e-2), 2), "discriminator/**")
+  ref = optax.adam(1e-2)
+  state, ref_state = tx.init(GAN), ref.init(GAN["generator"])
+  params = GAN
+  for k in range(4):
+    grads = _with_nan(grads_at(params, k), "discriminator")
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    expected, ref_state = jax.jit(ref.update)(grads["generator"], ref_state)
+    chex.assert_trees_all_equal(updates["generator"], expected)
+    assert _is_zero(updates["discriminator"])
+    assert int(state.inner_state.notfinite_count) == 0
+    params = optax.apply_updates(params, updates)
+  before = state
+  for k in range(2):  # up to max_consecutive_errors, every step is skipped
+    grads = _with_nan(grads_at(params, k), "generator")
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    assert _is_zero(updates)
+    assert int(state.inner_state.notfinite_count) == k + 1
+  chex.assert_trees_all_equal(state.inner_state.inner_state,
+                              before.inner_state.inner_state)
+
+
+def test_stop_gradient_keeps_frozen_nans_from_apply_if_finite():
+  # With lw.stop_gradient in the loss, frozen leaves get exact zero
+  # gradients, NaN in their forward computation or not: a wrapper around
+  # freeze then counts no error for them.
+  frozen = "discriminator/**"
+
+  def loss(p, stop):
+    p = lw.stop_gradient(p, frozen) if stop else p
+    return (jnp.sum(p["generator"]["out"]["kernel"] ** 2)
+            + jnp.sum(jnp.sqrt(p["discriminator"]["out"]["kernel"] - 10.0)))
+
+  nan = jax.grad(loss)(GAN, False)["discriminator"]["out"]["kernel"]
+  assert bool(jnp.isnan(nan).all())
+  grads = jax.grad(loss)(GAN, True)
+  assert _is_zero(grads["discriminator"])
+  tx = optax.apply_if_finite(lw.freeze(optax.adam(1e-2), frozen), 2)
+  updates, state = jax.jit(tx.update)(grads, tx.init(GAN), GAN)
+  assert int(state.notfinite_count) == 0
+  assert not _is_zero(updates["generator"])

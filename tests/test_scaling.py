@@ -478,3 +478,182 @@ def test_describe_chain_reads_rules_without_allocating():
   assert d.shared_state_bytes == 4 + 4 + 4 * 4
   assert [(t["value"], t["leaves"]) for t in d.totals()] == [
       (0.5, 2), (sched, 1), (1.0, 1)]
+
+
+# ------------------------------------------------- a zero is an exact zero
+
+# A model with blocks, for layer_decay; layers_0/w is the leaf whose factor
+# is 0, and its gradient is NaN and inf.
+DEEP = {"embed": jnp.full((2, 2), 0.5), "layers_0": {"w": jnp.full((2, 2), 0.5)},
+        "layers_1": {"w": jnp.full((2, 2), 0.5)}, "head": {"w": jnp.ones(2)}}
+BAD = jnp.array([[jnp.nan, jnp.inf], [-jnp.inf, 1.0]])
+
+
+# Each leaf's multiplier at the first two steps, but for layer_decay.
+ONE_ZERO = {"embed": 1.0, "layers_0/w": 0.0, "layers_1/w": 1.0, "head/w": 1.0}
+
+
+def _zero_by_rule():
+  return lw.scale_by_rules({"layers_0/**": 0.0, "**": 1.0}), None, ONE_ZERO
+
+
+def _zero_by_set_scale():
+  return (lw.scale_by_rules({"**": 1.0}),
+          lambda state: lw.set_scale(state, "layers_0/**", 0.0), ONE_ZERO)
+
+
+def _zero_by_schedule():
+  return lw.scale_by_rules({"layers_0/**": lambda count: jnp.where(
+      count < 5, 0.0, 1.0), "**": 1.0}), None, ONE_ZERO
+
+
+def _zero_by_layer_decay():
+  # 0.5 ** 2 = 0.25 (layers_0) and 0.125 (embed) are below 0.3: frozen.
+  rules = lw.layer_decay(0.5, DEEP, freeze_below=0.3)
+  return lw.scale_by_rules(rules), None, {
+      "embed": 0.0, "layers_0/w": 0.0, "layers_1/w": 0.5, "head/w": 1.0}
+
+
+@pytest.mark.parametrize("make", [_zero_by_rule, _zero_by_set_scale,
+                                  _zero_by_schedule, _zero_by_layer_decay],
+                         ids=["rule", "set_scale", "schedule", "layer_decay"])
+def test_a_zero_multiplier_gives_exact_zeros_for_nan_and_inf(make):
+  # 0 * nan is nan: the zero must be decided at run time, from the factor.
+  scale, setup, factor = make()
+  tx = optax.chain(optax.adam(0.1), scale)
+  ref = optax.adam(0.1)  # elementwise: the other leaves' updates are its
+  state, ref_state = tx.init(DEEP), ref.init(DEEP)
+  if setup is not None:
+    state = setup(state)
+  params = DEEP
+  grads = jax.tree_util.tree_map(jnp.ones_like, DEEP)
+  grads["layers_0"]["w"] = BAD
+  for _ in range(2):  # the second step: Adam's moments of layers_0/w are NaN
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    expected, ref_state = jax.jit(ref.update)(grads, ref_state, params)
+    for path, u in flat(updates).items():
+      if factor[path] == 0.0:
+        np.testing.assert_array_equal(u, np.zeros_like(u), err_msg=path)
+      else:
+        np.testing.assert_array_equal(u, flat(expected)[path] * factor[path],
+                                      err_msg=path)
+    new_params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(new_params["layers_0"]["w"],
+                                  DEEP["layers_0"]["w"])
+    params = new_params
+  # The layerwise state holds nothing the gradients reach: it stays finite.
+  assert all(bool(jnp.all(jnp.isfinite(x)))
+             for x in jax.tree_util.tree_leaves(state[1]))
+
+
+def test_a_zero_weight_decay_leaves_the_update_as_it_is():
+  # 0 * nan is nan: a NaN or inf param with weight decay 0 (by its rule or
+  # set between steps) must not reach its update.
+  params = {"a": BAD, "b": BAD, "c": jnp.ones((2, 2))}
+  grads = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, 0.25), params)
+  tx = lw.add_decayed_weights({"a": 0.0, "**": 0.1})
+  state = lw.set_weight_decay(tx.init(params), "b", 0.0)
+  updates, _ = jax.jit(tx.update)(grads, state, params)
+  np.testing.assert_array_equal(updates["a"], grads["a"])
+  np.testing.assert_array_equal(updates["b"], grads["b"])
+  ref, _ = optax.add_decayed_weights(0.1).update(grads, None, params)
+  np.testing.assert_array_equal(updates["c"], ref["c"])
+
+
+# ------------------------------------------------------------ scalar types
+
+# The same number as each kind of concrete real scalar a user may hold.
+SCALARS = [0.25, np.float32(0.25), np.array(0.25), jnp.float32(0.25),
+           jnp.asarray(0.25, jnp.bfloat16)]
+SCALAR_IDS = ["float", "np.float32", "np-0d", "jnp.float32", "jnp-bf16"]
+
+
+@pytest.mark.parametrize("x", SCALARS, ids=SCALAR_IDS)
+def test_any_concrete_real_scalar_is_a_rate(x):
+  params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  grads = {"a": jnp.full(2, 2.0), "b": jnp.full(2, 2.0)}
+  expected = {"a": jnp.full(2, 0.5), "b": jnp.full(2, 2.0)}
+  for tx in [lw.scale_by_rules({"a": x, "**": 1.0}),
+             lw.scale_by_rules({"b": 1.0}, default=x)]:
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params))
+    np.testing.assert_array_equal(updates["a"], expected["a"])
+  for tx in [lw.add_decayed_weights({"a": x, "**": 0.0}),
+             lw.add_decayed_weights({"b": 0.0}, default=x)]:
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["a"], jnp.full(2, 2.25))
+    np.testing.assert_array_equal(updates["b"], grads["b"])
+  # The setters take it too, and store it as a float32 entry.
+  state = lw.set_scale(lw.scale_by_rules({"**": 1.0}).init(params), "a", x)
+  assert state.multipliers.tolist() == [0.25, 1.0]
+  state = lw.set_weight_decay(
+      lw.add_decayed_weights({"**": 0.0}).init(params), "a", x)
+  assert state.weight_decays.tolist() == [0.25, 0.0]
+
+
+def test_a_traced_rate_is_refused_and_a_traced_setter_value_is_taken():
+  params = {"a": jnp.ones(2)}
+
+  @jax.jit
+  def build(x):
+    return lw.scale_by_rules({"**": x})
+
+  with pytest.raises(TypeError, match=re.escape(
+      "rule '**' has multiplier") + ".*It is a traced value.*lw.set_scale"):
+    build(0.5)
+  with pytest.raises(TypeError, match="It is a traced value.*"
+                     "lw.set_weight_decay"):
+    jax.jit(lambda x: lw.add_decayed_weights({"**": 0.0}, default=x))(0.5)
+  # A setter may run inside a jitted function: its value is an entry.
+  state = jax.jit(lambda s, x: lw.set_scale(s, "a", x))(
+      lw.scale_by_rules({"**": 1.0}).init(params), jnp.float32(0.5))
+  assert state.multipliers.tolist() == [0.5]
+
+
+@pytest.mark.parametrize("value", [jnp.bool_(True), np.bool_(True),
+                                   np.complex64(1.0), jnp.complex64(1.0),
+                                   jnp.ones(2)],
+                         ids=["jnp-bool", "np-bool", "np-complex",
+                              "jnp-complex", "vector"])
+def test_other_scalars_are_refused_everywhere(value):
+  params = {"a": jnp.ones(2)}
+  with pytest.raises(TypeError, match="has multiplier"):
+    lw.scale_by_rules({"**": value})
+  with pytest.raises(TypeError, match="default has weight decay"):
+    lw.add_decayed_weights({"a": 0.0}, default=value)
+  with pytest.raises(TypeError, match="lw.set_scale: value must be a"):
+    lw.set_scale(lw.scale_by_rules({"**": 1.0}).init(params), "a", value)
+
+
+def test_a_default_changed_under_inject_hyperparams_is_an_error():
+  # inject_hyperparams rebuilds the transformation at every update with the
+  # hyperparameters from its state; the multipliers stay those at init, so
+  # a changed default would silently not apply (outside jit: inside, it is
+  # a traced value, refused).
+  params = {"a": jnp.ones(2), "head": jnp.ones(2)}
+  tx = optax.inject_hyperparams(lw.scale_by_rules)({"head": 0.5}, default=1.0)
+  state = tx.init(params)
+  updates, state = tx.update(params, state)  # unchanged: fine
+  np.testing.assert_array_equal(updates["a"], np.ones(2))
+  state.hyperparams["default"] = jnp.asarray(0.25)
+  with pytest.raises(ValueError, match=re.escape(
+      "the multiplier of default is 0.25 in this transformation, but the "
+      "state was initialised with 1.0 (parameter 'a')")):
+    tx.update(params, state)
+  with pytest.raises(TypeError, match="It is a traced value"):
+    jax.jit(tx.update)(params, state)
+  # A rule's value, from an argument of a factory: the same.
+  tx = optax.inject_hyperparams(
+      lambda m: lw.scale_by_rules({"head": m, "**": 1.0}))(m=0.5)
+  state = tx.init(params)
+  state.hyperparams["m"] = jnp.asarray(0.25)
+  with pytest.raises(ValueError, match=re.escape(
+      "the multiplier of rule 'head' is 0.25 in this transformation, but the "
+      "state was initialised with 0.5 (parameter 'head')")):
+    tx.update(params, state)
+  # The recipe the messages give: default static, multipliers set.
+  tx = optax.inject_hyperparams(lw.scale_by_rules, static_args=("default",))(
+      {"head": 0.5}, default=1.0)
+  state = lw.set_scale(tx.init(params), "a", 0.25)
+  updates, _ = jax.jit(tx.update)(params, state)
+  np.testing.assert_array_equal(updates["a"], np.full(2, 0.25))
+  np.testing.assert_array_equal(updates["head"], np.full(2, 0.5))
