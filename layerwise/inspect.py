@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _core, _paths, _validate
+from layerwise import _core, _paths, _validate, checks
 from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
 from layerwise._types import PyTree
 
@@ -89,11 +89,14 @@ class Description:
     group_by: the column whose values the totals are grouped by.
     shared_state_bytes: optimizer-state bytes not attributable to one
       parameter (step counts, ...); ``None`` for a rule set.
+    warnings: for a transformation, each trap :func:`layerwise.check` finds
+      in it (what trains wrongly and the fix), printed below the table.
   """
   columns: tuple[str, ...]
   rows: tuple[dict[str, Any], ...]
   group_by: str = "value"
   shared_state_bytes: int | None = None
+  warnings: tuple[str, ...] = ()
 
   def totals(self) -> list[dict[str, Any]]:
     """Parameters per value of ``group_by``: ``[{"value", "leaves", "size",
@@ -159,6 +162,7 @@ class Description:
       out.append(f"(total state bytes include "
                  f"{_human(self.shared_state_bytes)} not held by one "
                  "parameter, such as step counts)")
+    out += [f"warning: {w}" for w in self.warnings]
     return "\n".join(out)
 
   def __str__(self) -> str:
@@ -234,7 +238,9 @@ def _describe_transformation(tx: Any, params: Any,
   columns.append("state_bytes")
   return Description(tuple(columns), tuple(rows),
                      group_by=columns[4] if statics else "dtype",
-                     shared_state_bytes=shared)
+                     shared_state_bytes=shared,
+                     warnings=tuple(t.message
+                                    for t in checks.traps(tx, params)))
 
 
 class _ScaledSchedule:
@@ -401,6 +407,11 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   shows each parameter's latest clipping and tracked norms: ``clip_norm``
   and ``clip_scale`` for :func:`layerwise.clip_by_rules` (the values of the
   parameter's group), ``track_norm`` for :func:`layerwise.track_norms`.
+
+  For a transformation, each trap of placement that :func:`layerwise.check`
+  finds (a multiplier before Adam, a global norm before ``lw.freeze``, ...)
+  is printed below the table as a ``warning:`` line with its fix, and kept
+  in ``warnings``.
 
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax
