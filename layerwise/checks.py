@@ -53,7 +53,8 @@ __all__ = ["check"]
 LEARNING_RATE_LAST = (
     "sgd", "sgd(momentum=...)", "sgd(nesterov=True)", "adam", "adamw",
     "nadam", "adamax", "amsgrad", "adabelief", "yogi", "rmsprop", "adagrad",
-    "adadelta", "lion", "lamb", "lars", "novograd", "adan", "adafactor")
+    "adadelta", "lion", "lamb", "lars", "novograd", "adan", "adafactor",
+    "sm3", "optax.contrib.muon")
 
 #: Optimizers after which a multiplier is not exact, and why.
 NOT_LEARNING_RATE_LAST = {
@@ -152,7 +153,7 @@ def _walk(state: Any) -> list[_Node]:
 def _covered(state: Any, param_paths: set[str]) -> set[str]:
   """The param paths an optax state holds statistics for (its state leaves
   end with them)."""
-  out = set()
+  out: set[str] = set()
   for path in _paths.flatten_with_paths(state)[0]:
     segs = path.split("/")
     for k in range(len(segs)):
@@ -197,7 +198,8 @@ def _scale_before_adaptive(nodes: Sequence[_Node],
             f"lw.scale_by_rules runs before an adaptive optimizer "
             f"({type(a.state).__name__}), which divides each update by a "
             "running magnitude of its own gradients: the multipliers of "
-            f"{_quote(undone)} cancel out (0.01 trains like 1.0). Fix: put "
+            f"{_quote(undone)} are no learning rates, they cancel out (up "
+            "to eps: 0.01 trains like 1.0). Fix: put "
             "lw.scale_by_rules after the optimizer, "
             "optax.chain(optax.adam(lr), lw.scale_by_rules(rules)); after "
             f"{_EXACT_AFTER} it equals a learning rate of lr * multiplier.")))
@@ -319,7 +321,7 @@ def _flow(jaxpr: Any, deps: Sequence[frozenset[int]],
 
 
 def _frozen_paths(state: Any) -> set[str]:
-  out = set()
+  out: set[str] = set()
   for s in _core.find_states(state):
     if _kind(s) in ("lw:frozen", "lw:group"):
       out.update(p for p, g in zip(s.rules.paths, s.rules.groups or ())
