@@ -154,7 +154,10 @@ def _covered(state: Any, param_paths: set[str]) -> set[str]:
   """The param paths an optax state holds statistics for (its state leaves
   end with them)."""
   out: set[str] = set()
-  for path in _paths.flatten_with_paths(state)[0]:
+  state_paths = _paths.flatten_with_paths(state)[0]
+  if "" in param_paths and state_paths:  # the params are one array
+    return {""}
+  for path in state_paths:
     segs = path.split("/")
     for k in range(len(segs)):
       tail = "/".join(segs[k:])
@@ -344,12 +347,14 @@ def _frozen_leak(tx: Any, params: Any, state: Any,
     return []  # an update that needs more (extra arguments): not looked at
   jaxpr = closed.jaxpr
   n = len(param_paths)
-  deps = [frozenset([i]) if i < n else frozenset()
+  # Only the frozen gradients are followed: the sets stay small.
+  frozen_index = set(index)
+  deps = [frozenset([i]) if i in frozen_index else frozenset()
           for i in range(len(jaxpr.invars))]
   outs = _flow(jaxpr, deps, [None] * len(jaxpr.invars))
   if len(outs) != n:
     return []
-  leaked = set(index)
+  leaked = frozen_index
   hit = [param_paths[i] for i, d in enumerate(outs)
          if i not in leaked and d & leaked]
   if not hit:

@@ -229,6 +229,10 @@ def test_what_the_order_check_sees_and_does_not():
   assert not trap_ids(optax.chain(
       lw.scale_by_rules({"head/**": 0.1, "**": 1.0}),
       lw.partition({"head/**": optax.sgd(0.1), "**": optax.adam(1e-3)})))
+  # Params that are one array (path '').
+  assert trap_ids(optax.chain(lw.scale_by_rules({"**": 0.1}),
+                              optax.adam(1e-3)), jnp.ones(3)) == [
+      "scale-before-adaptive"]
   # Multipliers of 0 and 1 pass an adaptive optimizer unchanged.
   assert not trap_ids(optax.chain(
       lw.scale_by_rules({"head/**": 0.0, "**": 1.0}), optax.adam(1e-3)))
