@@ -26,6 +26,7 @@ from layerwise._selectors import (
 )
 from layerwise._types import ScalarOrSchedule
 from layerwise.checkpoint import restore_state
+from layerwise.checks import check
 from layerwise.clipping import (
     ClipByRulesState,
     clip_adaptive,
@@ -96,6 +97,7 @@ __all__ = [
     "add_decayed_weights",
     "all_of",
     "any_of",
+    "check",
     "clip_adaptive",
     "clip_by_rules",
     "clip_group_norm",

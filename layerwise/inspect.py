@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _core, _paths, _validate
+from layerwise import _core, _paths, _validate, checks
 from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
 from layerwise._types import PyTree
 
@@ -160,6 +160,8 @@ class Description:
       (a column that is not there is an error).
     shared_state_bytes: optimizer-state bytes not attributable to one
       parameter (step counts, ...); ``None`` for a rule set.
+    warnings: for a transformation, each trap :func:`layerwise.check` finds
+      in it (what trains wrongly and the fix), printed below the table.
 
   Examples:
     >>> import dataclasses
@@ -181,6 +183,7 @@ class Description:
   rows: tuple[dict[str, Any], ...]
   group_by: str = "value"
   shared_state_bytes: int | None = None
+  warnings: tuple[str, ...] = ()
 
   def __post_init__(self) -> None:
     # The columns, and what every row holds besides (each rule column's
@@ -265,6 +268,7 @@ class Description:
       out.append(f"(total state bytes include "
                  f"{_human(self.shared_state_bytes)} not held by one "
                  "parameter, such as step counts)")
+    out += [f"warning: {w}" for w in self.warnings]
     return "\n".join(out)
 
   def __str__(self) -> str:
@@ -340,7 +344,9 @@ def _describe_transformation(tx: Any, params: Any,
   columns.append("state_bytes")
   return Description(tuple(columns), tuple(rows),
                      group_by=columns[4] if statics else "dtype",
-                     shared_state_bytes=shared)
+                     shared_state_bytes=shared,
+                     warnings=tuple(t.message
+                                    for t in checks.traps(tx, params)))
 
 
 class _ScaledSchedule:
@@ -582,6 +588,11 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   its value at step 0 (``polynomial_schedule (0.5 at step 0)``), and totals
   by the first value column (another: ``dataclasses.replace(d,
   group_by=column)``).
+
+  For a transformation, each trap of placement that :func:`layerwise.check`
+  finds (a multiplier before Adam, a global norm before ``lw.freeze``, ...)
+  is printed below the table as a ``warning:`` line with its fix, and kept
+  in ``warnings``.
 
   Args:
     obj: a rule set (``{selector: value}`` or a list of pairs), or an optax

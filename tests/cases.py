@@ -132,6 +132,8 @@ CASES: dict[str, Case] = {
 NOT_TRANSFORMATIONS: dict[str, str] = {
     "Description": "test_inspect; test_battery describes every case",
     "describe": "test_inspect; test_battery describes every case",
+    "check": "test_checks (each trap reproduced, found and fixed; no trap "
+             "in any case after adam)",
     "RuleError": "test_rules, test_errors",
     "Selector": "test_rules, test_properties",
     "SelectorLike": "the type check in .ci/run (mypy); a type alias",
