@@ -303,6 +303,8 @@ def _describe_transformation(tx: Any, params: Any,
   if opt_state is not None:
     # nnx.Optimizer keeps its state in Variables: compare what they hold.
     opt_state, state = _paths.unbox(opt_state), _paths.unbox(state)
+    if _core.find_states(state):
+      _core.check_not_plain("lw.describe", opt_state)
     given: Any = jax.tree_util.tree_structure(opt_state)
     if given != jax.tree_util.tree_structure(state):
       raise ValueError(

@@ -615,6 +615,12 @@ CATALOGUE = [
     Row("describe-wrong-state", _describe_with_wrong_state, ValueError,
         ("opt_state does not have the structure of tx.init(params)",
          "pass the state of this transformation")),
+    Row("describe-plain-dict-state",
+        lambda: lw.describe(lw.scale_by_rules({"**": 0.5}), PARAMS,
+                            opt_state=jax.tree_util.tree_map(
+                                jnp.asarray, {"count": 0, "multipliers": [0.5]})),
+        TypeError, ("lw.describe: opt_state is a dict of plain dicts",
+                    "lw.restore_state")),
     Row("describe-group-by-unknown",
         lambda: dataclasses.replace(lw.describe({"**": 1.0}, PARAMS),
                                     group_by="scale"), ValueError,
