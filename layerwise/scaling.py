@@ -352,6 +352,8 @@ class AddDecayedWeightsState(NamedTuple):
       at ``init``), a tree of the params' structure with ``None`` for the
       leaves that decay toward zero; ``None`` (no arrays, the state's
       format without ``toward=``) when every leaf decays toward zero.
+      ``update`` decays toward the state's weights (after a restore, the
+      checkpoint's).
   """
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax
   weight_decays: Any
@@ -513,6 +515,14 @@ def add_decayed_weights(
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
     unchanged(step.plan)
+    if toward is not None and state.toward is None:
+      raise ValueError(
+          f"{fn}: this transformation decays toward= given weights, but the "
+          "state was initialised without them (by an add_decayed_weights "
+          "without toward=), and holds none: every leaf would decay toward "
+          "zero. Pass the state this transformation's init returned, or "
+          "restore a checkpoint against it (lw.restore_state("
+          "tx.init(params), restored)).")
     rates = _rates(fn, step, state.weight_decays, state.count)
     p0 = ([None] * len(rates) if state.toward is None
           else step.plan.check_holes(fn, state.toward)[0])

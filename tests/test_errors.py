@@ -324,6 +324,14 @@ CATALOGUE = [
             **PARAMS, "embed": PARAMS["embed"].astype(jnp.bfloat16)})),
         TypeError, ("toward 'embed' has dtype bfloat16, the parameter float32",
                     "toward.astype(param.dtype)")),
+    Row("weight-decay-toward-not-in-state",
+        lambda: _early(lambda: lw.add_decayed_weights(
+            {"**": 0.1}, toward=PARAMS), "construction").update(
+                PARAMS, lw.add_decayed_weights({"**": 0.1}).init(PARAMS),
+                PARAMS), ValueError,
+        ("decays toward= given weights, but the state was initialised "
+         "without them", "every leaf would decay toward zero",
+         "Pass the state this transformation's init returned")),
     # ------------------------------------------------------------ set_scale
     Row("set-scale-typo", lambda: lw.set_scale(scale_state(), "encodr/**", 0.5),
         ValueError, ("selector 'encodr/**' matches no parameter",
