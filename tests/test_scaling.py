@@ -5,6 +5,7 @@ References: PyTorch's AdamW and SGD update rules, written out in NumPy
 groups ``lr_g = lr * r_g``; and optax's own transformations.
 """
 
+import functools
 import re
 
 import chex
@@ -593,6 +594,32 @@ def test_toward_adds_wd_times_p_minus_p0_by_hand():
   for k, v in flat(new_state.toward).items():
     np.testing.assert_array_equal(v, p0[k])
   assert state.toward["embed"] is not P0["embed"]
+
+
+def test_toward_is_a_copy_that_donated_params_do_not_take_along():
+  # p0 given as the params themselves (the usual call after lw.transplant):
+  # a step that donates the params must not delete the state's p0.
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  start = flat(PARAMS)
+  tx = lw.add_decayed_weights({"**": 0.1}, toward=params)
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(2):
+    params, state = step(params, state)
+  for k, v in flat(state.toward).items():
+    np.testing.assert_array_equal(v, start[k])
+  updates, _ = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.zeros_like,
+                                                          params),
+                                  state, params)
+  for k, v in flat(updates).items():
+    np.testing.assert_allclose(
+        v, np.float32(0.1) * (np.asarray(flat(params)[k]) - start[k]),
+        rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("rules", [TOWARD_RULES, {"**": 0.05}])
