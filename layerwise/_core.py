@@ -39,7 +39,7 @@ import optax
 from jax import lax
 
 from layerwise import _diagnostics, _paths, _validate
-from layerwise._resolve import Resolution, RuleSet
+from layerwise._resolve import Resolution, RuleSet, current_whole
 from layerwise._selectors import SelectorLike, compile_selector
 
 __all__: list[str] = []
@@ -319,6 +319,53 @@ def flatten_like(fn: str, treedef: Any, tree: Any,
         [0] * treedef.num_leaves))[0]
     raise _diagnostics.other_tree_error(fn, ours, theirs, what,
                                         str(e)) from None
+
+
+def like_params(fn: str, name: str, tree: Any, res: Resolution,
+                hint: str) -> list[Any]:
+  """The leaves of ``tree``, a tree of arrays a user gives in the shape of
+  the params (``toward=`` of :func:`layerwise.add_decayed_weights`), for
+  the leaves of ``res`` in its order, ``None`` where ``tree`` has ``None``
+  (or ``optax.MaskedNode()``) for the leaf or a subtree above it.
+
+  Leaves are matched by path. Inside :func:`layerwise.partition` and
+  :func:`layerwise.freeze`, whose inner transformations are given their
+  group's leaves only, ``tree`` is of the whole model, as their rule sets
+  are written for it. Its paths must be the model's, but for its ``None``
+  subtrees, and each array must have its parameter's shape and dtype;
+  ``hint`` says what to pass instead.
+  """
+  whole = current_whole()
+  paths, specs = ((whole.paths, whole.specs) if whole is not None
+                  else (res.paths, res.specs))
+  model = ("the whole model (inside lw.partition and lw.freeze, it is of the "
+           "whole model they are given, as their rule sets are)"
+           if whole is not None else "the params given to init")
+  given, leaves, _ = _paths.flatten_with_paths(tree)
+  if tuple(given) != paths and _find_holes(paths, tree) is None:
+    new = [p for p in given if p not in set(paths)]
+    lacking = [p for p in paths if p not in set(given)]
+    details = "; ".join(
+        [f"only in {name}: {_diagnostics.few(new)}"] * bool(new)
+        + [f"missing from {name}: {_diagnostics.few(lacking)}"] * bool(lacking)
+    ) or "the same paths in another order (another container type?)"
+    raise ValueError(
+        f"{fn}: {name} does not have the structure of {model} ({details}). "
+        f"{hint}")
+  spec_of = dict(zip(paths, specs))
+  for path, leaf in zip(given, leaves):
+    spec = spec_of[path]
+    if tuple(np.shape(leaf)) != tuple(spec.shape):
+      raise ValueError(
+          f"{fn}: {name} {path!r} has shape {tuple(np.shape(leaf))}, the "
+          f"parameter {tuple(spec.shape)}. {hint}")
+    if np.dtype(leaf.dtype) != np.dtype(spec.dtype):
+      raise TypeError(
+          f"{fn}: {name} {path!r} has dtype {np.dtype(leaf.dtype)}, the "
+          f"parameter {np.dtype(spec.dtype)}. Cast it to the parameter's "
+          f"dtype ({name}.astype(param.dtype)).")
+  by_path = dict(zip(given, leaves))
+  return [by_path.get(p) for p in res.paths]
 
 
 # ------------------------------------------------------------ the skeleton

@@ -145,6 +145,13 @@ _WHOLE: contextvars.ContextVar[Whole | None] = contextvars.ContextVar(
     "layerwise_whole_model", default=None)
 
 
+def current_whole() -> Whole | None:
+  """The whole model of the outermost :func:`whole_model` block now open, or
+  ``None`` outside any (a transformation's ``init`` called by no
+  :func:`layerwise.partition` or :func:`layerwise.freeze`)."""
+  return _WHOLE.get()
+
+
 @contextlib.contextmanager
 def whole_model(whole: Callable[[], Whole]) -> Iterator[None]:
   """Within this block, strict resolution checks rule sets against the

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise import _diagnostics
+from layerwise import _diagnostics, _paths
 
 __all__: list[str] = []
 
@@ -322,6 +322,16 @@ def check_dtypes(fn: str, paths: Sequence[str], specs: Sequence[Any],
         f"it the {what} {neutral!r} (a rule {{{path!r}: {neutral!r}}} before "
         "the others) to leave it as it is, or keep it out of the params "
         "(lw.freeze and lw.partition with None also leave it alone).")
+
+
+def arrays(fn: str, name: str, tree: Any, hint: str) -> None:
+  """Raises for a leaf of ``tree`` that is not an array (a JAX or NumPy
+  array or scalar); ``None`` subtrees are structure, not leaves."""
+  for path, leaf in zip(*_paths.flatten_with_paths(tree)[:2]):
+    if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+      where = f"{name} {path!r}" if path else name
+      raise TypeError(
+          f"{fn}: {where} is a {type(leaf).__name__}, not an array. {hint}")
 
 
 # ---------------------------------------------------------- transformations

@@ -125,10 +125,13 @@ def _scaled(update: Any, rate: Any) -> Any:
   return jnp.where(rate == 0, jnp.zeros((), rate.dtype), update * rate)
 
 
-def _decayed(update: Any, param: Any, weight_decay: Any) -> Any:
-  """``update + weight_decay * param``, the update itself where the weight
-  decay is 0 (a NaN or inf param does not reach it)."""
-  return jnp.where(weight_decay == 0, update, update + weight_decay * param)
+def _decayed(update: Any, param: Any, weight_decay: Any,
+             toward: Any = None) -> Any:
+  """``update + weight_decay * (param - toward)`` (``toward`` 0 if ``None``),
+  the update itself where the weight decay is 0 (a NaN or inf param does
+  not reach it)."""
+  away = param if toward is None else param - toward
+  return jnp.where(weight_decay == 0, update, update + weight_decay * away)
 
 # ---------------------------------------------------------------- scale_by_rules
 
@@ -328,6 +331,13 @@ def _live_number(fn: str, value: Any, what: str, builder: str) -> Any:
 NO_DECAY = Selector(any_of(ndim_at_most(1), "**/bias"), "lw.NO_DECAY")
 
 
+_TOWARD_HINT = ("Pass the weights to decay toward as a tree of arrays with "
+                "the params' paths, shapes and dtypes (lw.paths(params) "
+                "lists them), such as the pretrained params after "
+                "lw.transplant, with None for the leaves or subtrees that "
+                "decay toward zero.")
+
+
 class AddDecayedWeightsState(NamedTuple):
   """State of :func:`add_decayed_weights`.
 
@@ -338,10 +348,17 @@ class AddDecayedWeightsState(NamedTuple):
       weight decay (the rule's value, or 1.0 for a schedule, which it
       multiplies). :func:`set_weight_decay` changes it between steps.
     rules: static metadata: each leaf's path, rule and weight decay as given.
+    toward: the weights each leaf decays toward (``toward=``, a copy made
+      at ``init``), a tree of the params' structure with ``None`` for the
+      leaves that decay toward zero; ``None`` (no arrays, the state's
+      format without ``toward=``) when every leaf decays toward zero.
+      ``update`` decays toward the state's weights (after a restore, the
+      checkpoint's).
   """
   count: jax.Array  # type: ignore[assignment]  # a field, as in optax
   weight_decays: Any
   rules: _core.Plan
+  toward: Any = None
 
   def live(self) -> dict[str, _core.Live]:
     """The weight decays, one entry per leaf (the state protocol)."""
@@ -358,6 +375,7 @@ def add_decayed_weights(
     *,
     default: ScalarOrSchedule = MISSING,
     strict: bool = True,
+    toward: PyTree | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds each parameter times its rule's weight decay to its update.
 
@@ -386,11 +404,30 @@ def add_decayed_weights(
   :data:`NO_DECAY` selects the parameters that are usually left undecayed
   (biases, norm scales, 1-D parameters).
 
+  With ``toward=p0``, each leaf decays toward its weights in ``p0`` rather
+  than toward zero: its update becomes ``u + wd_g * (p - p0)``. Given the
+  pretrained weights (the params after :func:`layerwise.transplant`), this
+  is L2-SP: fine-tuning is pulled back to the starting point, not away
+  from what the model knows. ``p0`` is a tree of the params' paths, shapes
+  and dtypes, checked at ``init``; ``None`` in it (for a leaf or a subtree,
+  a new head) keeps the decay toward zero there, as the L2-SP paper does
+  for the new layers. ``init`` copies ``p0`` into the state
+  (:attr:`AddDecayedWeightsState.toward`), so it is saved and restored
+  with the optimizer state, and donating the params does not delete it; it
+  costs one copy of the leaves it holds (``lw.describe`` counts them in
+  ``state_bytes``). Inside :func:`layerwise.partition` or
+  :func:`layerwise.freeze`, ``p0`` is of the whole model, like their rule
+  sets; inside :func:`layerwise.reparameterize`, whose inner optimizer sees
+  ``phi = theta / lam``, give ``p0 / lam``.
+
   Args:
     rules: ``{selector: weight_decay}``; see :func:`layerwise.resolve`.
     default: the weight decay of leaves no rule matches. Without it,
       unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    toward: the weights to decay toward, a tree like the params (``None``
+      for leaves that decay toward zero); ``None``: every leaf decays
+      toward zero.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -400,9 +437,12 @@ def add_decayed_weights(
     TypeError, ValueError: for a coefficient that is not a finite number
       >= 0 or a schedule; :class:`layerwise.RuleError` at ``init`` for rules
       that do not fit the params; ``TypeError`` at ``init`` for an integer
-      or bool leaf whose weight decay is not 0.0; ``ValueError`` at
-      ``update`` without ``params``, or with updates or params whose paths
-      or shapes differ from the params at ``init``.
+      or bool leaf whose weight decay is not 0.0; ``TypeError`` for a leaf
+      of ``toward`` that is not an array, and at ``init`` for one whose
+      dtype is not its parameter's; ``ValueError`` at ``init`` for a
+      ``toward`` whose paths or shapes are not the params'; ``ValueError``
+      at ``update`` without ``params``, or with updates or params whose
+      paths or shapes differ from the params at ``init``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -426,29 +466,68 @@ def add_decayed_weights(
     total              2       6  100.0%           12
     (total state bytes include 12 not held by one parameter, such as step counts)
 
+    Toward the pretrained weights (L2-SP), the new head toward zero:
+
+    >>> import jax
+    >>> pretrained = {"dense": {"kernel": jnp.full((2, 2), 0.5),
+    ...                         "bias": jnp.zeros(2)},
+    ...               "head": {"kernel": jnp.zeros((2, 2))}}
+    >>> params = jax.tree.map(jnp.ones_like, pretrained)
+    >>> tx = lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.1},
+    ...                             toward={**pretrained, "head": None})
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> for path, u in zip(jax.tree.leaves(lw.paths(params)),
+    ...                    jax.tree.leaves(updates)):
+    ...   print(path, u[0])
+    dense/bias 0.0
+    dense/kernel [0.05 0.05]
+    head/kernel [0.1 0.1]
+
   References:
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
+
+    Li, Grandvalet and Davoine, `Explicit Inductive Bias for Transfer
+    Learning with Convolutional Networks <https://arxiv.org/abs/1802.01483>`_,
+    ICML 2018 (L2-SP).
   """
   fn = "lw.add_decayed_weights"
   rule_set, default = _rate_rules(fn, rules, default, "weight decay")
   unchanged = _unchanged(fn, rule_set, default, "weight decay")
+  if toward is not None:
+    _validate.arrays(fn, "toward", toward, _TOWARD_HINT)
 
   def init(res: Resolution, params: list[Any]) -> AddDecayedWeightsState:
     del params
     _check_dtypes(fn, res, "weight decay", 0.0, "be decayed")
+    p0 = None
+    if toward is not None:
+      p0 = res.treedef.unflatten([
+          None if x is None else jnp.array(x, copy=True)
+          for x in _core.like_params(fn, "toward", toward, res, _TOWARD_HINT)])
     return AddDecayedWeightsState(
         count=jnp.zeros([], jnp.int32),
         weight_decays=_live_vector(res),
-        rules=_core.Plan.of("weight_decay", res))
+        rules=_core.Plan.of("weight_decay", res), toward=p0)
 
   def update(step: _core.Step, state: AddDecayedWeightsState
              ) -> tuple[list[Any], AddDecayedWeightsState]:
     assert step.params is not None  # needs_params says so
     unchanged(step.plan)
+    if toward is not None and state.toward is None:
+      raise ValueError(
+          f"{fn}: this transformation decays toward= given weights, but the "
+          "state was initialised without them (by an add_decayed_weights "
+          "without toward=), and holds none: every leaf would decay toward "
+          "zero. Pass the state this transformation's init returned, or "
+          "restore a checkpoint against it (lw.restore_state("
+          "tx.init(params), restored)).")
     rates = _rates(fn, step, state.weight_decays, state.count)
-    out = [u if wd is None else _decayed(u, p, wd)
-           for u, p, wd in zip(step.updates, step.params, rates)]
+    p0 = ([None] * len(rates) if state.toward is None
+          else step.plan.check_holes(fn, state.toward)[0])
+    out = [u if wd is None else _decayed(u, p, wd, t)
+           for u, p, wd, t in zip(step.updates, step.params, rates, p0)]
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,

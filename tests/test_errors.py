@@ -304,6 +304,34 @@ CATALOGUE = [
         at_update(lambda: lw.add_decayed_weights({"**": 0.1}), PARAMS,
                   update_params=EXTRA), ValueError,
         ("only in the params: 'extra'", "Pass the params the updates are for")),
+    Row("weight-decay-toward-not-an-array",
+        lambda: lw.add_decayed_weights({"**": 0.1},
+                                       toward={**PARAMS, "head": {"w": 0.5}}),
+        TypeError, ("lw.add_decayed_weights: toward 'head/w' is a float, not "
+                    "an array", "a tree of arrays with the params' paths",
+                    "None for the leaves or subtrees that decay toward zero")),
+    Row("weight-decay-toward-other-tree",
+        at_init(lambda: lw.add_decayed_weights({"**": 0.1}, toward=LESS)),
+        ValueError, ("toward does not have the structure of the params given "
+                     "to init (missing from toward: 'embed')",
+                     "lw.paths(params) lists them")),
+    Row("weight-decay-toward-shape",
+        at_init(lambda: lw.add_decayed_weights({"**": 0.1}, toward=RESHAPED)),
+        ValueError, ("toward 'embed' has shape (5, 2), the parameter (4, 2)",
+                     "such as the pretrained params after lw.transplant")),
+    Row("weight-decay-toward-dtype",
+        at_init(lambda: lw.add_decayed_weights({"**": 0.1}, toward={
+            **PARAMS, "embed": PARAMS["embed"].astype(jnp.bfloat16)})),
+        TypeError, ("toward 'embed' has dtype bfloat16, the parameter float32",
+                    "toward.astype(param.dtype)")),
+    Row("weight-decay-toward-not-in-state",
+        lambda: _early(lambda: lw.add_decayed_weights(
+            {"**": 0.1}, toward=PARAMS), "construction").update(
+                PARAMS, lw.add_decayed_weights({"**": 0.1}).init(PARAMS),
+                PARAMS), ValueError,
+        ("decays toward= given weights, but the state was initialised "
+         "without them", "every leaf would decay toward zero",
+         "Pass the state this transformation's init returned")),
     # ------------------------------------------------------------ set_scale
     Row("set-scale-typo", lambda: lw.set_scale(scale_state(), "encodr/**", 0.5),
         ValueError, ("selector 'encodr/**' matches no parameter",

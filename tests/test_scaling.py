@@ -5,6 +5,7 @@ References: PyTorch's AdamW and SGD update rules, written out in NumPy
 groups ``lr_g = lr * r_g``; and optax's own transformations.
 """
 
+import functools
 import re
 
 import chex
@@ -558,6 +559,192 @@ def test_a_zero_weight_decay_leaves_the_update_as_it_is():
   np.testing.assert_array_equal(updates["b"], grads["b"])
   ref, _ = optax.add_decayed_weights(0.1).update(grads, None, params)
   np.testing.assert_array_equal(updates["c"], ref["c"])
+
+
+# -------------------------------------------- decay toward given weights (L2-SP)
+
+# The pretrained weights the fine-tune decays toward; the head is new.
+P0 = jax.tree_util.tree_map(lambda p: (0.5 * p + 0.25).astype(p.dtype),
+                            PARAMS)
+TOWARD_RULES = {lw.NO_DECAY: 0.0, "embed": 0.01, "**": 0.1}
+
+
+def test_toward_adds_wd_times_p_minus_p0_by_hand():
+  # u + wd_g * (p - p0), in NumPy: two decayed groups, NO_DECAY (block/b)
+  # left as it is, and the new head (None in toward) decayed toward zero.
+  toward = {**P0, "head": None}
+  tx = lw.add_decayed_weights(TOWARD_RULES, toward=toward)
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  grads = grad_fn(params)
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(grads, state, params)
+  p, p0, u = flat(PARAMS), flat(P0), flat(grads)
+  expected = {"embed": u["embed"] + np.float32(0.01) * (p["embed"] - p0["embed"]),
+              "block/w": u["block/w"] + np.float32(0.1) * (p["block/w"]
+                                                          - p0["block/w"]),
+              "block/b": u["block/b"],
+              "head/w": u["head/w"] + np.float32(0.1) * p["head/w"]}
+  got = flat(updates)
+  for k, v in expected.items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+  np.testing.assert_array_equal(got["block/b"], u["block/b"])
+  # p0 lives in the state, a copy of what was given, shaped like the params
+  # (None where it decays toward zero), and the update keeps it.
+  assert new_state.toward["head"] == {"w": None}
+  for k, v in flat(new_state.toward).items():
+    np.testing.assert_array_equal(v, p0[k])
+  assert state.toward["embed"] is not P0["embed"]
+
+
+def test_toward_is_a_copy_that_donated_params_do_not_take_along():
+  # p0 given as the params themselves (the usual call after lw.transplant):
+  # a step that donates the params must not delete the state's p0.
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  start = flat(PARAMS)
+  tx = lw.add_decayed_weights({"**": 0.1}, toward=params)
+  state = tx.init(params)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(params, state):
+    updates, state = tx.update(grad_fn(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(2):
+    params, state = step(params, state)
+  for k, v in flat(state.toward).items():
+    np.testing.assert_array_equal(v, start[k])
+  updates, _ = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.zeros_like,
+                                                          params),
+                                  state, params)
+  for k, v in flat(updates).items():
+    np.testing.assert_allclose(
+        v, np.float32(0.1) * (np.asarray(flat(params)[k]) - start[k]),
+        rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("rules", [TOWARD_RULES, {"**": 0.05}])
+def test_toward_zeros_is_plain_weight_decay_bit_for_bit(rules):
+  # p - 0 is p exactly (NaN, inf and -0 too), and a zero weight decay still
+  # leaves the update as it is.
+  params = {**jax.tree_util.tree_map(jnp.asarray, PARAMS),
+            "bad": {"w": BAD}}
+  grads = jax.tree_util.tree_map(lambda p: jnp.full(p.shape, -0.0), params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  rules = {"bad/**": 0.0, **rules}
+  ours = lw.add_decayed_weights(rules, toward=zeros)
+  plain = lw.add_decayed_weights(rules)
+  varied = {**grad_fn({k: v for k, v in params.items() if k != "bad"}),
+            "bad": {"w": jnp.full((2, 2), 0.25)}}
+  for g in [grads, varied]:
+    got, _ = jax.jit(ours.update)(g, ours.init(params), params)
+    ref, _ = jax.jit(plain.update)(g, plain.init(params), params)
+    chex.assert_trees_all_equal(got, ref)
+    if rules.get("**") == 0.05:
+      without_bad = lambda t: {k: v for k, v in t.items() if k != "bad"}
+      optax_ref, _ = optax.add_decayed_weights(0.05).update(
+          without_bad(g), None, without_bad(params))
+      chex.assert_trees_all_equal(without_bad(got), optax_ref)
+
+
+def test_toward_zeros_in_the_adamw_chain_is_optax_adamw():
+  # optax.adamw is chain(scale_by_adam, add_decayed_weights, lr): decoupled
+  # decay toward p0 goes where its decay goes.
+  zeros = jax.tree_util.tree_map(np.zeros_like, PARAMS)
+  ours = optax.chain(optax.scale_by_adam(),
+                     lw.add_decayed_weights({"**": 0.1}, toward=zeros),
+                     optax.scale_by_learning_rate(1e-2))
+  chex.assert_trees_all_equal(run_optax(ours),
+                              run_optax(optax.adamw(1e-2, weight_decay=0.1)))
+
+
+def test_toward_with_set_weight_decay():
+  tx = lw.add_decayed_weights(TOWARD_RULES, toward=P0)
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  state = lw.set_weight_decay(tx.init(params), "block/b", 0.5)   # NO_DECAY
+  state = lw.set_weight_decay(state, "head/**", 0.0)
+  update = jax.jit(tx.update)
+  updates, _ = update(zeros, state, params)
+  p, p0 = flat(PARAMS), flat(P0)
+  np.testing.assert_allclose(updates["block"]["b"],
+                             np.float32(0.5) * (p["block/b"] - p0["block/b"]),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(updates["head"]["w"], np.zeros((3, 2)))
+  assert update._cache_size() == 1  # the same step, new coefficients
+
+
+def test_toward_inside_freeze_is_of_the_whole_model():
+  # Inside lw.freeze the inner transformation sees the trainable leaves
+  # only; toward is written for the whole model, as the rule sets are.
+  inner = lw.add_decayed_weights({"**": 0.1}, toward=P0)
+  tx = lw.freeze(inner, "embed")
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, state = jax.jit(tx.update)(zeros, tx.init(params), params)
+  p, p0 = flat(PARAMS), flat(P0)
+  np.testing.assert_array_equal(updates["embed"], np.zeros((6, 3)))
+  for k in ["block/w", "block/b", "head/w"]:
+    np.testing.assert_allclose(flat(updates)[k],
+                               np.float32(0.1) * (p[k] - p0[k]), rtol=1e-6)
+  is_decay = lambda s: isinstance(s, lw.AddDecayedWeightsState)
+  (inner_state,) = [s for s in jax.tree_util.tree_leaves(state,
+                                                         is_leaf=is_decay)
+                    if is_decay(s)]
+  assert set(flat(inner_state.toward)) == {"block/w", "block/b", "head/w"}
+
+
+def test_toward_checkpoint_round_trip_keeps_p0():
+  # The state's p0 is saved and restored like any array of the state: by
+  # path, whether against a target or restored without one.
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  tx = optax.chain(optax.scale_by_adam(),
+                   lw.add_decayed_weights(TOWARD_RULES,
+                                          toward={**P0, "head": None}),
+                   optax.scale_by_learning_rate(1e-2))
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grad_fn(params), state, params)
+    params = optax.apply_updates(params, updates)
+  saved = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+           jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert "[1].toward['block']['w']" in saved
+  assert not any(k.startswith("[1].toward['head']") for k in saved)
+  # A target built with other weights gets the saved p0 back.
+  other = lw.add_decayed_weights(TOWARD_RULES, toward={
+      **jax.tree_util.tree_map(np.zeros_like, P0), "head": None})
+  target = optax.chain(optax.scale_by_adam(), other,
+                       optax.scale_by_learning_rate(1e-2)).init(
+                           jax.tree_util.tree_map(jnp.asarray, PARAMS))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  restored = treedef.unflatten([saved[jax.tree_util.keystr(k)]
+                                for k, _ in leaves])
+  raw = lw.restore_state(target, {
+      "0": {"count": saved["[0].count"],
+            "mu": state[0].mu, "nu": state[0].nu},
+      "1": {"count": saved["[1].count"],
+            "weight_decays": saved["[1].weight_decays"],
+            "toward": jax.tree_util.tree_map(np.asarray, state[1].toward)},
+      "2": {}})
+  for back in [restored, raw]:
+    chex.assert_trees_all_equal(back[1].toward, state[1].toward)
+    ours, _ = tx.update(grad_fn(params), back, params)
+    ref, _ = tx.update(grad_fn(params), state, params)
+    chex.assert_trees_all_equal(ours, ref)
+
+
+def test_without_toward_the_state_is_as_before():
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  plain = lw.add_decayed_weights(TOWARD_RULES).init(params)
+  assert plain.toward is None
+  assert [jax.tree_util.keystr(k) for k, _ in
+          jax.tree_util.tree_flatten_with_path(plain)[0]] == [
+              ".count", ".weight_decays"]
+  # With it, describe counts the copy of p0 as each parameter's state.
+  tx = lw.add_decayed_weights(TOWARD_RULES, toward={**P0, "head": None})
+  rows = {r["path"]: r for r in lw.describe(tx, params).rows}
+  assert rows["block/w"]["state_bytes"] == 9 * 4
+  assert rows["head/w"]["state_bytes"] == 0
+  assert lw.hyperparams(tx.init(params)) == lw.hyperparams(plain)
 
 
 # ------------------------------------------------------------ scalar types
