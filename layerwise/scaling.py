@@ -418,7 +418,10 @@ def add_decayed_weights(
   ``state_bytes``). Inside :func:`layerwise.partition` or
   :func:`layerwise.freeze`, ``p0`` is of the whole model, like their rule
   sets; inside :func:`layerwise.reparameterize`, whose inner optimizer sees
-  ``phi = theta / lam``, give ``p0 / lam``.
+  ``phi = theta / lam``, give ``p0 / lam``. ``toward="init"`` takes ``p0``
+  from the params ``init`` is given, which needs no second tree, works
+  inside ``reparameterize`` as it is, and keeps a jitted ``init`` free of
+  ``p0`` as a constant (a tree given as ``toward=`` is one there).
 
   Args:
     rules: ``{selector: weight_decay}``; see :func:`layerwise.resolve`.
@@ -426,8 +429,11 @@ def add_decayed_weights(
       unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
     toward: the weights to decay toward, a tree like the params (``None``
-      for leaves that decay toward zero); ``None``: every leaf decays
-      toward zero.
+      for leaves that decay toward zero); ``"init"``: the params given to
+      ``init`` (the pretrained weights when ``init`` is called on them,
+      and, under ``jax.jit(tx.init)``, an argument rather than a constant
+      baked into the compiled init); ``None``: every leaf decays toward
+      zero.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -495,14 +501,22 @@ def add_decayed_weights(
   fn = "lw.add_decayed_weights"
   rule_set, default = _rate_rules(fn, rules, default, "weight decay")
   unchanged = _unchanged(fn, rule_set, default, "weight decay")
-  if toward is not None:
+  if isinstance(toward, str):
+    if toward != "init":
+      raise ValueError(
+          f"{fn}: toward={toward!r} is not a tree of weights; the one string "
+          "it takes is 'init' (decay toward the params given to init). "
+          + _TOWARD_HINT)
+  elif toward is not None:
     _validate.arrays(fn, "toward", toward, _TOWARD_HINT)
 
   def init(res: Resolution, params: list[Any]) -> AddDecayedWeightsState:
-    del params
     _check_dtypes(fn, res, "weight decay", 0.0, "be decayed")
     p0 = None
-    if toward is not None:
+    if toward == "init":
+      # The params themselves: arguments of a jitted init, not constants.
+      p0 = res.treedef.unflatten([jnp.array(x, copy=True) for x in params])
+    elif toward is not None:
       p0 = res.treedef.unflatten([
           None if x is None else jnp.array(x, copy=True)
           for x in _core.like_params(fn, "toward", toward, res, _TOWARD_HINT)])

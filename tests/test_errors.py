@@ -304,6 +304,10 @@ CATALOGUE = [
         at_update(lambda: lw.add_decayed_weights({"**": 0.1}), PARAMS,
                   update_params=EXTRA), ValueError,
         ("only in the params: 'extra'", "Pass the params the updates are for")),
+    Row("weight-decay-toward-string",
+        lambda: lw.add_decayed_weights({"**": 0.1}, toward="pretrained"),
+        ValueError, ("lw.add_decayed_weights: toward='pretrained' is not a "
+                     "tree of weights", "the one string it takes is 'init'")),
     Row("weight-decay-toward-not-an-array",
         lambda: lw.add_decayed_weights({"**": 0.1},
                                        toward={**PARAMS, "head": {"w": 0.5}}),

@@ -622,6 +622,38 @@ def test_toward_is_a_copy_that_donated_params_do_not_take_along():
         rtol=1e-6, atol=1e-8)
 
 
+def test_toward_init_is_the_params_given_to_init():
+  # toward="init" decays toward the params init was given: the same as
+  # passing them as the tree, bit for bit, under a jitted init and a step
+  # that donates the params; and the jitted init takes p0 as its argument,
+  # where a tree given as toward= is a constant of the compiled init.
+  params = jax.tree_util.tree_map(jnp.asarray, PARAMS)
+  start = flat(PARAMS)
+  by_tree = lw.add_decayed_weights(TOWARD_RULES, toward=params)
+  by_init = lw.add_decayed_weights(TOWARD_RULES, toward="init")
+
+  def run(tx):
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(params, state):
+      updates, state = tx.update(grad_fn(params), state, params)
+      return optax.apply_updates(params, updates), state
+    p = jax.tree_util.tree_map(jnp.array, params)
+    state = jax.jit(tx.init)(p)
+    for _ in range(3):
+      p, state = step(p, state)
+    return p, state
+
+  (p_tree, s_tree), (p_init, s_init) = run(by_tree), run(by_init)
+  for k, v in flat(p_init).items():
+    assert np.asarray(v).tobytes() == np.asarray(flat(p_tree)[k]).tobytes(), k
+  for k, v in flat(s_init.toward).items():
+    np.testing.assert_array_equal(v, start[k])
+  assert flat(s_init.toward).keys() == flat(s_tree.toward).keys()
+  consts = lambda tx: jax.jit(tx.init).lower(params).as_text().count(
+      "stablehlo.constant dense<[")
+  assert consts(by_init) + len(flat(s_tree.toward)) == consts(by_tree)
+
+
 @pytest.mark.parametrize("rules", [TOWARD_RULES, {"**": 0.05}])
 def test_toward_zeros_is_plain_weight_decay_bit_for_bit(rules):
   # p - 0 is p exactly (NaN, inf and -0 too), and a zero weight decay still
