@@ -286,7 +286,7 @@ class Holes(NamedTuple):
       hole = self.nodes[k]
       if values and all(v is not None for v in values):
         if under is not None:
-          structure = jax.tree_util.tree_structure(under[k])
+          structure: Any = jax.tree_util.tree_structure(under[k])
           if structure.num_leaves == len(values):
             hole = structure.unflatten(values)
         elif self.exact[k]:

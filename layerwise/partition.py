@@ -3,8 +3,10 @@
 ``partition`` sends each group of parameters (chosen by a rule set) to its
 own optax transformation; ``freeze`` wraps one optimizer so that some leaves
 get a zero update and hold no optimizer state; ``stop_gradient`` stops the
-backward pass at frozen leaves. All three resolve their rules once, from
-the tree's paths, shapes and dtypes, so nothing is matched inside ``jit``.
+backward pass at frozen leaves, and ``grad`` / ``value_and_grad`` make no
+gradient for them at all (``None`` in their place). All resolve their rules
+once, from the tree's paths, shapes and dtypes, so nothing is matched inside
+``jit``.
 
 The mechanism is shared: every leaf is assigned statically to one group (an
 inner transformation) or to none (frozen). Each inner transformation sees a
@@ -278,7 +280,8 @@ def partition(
   its step: its transformation is not called, its state (step count
   included) stays as it is, and its updates come back as given. This is
   decided from the tree's structure, when ``update`` is traced. ``None``
-  for only some of a group's leaves is an error.
+  for only some of a group's leaves is an error. Frozen leaves get a zero
+  update with or without a gradient, as in :func:`freeze`.
 
   Args:
     rules: ``{selector: transformation or None}``; see
@@ -406,9 +409,13 @@ def freeze(
   ``freeze`` sees every gradient, so it would count the frozen leaves' NaN
   gradients as non-finite steps, and stop protecting after ``k`` of them.
 
-  Gradients that are ``None`` (or ``optax.MaskedNode()``) stay ``None`` in
-  the updates; when every trainable leaf's gradient is, ``inner`` skips its
-  step (its state stays as it is).
+  A frozen leaf's update is a zero also when its gradient is ``None`` (or
+  ``optax.MaskedNode()``), as :func:`grad` gives it: shaped like its param
+  (a ``None`` subtree filled with the params' structure; without params,
+  a ``None`` leaf gets zeros of its shape at init and a ``None`` subtree
+  stays ``None``), so ``optax.apply_updates`` takes the updates. A
+  trainable leaf's ``None`` stays ``None``; when every trainable leaf's
+  gradient is, ``inner`` skips its step (its state stays as it is).
 
   Rule sets inside ``inner`` are written for the whole model: they are
   resolved on the trainable leaves but checked against every leaf, so
