@@ -17,16 +17,23 @@ interleaved round by round:
   optax.set_to_zero()}, labels)``;
 * ``lw.freeze``: ``lw.freeze(chain(clip, adamw), frozen)``;
 * ``lw.freeze+sg``: the same with ``lw.stop_gradient(params, frozen)`` in the
-  loss.
+  loss;
+* ``lw.freeze+grad``: the same with ``lw.value_and_grad(loss, frozen)``
+  instead of ``jax.value_and_grad``: no gradient at all (``None``) for the
+  frozen leaves.
 
 ``--grads-used`` makes every step also return the global norm of all the
 gradients, as a training loop that logs it does; then nothing can drop
-the frozen layers' backward pass except ``lw.stop_gradient``.
+the frozen layers' backward pass except ``lw.stop_gradient`` and
+``lw.value_and_grad``.
 
 Prints, as ratios to ``full``: the median step time, XLA's flop count of the
 compiled step (``cost_analysis``), the compiled step's peak memory
-(``memory_analysis``: arguments + outputs - donated + temporaries) and the
-optimizer-state bytes; writes them as JSON (``--out``).
+(``memory_analysis``: arguments + outputs - donated + temporaries), the
+optimizer-state bytes, and the peak memory of the gradient function compiled
+on its own (``grads``: the gradients leave the jitted function, as when they
+are accumulated over micro-batches or all-reduced outside the step);
+writes them as JSON (``--out``).
 
 Run:  python benchmarks/frozen.py [--model small] [--steps 5] [--repeats 3]
       [--grads-used] [--out frozen.json]
@@ -106,22 +113,28 @@ def optimizers(frozen, mask):
           {"train": inner(), "frozen": optax.set_to_zero()}, labels), False),
       "lw.freeze": (lw.freeze(inner(), frozen), False),
       "lw.freeze+sg": (lw.freeze(inner(), frozen), True),
+      "lw.freeze+grad": (lw.freeze(inner(), frozen), "grad"),
   }
 
 
 def make_step(model, tx, frozen, stop, grads_used):
+  """The training step; ``stop``: ``True`` for ``lw.stop_gradient`` in the
+  loss, ``"grad"`` for ``lw.value_and_grad``."""
   def loss_fn(params, tokens, labels):
-    if stop:
+    if stop is True:
       params = lw.stop_gradient(params, frozen)
     logits = model.apply({"params": params}, tokens)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
+  value_and_grad = (lw.value_and_grad(loss_fn, frozen) if stop == "grad"
+                    else jax.value_and_grad(loss_fn))
+
   def step(params, state, tokens, labels):
-    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, labels)
+    loss, grads = value_and_grad(params, tokens, labels)
     updates, state = tx.update(grads, state, params)
     out = (loss, optax.global_norm(grads)) if grads_used else loss
     return optax.apply_updates(params, updates), state, out
-  return step
+  return step, value_and_grad
 
 
 def compiled_costs(compiled):
@@ -164,7 +177,7 @@ def main():
 
   built, rows = {}, []
   for name, (tx, stop) in optimizers(frozen, mask).items():
-    step = make_step(model, tx, frozen, stop, args.grads_used)
+    step, grad_fn = make_step(model, tx, frozen, stop, args.grads_used)
     p = jax.tree_util.tree_map(jnp.copy, params)
     state = tx.init(p)
     t0 = time.perf_counter()
@@ -172,10 +185,13 @@ def main():
         p, state, tokens, labels).compile()
     compile_s = time.perf_counter() - t0
     flops, peak = compiled_costs(compiled)
+    _, grads_peak = compiled_costs(jax.jit(grad_fn).lower(p, tokens, labels)
+                                   .compile())
     state_bytes = bench.state_bytes(tx, p)
     built[name] = (compiled, [p, state])
     rows.append(dict(variant=name, compile_s=compile_s, flops=flops,
-                     peak_bytes=peak, state_bytes=state_bytes))
+                     peak_bytes=peak, state_bytes=state_bytes,
+                     grads_peak_bytes=grads_peak))
 
   def run(compiled, carry, steps):
     t0 = time.perf_counter()
@@ -192,7 +208,8 @@ def main():
       samples[name].append(run(compiled, carry, args.steps))
 
   header = (f"{'variant':<16} {'step ms':>8} {'step x':>7} {'flops x':>7} "
-            f"{'peak MB':>8} {'peak x':>7} {'state MB':>8} {'state x':>7} {'compile s':>9}")
+            f"{'peak MB':>8} {'peak x':>7} {'state MB':>8} {'state x':>7} "
+            f"{'grads MB':>8} {'grads x':>7} {'compile s':>9}")
   print(header)
   print("-" * len(header))
   base = None
@@ -201,10 +218,12 @@ def main():
     base = base or dict(row)
     for k in ("step_ms", "flops", "peak_bytes", "state_bytes"):
       row[k.split("_")[0] + "_ratio"] = row[k] / base[k]
+    row["grads_peak_ratio"] = row["grads_peak_bytes"] / base["grads_peak_bytes"]
     print(f"{row['variant']:<16} {row['step_ms']:>8.1f} {row['step_ratio']:>7.2f} "
           f"{row['flops_ratio']:>7.2f} {row['peak_bytes'] / 2**20:>8.1f} "
           f"{row['peak_ratio']:>7.2f} {row['state_bytes'] / 2**20:>8.1f} "
-          f"{row['state_ratio']:>7.2f} {row['compile_s']:>9.2f}", flush=True)
+          f"{row['state_ratio']:>7.2f} {row['grads_peak_bytes'] / 2**20:>8.1f} "
+          f"{row['grads_peak_ratio']:>7.2f} {row['compile_s']:>9.2f}", flush=True)
   bench.write_json(args.out, dict(
       device=jax.devices()[0].device_kind, model=args.model, sizes=sizes,
       parameters=n, frozen_parameters=n_frozen, grads_used=args.grads_used,

@@ -137,13 +137,16 @@ def frozen_chart(results, images):
     ax.legend(fontsize=7, ncol=2, loc="upper right")
     print(f"\n### {name}, {MACHINES[machine]}, model {data['results']['model']} "
           f"(jax {data['jax']}, optax {data['optax']})\n")
-    print("| variant | step ms | step | flops | peak memory | optimizer state |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| variant | step ms | step | flops | peak memory | optimizer state "
+          "| gradient function's peak |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
+      grads = (f"{r['grads_peak_ratio']:.2f}x ({r['grads_peak_bytes'] / 2**20:.0f} MiB)"
+               if "grads_peak_bytes" in r else "-")  # not in older results
       print(f"| `{r['variant']}` | {r['step_ms']:.1f} | {r['step_ratio']:.2f}x | "
             f"{r['flops_ratio']:.2f}x | {r['peak_ratio']:.2f}x "
             f"({r['peak_bytes'] / 2**20:.0f} MiB) | {r['state_ratio']:.2f}x "
-            f"({r['state_bytes'] / 2**20:.0f} MiB) |")
+            f"({r['state_bytes'] / 2**20:.0f} MiB) | {grads} |")
   first = runs[0][2]
   fig.suptitle("A transformer encoder with the embeddings and 9 of 12 blocks frozen: "
                "one training step\n" + caption(first, COMMANDS["frozen"])

@@ -50,8 +50,10 @@ from layerwise.partition import (
     FreezeState,
     PartitionState,
     freeze,
+    grad,
     partition,
     stop_gradient,
+    value_and_grad,
 )
 from layerwise.reparam import (
     ReparameterizeState,
@@ -110,6 +112,7 @@ __all__ = [
     "equivalent_multipliers",
     "equivalent_scales",
     "freeze",
+    "grad",
     "hyperparams",
     "labels",
     "layer_decay",
@@ -131,4 +134,5 @@ __all__ = [
     "stop_gradient",
     "track_norms",
     "transplant",
+    "value_and_grad",
 ]

@@ -235,8 +235,12 @@ def is_hole(node: Any) -> bool:
 
 
 class _Hole:
-  """A leaf that marks where ``tree`` had a hole (see :func:`_find_holes`)."""
-  __slots__ = ()
+  """A leaf that marks where ``tree`` had a hole, ``node`` (see
+  :func:`_find_holes`)."""
+  __slots__ = ("node",)
+
+  def __init__(self, node: Any):
+    self.node = node
 
 
 class Holes(NamedTuple):
@@ -250,11 +254,45 @@ class Holes(NamedTuple):
       params like it (a hole's leaf is the params' subtree there).
     slots: for each leaf of ``treedef``, the plan index it is, or -1 for a
       hole.
+    covers: for each leaf of ``treedef``, the plan indices of the leaves
+      it stands for (one for a leaf, those under its path for a hole).
+    nodes: for each leaf of ``treedef``, the hole as given (``None`` or
+      ``optax.MaskedNode()``; ``None`` for a leaf too).
+    exact: for each leaf of ``treedef``, whether it is a hole in place of
+      exactly one leaf at init (at that leaf's path), which the leaf itself
+      can fill.
   """
   present: tuple[int, ...]
   absent: tuple[int, ...]
   treedef: Any
   slots: tuple[int, ...]
+  covers: tuple[tuple[int, ...], ...] = ()
+  nodes: tuple[Any, ...] = ()
+  exact: tuple[bool, ...] = ()
+
+  def rebuilt(self, out: Sequence[Any], under: Sequence[Any] | None) -> Any:
+    """The update tree of ``out`` (one entry per leaf of the plan): each
+    present leaf where it was, and each hole filled with ``out``'s values
+    for its leaves when all of them are given (not ``None``) and the
+    hole's structure is known (that of the params' subtree there,
+    ``under``, or a hole in place of exactly one leaf); otherwise the hole
+    as given."""
+    slots = []
+    for k, i in enumerate(self.slots):
+      if i >= 0:
+        slots.append(out[i])
+        continue
+      values = [out[j] for j in self.covers[k]]
+      hole = self.nodes[k]
+      if values and all(v is not None for v in values):
+        if under is not None:
+          structure: Any = jax.tree_util.tree_structure(under[k])
+          if structure.num_leaves == len(values):
+            hole = structure.unflatten(values)
+        elif self.exact[k]:
+          hole = values[0]
+      slots.append(hole)
+    return self.treedef.unflatten(slots)
 
 
 #: An update tree with every leaf of the plan.
@@ -267,11 +305,13 @@ def unskipped_error(fn: str, absent: Sequence[str]) -> ValueError:
   return ValueError(
       f"{fn}: the updates hold None (or optax.MaskedNode()) for "
       f"{len(absent)} parameter(s) ({_diagnostics.few(absent)}), and {fn} "
-      "does not skip parameters without gradients: only lw.partition and "
-      "lw.freeze do, a whole group at a time (alternating updates). Put "
+      "does not take parameters without gradients: lw.partition, "
+      "lw.freeze, lw.scale_by_rules, lw.add_decayed_weights, "
+      "lw.clip_by_rules, lw.track_norms and lw.map_updates do (the "
+      "gradients of lw.grad, alternating updates). Put "
       f"{fn} inside the optimizer of each group (lw.partition({{...: "
-      f"optax.chain({fn}(...), ...)}})), or give every parameter a "
-      "gradient.")
+      f"optax.chain({fn}(...), ...)}})) or inside lw.freeze, or give every "
+      "parameter a gradient.")
 
 
 def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:
@@ -281,30 +321,41 @@ def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:
   Each hole, named by its path, covers the leaves at init under that path:
   a run of consecutive leaves, since a subtree flattens in one piece.
   """
-  marked = jax.tree_util.tree_map(lambda x: _Hole() if is_hole(x) else x,
+  marked = jax.tree_util.tree_map(lambda x: _Hole(x) if is_hole(x) else x,
                                   tree, is_leaf=is_hole)
   paths, leaves, treedef = _paths.flatten_with_paths(marked)
   present: list[int] = []
   absent: list[int] = []
   slots: list[int] = []
+  covers: list[tuple[int, ...]] = []
+  nodes: list[Any] = []
+  exact: list[bool] = []
   i = 0
   for path, leaf in zip(paths, leaves):
     if isinstance(leaf, _Hole):
       under = path + "/"
+      start = i
       while i < len(at_init) and (path == "" or at_init[i] == path
                                   or at_init[i].startswith(under)):
         absent.append(i)
         i += 1
       slots.append(-1)
+      covers.append(tuple(range(start, i)))
+      nodes.append(leaf.node)
+      exact.append(i == start + 1 and at_init[start] == path)
     elif i < len(at_init) and at_init[i] == path:
       present.append(i)
       slots.append(i)
+      covers.append((i,))
+      nodes.append(None)
+      exact.append(False)
       i += 1
     else:
       return None
   if i != len(at_init) or not absent:
     return None
-  return Holes(tuple(present), tuple(absent), treedef, tuple(slots))
+  return Holes(tuple(present), tuple(absent), treedef, tuple(slots),
+               tuple(covers), tuple(nodes), tuple(exact))
 
 
 def flatten_like(fn: str, treedef: Any, tree: Any,
@@ -383,8 +434,8 @@ class Step(NamedTuple):
       them to every transformation).
     absent: the indices of the leaves the updates lack (``None`` or
       ``optax.MaskedNode()`` in their place; their entries in ``updates``
-      and ``params`` are ``None``), for a transformation made with
-      ``skips=True``; empty otherwise.
+      are ``None``, those in ``params`` the params' leaves there), for a
+      transformation made with ``skips=True``; empty otherwise.
   """
   plan: Plan
   updates: list[Any]
@@ -420,8 +471,10 @@ def ruled(
     skips: whether the updates may hold ``None`` (or
       ``optax.MaskedNode()``) in place of leaves, or of whole subtrees,
       that the params had at init (:attr:`Step.absent`); they stay where
-      they are in the updates returned, and ``update``'s values for them
-      are ignored. Without it, such updates are a structure error.
+      they are in the updates returned, unless ``update`` gives values for
+      all the leaves of one (a frozen leaf's zero), which then fill it
+      (:meth:`Holes.rebuilt`). Without it, such updates are a structure
+      error.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -439,6 +492,7 @@ def ruled(
       holes = NO_HOLES
     else:
       leaves, treedef, holes = plan.check_holes(fn, updates)
+    given: list[Any] | None = None  # the params, flattened like the holes
     if params is None:
       param_leaves = None
     elif not holes.absent:
@@ -446,9 +500,11 @@ def ruled(
     else:  # the params have leaves where the updates have holes
       given = flatten_like(fn, holes.treedef, params)
       param_leaves = [None] * len(plan.paths)
-      for i, p in zip(holes.slots, given):
-        if i >= 0:
-          param_leaves[i] = p
+      for k, p in enumerate(given):
+        leaves_there = jax.tree_util.tree_leaves(p)
+        if len(leaves_there) == len(holes.covers[k]):
+          for i, leaf in zip(holes.covers[k], leaves_there):
+            param_leaves[i] = leaf
     if param_leaves is None and needs_params is not None:
       who = needs_params(plan)
       if who is not None:
@@ -456,7 +512,7 @@ def ruled(
     out, new_state = update(Step(plan, leaves, param_leaves, treedef,
                                  extra_args, holes.absent), state)
     if holes.absent:
-      out = [out[i] for i in holes.present]
+      return holes.rebuilt(out, given), new_state
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -903,9 +903,19 @@ def clip_by_rules(
     out = list(step.updates)
     norms, scales, new_stats = [], [], []
     limits = _core.factors(state.thresholds, len(plan.layout))
+    absent = set(step.absent)
     for g, (key, row) in enumerate(plan.layout):
-      members = plan.members(g)
-      clipper = plan.values[members[0]]
+      clipper = plan.values[plan.members(g)[0]]
+      # Leaves without gradients (None, as lw.grad gives frozen leaves) are
+      # left out of their group; a group with none skips its clipping: its
+      # norm, scale and statistics stay as they were.
+      members = [i for i in plan.members(g) if i not in absent]
+      if not members:
+        norms.append(_core.unboxed(state.norms)[g])
+        scales.append(_core.unboxed(state.scales)[g])
+        new_stats.append((key, {} if key is None else
+                          {f: v[row] for f, v in state.stats[key].items()}))
+        continue
       group_params = None
       if clipper.needs_params:
         assert step.params is not None  # needs_params says so
@@ -926,7 +936,7 @@ def clip_by_rules(
                                stats=_stack_stats(new_stats))
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, needs_params=needs_params)
+                     update=update, needs_params=needs_params, skips=True)
 
 
 def set_threshold(opt_state: PyTree, selector: SelectorLike,

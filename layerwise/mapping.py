@@ -116,7 +116,7 @@ def map_updates(
              ) -> tuple[list[Any], MapUpdatesState]:
     out = []
     for i, (u, selected) in enumerate(zip(step.updates, step.plan.values)):
-      if selected is not None:
+      if selected is not None and u is not None:  # None: no gradient
         p = None if step.params is None else step.params[i]
         path = step.plan.paths[i]
         new = _map_one(fn, u, p, path)
@@ -129,4 +129,4 @@ def map_updates(
     return out, state
 
   return _core.ruled(name, rule_set, default=False, strict=strict, init=init,
-                     update=update)
+                     update=update, skips=True)

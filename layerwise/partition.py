@@ -3,8 +3,10 @@
 ``partition`` sends each group of parameters (chosen by a rule set) to its
 own optax transformation; ``freeze`` wraps one optimizer so that some leaves
 get a zero update and hold no optimizer state; ``stop_gradient`` stops the
-backward pass at frozen leaves. All three resolve their rules once, from
-the tree's paths, shapes and dtypes, so nothing is matched inside ``jit``.
+backward pass at frozen leaves, and ``grad`` / ``value_and_grad`` make no
+gradient for them at all (``None`` in their place). All resolve their rules
+once, from the tree's paths, shapes and dtypes, so nothing is matched inside
+``jit``.
 
 The mechanism is shared: every leaf is assigned statically to one group (an
 inner transformation) or to none (frozen). Each inner transformation sees a
@@ -34,8 +36,8 @@ from layerwise._resolve import (MISSING, Flags, Resolution, Rules, RuleSet,
                                 Whole, flag_rules, whole_model)
 from layerwise._types import PyTree
 
-__all__ = ["FreezeState", "PartitionState", "freeze", "partition",
-           "stop_gradient"]
+__all__ = ["FreezeState", "PartitionState", "freeze", "grad", "partition",
+           "stop_gradient", "value_and_grad"]
 
 #: The group name of frozen leaves in :func:`partition`'s ``describe`` column.
 FROZEN = "frozen"
@@ -78,6 +80,17 @@ def _zero_like(x: jax.Array) -> jax.Array:
   if jnp.result_type(x) == jax.dtypes.float0:
     return x
   return jnp.where(False, x, jnp.zeros((), jnp.result_type(x)))
+
+
+def _zero_of(step: _core.Step, i: int) -> jax.Array:
+  """The zero update of leaf ``i``: like its gradient, or, where it has
+  none, like its param (sharded like it), or made from the plan's shape and
+  dtype when ``update`` got no params."""
+  if step.updates[i] is not None:
+    return _zero_like(step.updates[i])
+  if step.params is not None and step.params[i] is not None:
+    return _zero_like(jnp.asarray(step.params[i]))
+  return jnp.zeros(step.plan.shapes[i], step.plan.dtypes[i])
 
 
 #: What a leaf's group can be: an optax transformation, or ``None`` (frozen).
@@ -208,9 +221,11 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
         out[i] = u
       new_states.append(new_state)
     for i, g in enumerate(plan.groups):
-      if g < 0 and i not in absent:
-        # frozen: exactly zero, whatever the gradient (NaN included)
-        out[i] = _zero_like(step.updates[i])
+      if g < 0:
+        # frozen: exactly zero, whatever the gradient (NaN included), and
+        # for no gradient (None, as lw.grad gives), so that
+        # optax.apply_updates takes the updates
+        out[i] = _zero_of(step, i)
     return out, pack(tuple(new_states), plan)
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
@@ -265,7 +280,8 @@ def partition(
   its step: its transformation is not called, its state (step count
   included) stays as it is, and its updates come back as given. This is
   decided from the tree's structure, when ``update`` is traced. ``None``
-  for only some of a group's leaves is an error.
+  for only some of a group's leaves is an error. Frozen leaves get a zero
+  update with or without a gradient, as in :func:`freeze`.
 
   Args:
     rules: ``{selector: transformation or None}``; see
@@ -393,9 +409,13 @@ def freeze(
   ``freeze`` sees every gradient, so it would count the frozen leaves' NaN
   gradients as non-finite steps, and stop protecting after ``k`` of them.
 
-  Gradients that are ``None`` (or ``optax.MaskedNode()``) stay ``None`` in
-  the updates; when every trainable leaf's gradient is, ``inner`` skips its
-  step (its state stays as it is).
+  A frozen leaf's update is a zero also when its gradient is ``None`` (or
+  ``optax.MaskedNode()``), as :func:`grad` gives it: shaped like its param
+  (a ``None`` subtree filled with the params' structure; without params,
+  a ``None`` leaf gets zeros of its shape at init and a ``None`` subtree
+  stays ``None``), so ``optax.apply_updates`` takes the updates. A
+  trainable leaf's ``None`` stays ``None``; when every trainable leaf's
+  gradient is, ``inner`` skips its step (its state stays as it is).
 
   Rule sets inside ``inner`` are written for the whole model: they are
   resolved on the trainable leaves but checked against every leaf, so
@@ -498,3 +518,151 @@ def stop_gradient(params: PyTree, frozen: Flags, *,
   return res.treedef.unflatten(
       [jax.lax.stop_gradient(x) if f else x
        for x, f in zip(leaves, res.values)])
+
+
+# ------------------------------------------------------ grad / value_and_grad
+
+
+def value_and_grad(fn: Callable[..., Any], frozen: Flags, *,
+                   argnums: int = 0, has_aux: bool = False,
+                   strict: bool = True) -> Callable[..., Any]:
+  """``jax.value_and_grad`` of ``fn`` with respect to the trainable leaves only.
+
+  The params (argument ``argnums`` of ``fn``) are split into their
+  trainable and their ``frozen`` leaves; ``fn`` is differentiated with
+  respect to the trainable ones alone, the frozen ones being constants of
+  the differentiation. The gradient tree has the params' structure with
+  ``None`` in place of every frozen leaf: no gradient, zero or otherwise,
+  is made for them (the ``eqx.partition`` of Equinox, ``nnx.DiffState`` of
+  NNX, for any pytree), and the frozen backward computation is dropped as
+  with :func:`stop_gradient`. :func:`freeze` and :func:`partition` give
+  the frozen leaves a zero update from it, so ``optax.apply_updates``
+  takes their updates; :func:`layerwise.clip_by_rules`,
+  :func:`layerwise.track_norms`, :func:`layerwise.scale_by_rules`,
+  :func:`layerwise.add_decayed_weights` and :func:`layerwise.map_updates`
+  pass a ``None`` through, left out of every norm. Use the same ``frozen``
+  as in :func:`freeze`: the leaves are matched once per tree structure,
+  when the function is traced, with the rule language's errors for typos.
+
+  Args:
+    fn: the function to differentiate, ``fn(*args, **kwargs)``, returning a
+      scalar (or ``(scalar, aux)`` with ``has_aux``).
+    frozen: a selector, or a rule set ``{selector: bool}``, as in
+      :func:`freeze`.
+    argnums: the position of the params among ``fn``'s positional
+      arguments (one argument; the others are not differentiated).
+    has_aux: as in ``jax.value_and_grad``.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    A function of ``fn``'s arguments that returns ``(value, grads)`` (or
+    ``((value, aux), grads)`` with ``has_aux``).
+
+  Raises:
+    TypeError: for an ``fn`` that is not callable, an ``argnums`` that is
+      not an int, or a call with no argument at ``argnums``.
+    :class:`layerwise.RuleError`: when called, for a selector that matches
+      nothing (with the closest paths).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import layerwise as lw
+    >>> params = {"backbone": jnp.array(2.0), "head": jnp.array(3.0)}
+    >>> def loss(p, x):
+    ...   return p["backbone"] * p["head"] * x
+    >>> value, grads = lw.value_and_grad(loss, "backbone")(params, 1.0)
+    >>> value, grads
+    (Array(6., dtype=float32, weak_type=True), {'backbone': None, 'head': Array(2., dtype=float32, weak_type=True)})
+
+    The natural training step takes the gradients as they are:
+
+    >>> tx = lw.freeze(optax.sgd(0.1), "backbone")
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)
+    {'backbone': Array(2., dtype=float32), 'head': Array(2.8, dtype=float32)}
+  """
+  return _differentiated("lw.value_and_grad", fn, frozen, argnums=argnums,
+                         has_aux=has_aux, strict=strict, value=True)
+
+
+def grad(fn: Callable[..., Any], frozen: Flags, *, argnums: int = 0,
+         has_aux: bool = False, strict: bool = True) -> Callable[..., Any]:
+  """``jax.grad`` of ``fn`` with respect to the trainable leaves only.
+
+  :func:`value_and_grad` without the value: the gradient tree has the
+  params' structure with ``None`` in place of every ``frozen`` leaf.
+
+  Args:
+    fn: the function to differentiate, returning a scalar (or ``(scalar,
+      aux)`` with ``has_aux``).
+    frozen: a selector, or a rule set ``{selector: bool}``, as in
+      :func:`freeze`.
+    argnums: the position of the params among ``fn``'s positional
+      arguments.
+    has_aux: as in ``jax.grad``.
+    strict: as in :func:`layerwise.resolve`.
+
+  Returns:
+    A function of ``fn``'s arguments that returns the gradients (or
+    ``(grads, aux)`` with ``has_aux``).
+
+  Raises:
+    TypeError: as :func:`value_and_grad`.
+    :class:`layerwise.RuleError`: as :func:`value_and_grad`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import layerwise as lw
+    >>> params = {"backbone": {"w": jnp.ones(3)}, "head": {"w": jnp.ones(2)}}
+    >>> loss = lambda p: jnp.sum(p["backbone"]["w"]) * jnp.sum(p["head"]["w"])
+    >>> jax.jit(lw.grad(loss, "backbone/**"))(params)
+    {'backbone': {'w': None}, 'head': {'w': Array([3., 3.], dtype=float32)}}
+  """
+  return _differentiated("lw.grad", fn, frozen, argnums=argnums,
+                         has_aux=has_aux, strict=strict, value=False)
+
+
+def _differentiated(name: str, fn: Callable[..., Any], frozen: Flags, *,
+                    argnums: int, has_aux: bool, strict: bool,
+                    value: bool) -> Callable[..., Any]:
+  """:func:`value_and_grad` (``value``) or :func:`grad`, named ``name``."""
+  if not callable(fn):
+    raise TypeError(
+        f"{name}: fn must be the function to differentiate, fn(params, "
+        f"...), got {type(fn).__name__}; write {name}(loss, frozen)(params, "
+        "batch).")
+  if isinstance(argnums, bool) or not isinstance(argnums, int):
+    raise TypeError(
+        f"{name}: argnums must be one int, the position of the params among "
+        f"fn's arguments, got {argnums!r}; differentiate one tree of params "
+        "(put several in one tuple or dict).")
+  rule_set, default = _frozen_rules(name, frozen)
+
+  @functools.wraps(fn)
+  def differentiated(*args: Any, **kwargs: Any) -> Any:
+    if not -len(args) <= argnums < len(args):
+      raise TypeError(
+          f"{name}: the params are argument argnums={argnums} of fn, but it "
+          f"was called with {len(args)} positional argument(s); pass the "
+          "params positionally, or set argnums to their position.")
+    at = argnums % len(args)
+    params = args[at]
+    res = rule_set.resolve(params, default=default, strict=strict)
+    leaves = res.treedef.flatten_up_to(params)
+    trainable = [x for x, f in zip(leaves, res.values) if not f]
+
+    def of_trainable(trained: list[Any]) -> Any:
+      it = iter(trained)
+      whole = res.treedef.unflatten(
+          [x if f else next(it) for x, f in zip(leaves, res.values)])
+      return fn(*args[:at], whole, *args[at + 1:], **kwargs)
+
+    out, grads = jax.value_and_grad(of_trainable, has_aux=has_aux)(trainable)
+    it = iter(grads)
+    tree = res.treedef.unflatten([None if f else next(it)
+                                  for f in res.values])
+    if value:
+      return out, tree
+    return (tree, out[1]) if has_aux else tree
+
+  return differentiated

@@ -102,10 +102,14 @@ def _rates(fn: str, step: _core.Step, vector: Any,
            count: jax.Array) -> list[Any]:
   """Each leaf's rate now, in its update's dtype: its entry of the state
   vector, times its schedule at ``count`` if its rule is one (``None`` for
-  integer, bool and ``float0`` leaves, which no rate changes)."""
+  integer, bool and ``float0`` leaves, which no rate changes, and for
+  absent updates, ``None``: frozen by :func:`layerwise.grad`)."""
   constants = _core.factors(vector, len(step.updates))
   out: list[Any] = []
   for i, (u, value) in enumerate(zip(step.updates, step.plan.values)):
+    if u is None:
+      out.append(None)
+      continue
     dtype = jnp.result_type(u)
     if not _validate.is_inexact(dtype):
       out.append(None)
@@ -257,7 +261,7 @@ def scale_by_rules(
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update)
+                     init=init, update=update, skips=True)
 
 
 def set_scale(opt_state: PyTree, selector: SelectorLike,
@@ -545,7 +549,7 @@ def add_decayed_weights(
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update,
+                     init=init, update=update, skips=True,
                      needs_params=lambda plan: "weight decay")
 
 

@@ -136,9 +136,15 @@ def track_norms(
              ) -> tuple[list[Any], TrackNormsState]:
     plan = step.plan
     n = len(plan.group_names)
-    norms = [_norms.l2([step.updates[i] for i in plan.members(g)])
-             for g in range(n)]
+    absent = set(step.absent)
+    norms = []
+    for g in range(n):
+      present = [step.updates[i] for i in plan.members(g) if i not in absent]
+      # A group without gradients (None, as lw.grad gives frozen leaves)
+      # keeps its last norm; an absent leaf is left out of its group's.
+      norms.append(_norms.l2(present) if present else
+                   _core.unboxed(state.norms)[g])
     return step.updates, TrackNormsState(_core.stack(norms, n), plan)
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update)
+                     update=update, skips=True)

@@ -153,6 +153,9 @@ NOT_TRANSFORMATIONS: dict[str, str] = {
     "equivalent_scales": "test_reparam",
     "mup_scales": "test_reparam",
     "stop_gradient": "test_partition, test_sharding",
+    "grad": "test_grad (bit for bit as stop_gradient, linen, NNX, Equinox)",
+    "value_and_grad": "test_grad (bit for bit as stop_gradient, linen, NNX, "
+                      "Equinox)",
     "set_weight_decay": "test_live (setters, no retrace, the sweep)",
     "set_threshold": "test_live (setters, no retrace, the sweep)",
     "hyperparams": "test_live (the values set, restored, under jit)",

@@ -112,6 +112,11 @@ def scale_state(rules: Any = None) -> Any:
   return tx.init(PARAMS)
 
 
+def _sum_loss(params: Any) -> Any:
+  """A loss of the small model, for lw.grad."""
+  return sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(params))
+
+
 def _inner_typo() -> Any:
   """lw.partition whose inner rule set has a selector that matches no leaf
   of the whole model (naming another group's leaves is allowed)."""
@@ -542,6 +547,20 @@ CATALOGUE = [
          "only in the updates: 'embed'", "Pass the params the updates are for")),
     Row("stop-gradient-typo", lambda: lw.stop_gradient(PARAMS, "embd/**"),
         lw.RuleError, ("rule 0: 'embd/**'", "(closest: ", "'embed'")),
+    Row("grad-typo", lambda: lw.grad(_sum_loss, "embd/**")(PARAMS),
+        lw.RuleError, ("rule 0: 'embd/**'", "(closest: ", "'embed'")),
+    Row("grad-fn-not-callable", lambda: lw.grad("loss", "embed"), TypeError,
+        ("lw.grad: fn must be the function to differentiate, fn(params, "
+         "...), got str",)),
+    Row("grad-argnums-not-int",
+        lambda: lw.value_and_grad(_sum_loss, "embed", argnums=(0, 1)),
+        TypeError, ("lw.value_and_grad: argnums must be one int", "got (0, 1)",
+                    "put several in one tuple or dict")),
+    Row("grad-argnums-out-of-range",
+        lambda: lw.grad(_sum_loss, "embed", argnums=1)(PARAMS), TypeError,
+        ("lw.grad: the params are argument argnums=1 of fn, but it was "
+         "called with 1 positional argument(s)",
+         "set argnums to their position")),
     # -------------------------------------------------------- reparameterize
     Row("reparam-scale-zero",
         lambda: lw.reparameterize(optax.sgd(0.1), {"head/**": 0.0, "**": 1.0}),
@@ -722,13 +741,15 @@ CATALOGUE = [
         ("lw.freeze: the updates " + NOT_AT_INIT,
          "not in the params at init: '0', '1', '2', '3'", INIT_AGAIN)),
     Row("changed-none-gradients",
-        at_update(lambda: optax.chain(lw.clip_by_rules(
-            {"**": lw.clip_norm(1.0)}), lw.partition({"head/**": optax.adam(0.1),
-                                                      "**": optax.sgd(0.1)})),
+        at_update(lambda: optax.chain(lw.reparameterize(
+            optax.adam(0.1), {"**": 0.5}), lw.partition(
+                {"head/**": optax.adam(0.1), "**": optax.sgd(0.1)})),
                   {**PARAMS, "head": None}), ValueError,
-        ("lw.clip_by_rules: the updates hold None (or optax.MaskedNode()) "
-         "for 1 parameter(s) ('head/w')", "only lw.partition and lw.freeze do",
-         "Put lw.clip_by_rules inside the optimizer of each group")),
+        ("lw.reparameterize: the updates hold None (or optax.MaskedNode()) "
+         "for 1 parameter(s) ('head/w')",
+         "does not take parameters without gradients: lw.partition, "
+         "lw.freeze, lw.scale_by_rules",
+         "Put lw.reparameterize inside the optimizer of each group")),
     Row("changed-reparameterize-extra-leaf",
         at_update(lambda: lw.reparameterize(optax.adam(0.1), {"**": 0.5}),
                   EXTRA, update_params=EXTRA), ValueError,
