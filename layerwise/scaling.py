@@ -126,7 +126,7 @@ def _scaled(update: Any, rate: Any) -> Any:
   """``update * rate``, exactly zero where the rate is 0 (``0 * nan`` is
   NaN): the rate is a runtime value, so the zero is a select, in the same
   kernel as the product (leaves of one shape still share it)."""
-  return jnp.where(rate == 0, jnp.zeros((), update.dtype), update) * rate
+  return jnp.where(rate == 0, jnp.zeros((), rate.dtype), update * rate)
 
 
 def _decayed(update: Any, param: Any, weight_decay: Any,
