@@ -204,13 +204,10 @@ class Plan:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     holes = self._holes.get(treedef)
     if holes is None:
-      if (treedef in self._treedefs
-          or tuple(_paths.flatten_with_paths(tree)[0]) == self.paths):
+      if treedef not in self._treedefs:
+        holes = _find_holes(self.paths, tree)
+      if holes is None:  # no holes: every leaf, or a structure error
         return self._checked(fn, tree, leaves, treedef) + (NO_HOLES,)
-      paths = tuple(_paths.flatten_with_paths(tree)[0])
-      holes = _find_holes(self.paths, tree)
-      if holes is None:
-        raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
       self._holes[treedef] = holes
     full: list[Any] = [None] * len(self.paths)
     for i, leaf in zip(holes.present, leaves):
@@ -394,8 +391,9 @@ def like_params(fn: str, name: str, tree: Any, res: Resolution,
            if whole is not None else "the params given to init")
   given, leaves, _ = _paths.flatten_with_paths(tree)
   if tuple(given) != paths and _find_holes(paths, tree) is None:
-    new = [p for p in given if p not in set(paths)]
-    lacking = [p for p in paths if p not in set(given)]
+    known, there = set(paths), set(given)
+    new = [p for p in given if p not in known]
+    lacking = [p for p in paths if p not in there]
     details = "; ".join(
         [f"only in {name}: {_diagnostics.few(new)}"] * bool(new)
         + [f"missing from {name}: {_diagnostics.few(lacking)}"] * bool(lacking)

@@ -39,7 +39,7 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _core, _paths, _validate
+from layerwise import _core, _diagnostics, _paths, _validate
 from layerwise._resolve import paths_and_specs
 from layerwise._types import PyTree
 
@@ -173,12 +173,6 @@ def _is_neutral(value: Any) -> bool:
   return not _validate.is_schedule(value) and float(value) in (0.0, 1.0)
 
 
-def _quote(paths: Sequence[str], n: int = 3) -> str:
-  shown = ", ".join(repr(p) for p in list(paths)[:n])
-  more = len(paths) - n
-  return shown + (f" and {more} more" if more > 0 else "")
-
-
 _EXACT_AFTER = ("sgd, momentum, adam, adamw, rmsprop, adagrad, lion, "
                 "adabelief, lamb, adafactor, ... (their learning rate is "
                 "their last scale)")
@@ -201,8 +195,8 @@ def _scale_before_adaptive(nodes: Sequence[_Node],
             f"lw.scale_by_rules runs before an adaptive optimizer "
             f"({type(a.state).__name__}), which divides each update by a "
             "running magnitude of its own gradients: the multipliers of "
-            f"{_quote(undone)} are no learning rates, they cancel out (up "
-            "to eps: 0.01 trains like 1.0). Fix: put "
+            f"{_diagnostics.few(undone, 3)} are no learning rates, "
+            "they cancel out (up to eps: 0.01 trains like 1.0). Fix: put "
             "lw.scale_by_rules after the optimizer, "
             "optax.chain(optax.adam(lr), lw.scale_by_rules(rules)); after "
             f"{_EXACT_AFTER} it equals a learning rate of lr * multiplier.")))
@@ -362,8 +356,9 @@ def _frozen_leak(tx: Any, params: Any, state: Any,
   sources = sorted({param_paths[j] for i, d in enumerate(outs)
                     if i not in leaked for j in d & leaked})
   return [Trap("frozen-gradients-reach-updates", (
-      f"the updates of trainable {_quote(hit)} depend on the gradients of "
-      f"frozen {_quote(sources)}: a transformation before lw.freeze (or "
+      f"the updates of trainable {_diagnostics.few(hit, 3)} depend on "
+      f"the gradients of frozen {_diagnostics.few(sources, 3)}: a "
+      "transformation before lw.freeze (or "
       "lw.partition) measures every leaf, frozen ones included, such as "
       "optax.clip_by_global_norm. Then a NaN in a frozen leaf's gradient "
       "makes the global norm NaN and every update NaN, an inf makes every "

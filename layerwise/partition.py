@@ -170,9 +170,10 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     plan = _core.Plan.of(kind, res, values=[shown(g) for g in groups],
                          groups=groups, group_names=names)
     states = []
+    whole = Whole(res.paths, res.specs)
     for k, tx in enumerate(txs):
       try:
-        with whole_model(lambda: Whole(res.paths, res.specs)):
+        with whole_model(lambda: whole):
           states.append(tx.init(_Group.of(plan, k).tree(params,
                                                         res.treedef)))
       except _diagnostics.RuleError as e:
