@@ -41,6 +41,7 @@ from jax import lax
 from layerwise import _diagnostics, _paths, _validate
 from layerwise._resolve import Resolution, RuleSet, current_whole
 from layerwise._selectors import SelectorLike, compile_selector
+from layerwise._types import Stacks
 
 __all__: list[str] = []
 
@@ -72,11 +73,18 @@ class Plan:
     group_names: the groups' names, in the order of the state's vectors.
     layout: the transformation's own static layout (for clipping, where
       each group's statistics are kept), hashable.
+    layers: how the real leaves are seen as layer leaves when some are
+      stacked (:class:`~layerwise._paths.Layers`), ``None`` otherwise.
+      With stacks, ``paths``, ``shapes``, ``dtypes``, ``rule_texts``,
+      ``values`` and ``groups`` are per *layer leaf* (the rule language's
+      view, what ``describe`` and ``set_scale`` see), while a step's
+      updates and params are the real leaves (``leaf_paths``,
+      ``leaf_shapes``); :meth:`span` gives a real leaf's layer leaves.
   """
 
   __slots__ = ("kind", "paths", "shapes", "dtypes", "rule_texts", "values",
-               "groups", "group_names", "layout", "_hash", "_members",
-               "_treedefs", "_holes")
+               "groups", "group_names", "layout", "layers", "leaf_paths",
+               "leaf_shapes", "_hash", "_members", "_treedefs", "_holes")
 
   kind: str
   paths: tuple[str, ...]
@@ -87,12 +95,16 @@ class Plan:
   groups: tuple[int, ...] | None
   group_names: tuple[str, ...]
   layout: Any
+  layers: _paths.Layers | None
+  leaf_paths: tuple[str, ...]
+  leaf_shapes: tuple[tuple[int, ...], ...]
 
   def __init__(self, kind: str, paths: Sequence[str],
                shapes: Sequence[Sequence[int]], dtypes: Sequence[str],
                rule_texts: Sequence[str], values: Sequence[Any],
                groups: Sequence[int] | None = None,
-               group_names: Sequence[str] = (), layout: Any = ()):
+               group_names: Sequence[str] = (), layout: Any = (),
+               layers: _paths.Layers | None = None):
     # Everything is computed here, once: a plan is never written to after.
     self.kind = kind
     self.paths = tuple(paths)
@@ -103,6 +115,11 @@ class Plan:
     self.groups = None if groups is None else tuple(groups)
     self.group_names = tuple(group_names)
     self.layout = layout
+    self.layers = layers
+    if layers is None:
+      self.leaf_paths, self.leaf_shapes = self.paths, self.shapes
+    else:
+      self.leaf_paths, self.leaf_shapes = layers.leaf_paths, layers.leaf_shapes
     members: list[list[int]] = [[] for _ in self.group_names]
     for i, g in enumerate(self.groups or ()):
       if g >= 0:
@@ -110,7 +127,8 @@ class Plan:
     self._members = tuple(tuple(m) for m in members)
     # Values need not be hashable (hash what is); equality compares all.
     self._hash = hash((kind, self.paths, self.shapes, self.dtypes,
-                       self.rule_texts, self.groups, self.group_names, layout))
+                       self.rule_texts, self.groups, self.group_names, layout,
+                       layers))
     # The update structures already checked against the paths: a cache of
     # check_tree, not part of the plan's identity.
     self._treedefs: set[Any] = set()
@@ -128,11 +146,13 @@ class Plan:
                 for s in res.specs],
                [res.rule_text(i) for i in range(len(res.paths))],
                res.values if values is None else values, groups, group_names,
-               layout)
+               layout, res.layers)
 
   def _key(self) -> tuple[Any, ...]:
-    return (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
-            self.values, self.groups, self.group_names, self.layout)
+    key = (self.kind, self.paths, self.shapes, self.dtypes, self.rule_texts,
+           self.values, self.groups, self.group_names, self.layout)
+    # A plan without stacks pickles as before stacks existed.
+    return key if self.layers is None else key + (self.layers,)
 
   def __hash__(self) -> int:
     return self._hash
@@ -157,6 +177,19 @@ class Plan:
     return [jax.ShapeDtypeStruct(s, d) for s, d in zip(self.shapes,
                                                        self.dtypes)]
 
+  def span(self, j: int) -> range:
+    """The layer leaves of real leaf ``j`` (just ``j`` without stacks)."""
+    return range(j, j + 1) if self.layers is None else self.layers.span(j)
+
+  def axis(self, j: int) -> int | None:
+    """Real leaf ``j``'s layer axis, ``None`` if it is in no stack."""
+    return None if self.layers is None else self.layers.axes[j]
+
+  def owners(self) -> tuple[int, ...]:
+    """For each layer leaf, the real leaf it is part of."""
+    return (tuple(range(len(self.paths))) if self.layers is None
+            else self.layers.owners())
+
   def members(self, group: int) -> tuple[int, ...]:
     """The indices of the leaves in ``group``, in leaf order."""
     return self._members[group]
@@ -179,16 +212,18 @@ class Plan:
                treedef: Any) -> tuple[list[Any], Any]:
     if treedef not in self._treedefs:
       paths = tuple(_paths.flatten_with_paths(tree)[0])
-      if paths != self.paths:
-        holes = _find_holes(self.paths, tree)
+      if paths != self.leaf_paths:
+        holes = _find_holes(self.leaf_paths, tree)
         if holes is not None:
-          raise unskipped_error(fn, [self.paths[i] for i in holes.absent])
-        raise _diagnostics.structure_error(fn, self.paths, paths, self.shapes)
+          raise unskipped_error(fn, [self.leaf_paths[i]
+                                     for i in holes.absent])
+        raise _diagnostics.structure_error(fn, self.leaf_paths, paths,
+                                           self.leaf_shapes)
       self._treedefs.add(treedef)
     shapes = tuple(tuple(np.shape(x)) for x in leaves)
-    if shapes != self.shapes:
-      raise _diagnostics.structure_error(fn, self.paths, self.paths,
-                                         self.shapes, shapes)
+    if shapes != self.leaf_shapes:
+      raise _diagnostics.structure_error(fn, self.leaf_paths, self.leaf_paths,
+                                         self.leaf_shapes, shapes)
     return leaves, treedef
 
   def check_holes(self, fn: str, tree: Any) -> tuple[list[Any], Any, "Holes"]:
@@ -205,20 +240,20 @@ class Plan:
     holes = self._holes.get(treedef)
     if holes is None:
       if treedef not in self._treedefs:
-        holes = _find_holes(self.paths, tree)
+        holes = _find_holes(self.leaf_paths, tree)
       if holes is None:  # no holes: every leaf, or a structure error
         return self._checked(fn, tree, leaves, treedef) + (NO_HOLES,)
       self._holes[treedef] = holes
-    full: list[Any] = [None] * len(self.paths)
+    full: list[Any] = [None] * len(self.leaf_paths)
     for i, leaf in zip(holes.present, leaves):
       full[i] = leaf
     shapes = tuple(tuple(np.shape(full[i])) for i in holes.present)
-    if shapes != tuple(self.shapes[i] for i in holes.present):
-      now = list(self.shapes)
+    if shapes != tuple(self.leaf_shapes[i] for i in holes.present):
+      now = list(self.leaf_shapes)
       for i in holes.present:
         now[i] = tuple(np.shape(full[i]))
-      raise _diagnostics.structure_error(fn, self.paths, self.paths,
-                                         self.shapes, now)
+      raise _diagnostics.structure_error(fn, self.leaf_paths, self.leaf_paths,
+                                         self.leaf_shapes, now)
     return full, treedef, holes
 
 
@@ -453,6 +488,7 @@ def ruled(
     update: Callable[[Step, Any], tuple[list[Any], Any]],
     needs_params: Callable[[Plan], str | None] | None = None,
     skips: bool = False,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A ruled transformation: resolve at init, check and hand over at update.
 
@@ -473,13 +509,18 @@ def ruled(
       all the leaves of one (a frozen leaf's zero), which then fill it
       (:meth:`Holes.rebuilt`). Without it, such updates are a structure
       error.
+    stacks: the stacked subtrees, as the public ``stacks=`` argument
+      (:func:`layerwise.paths`); the resolution and the plan are then of
+      layer leaves, the step's leaves still the real ones.
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
   """
+  stacks_key = _paths.normalize_stacks(fn, stacks)
 
   def init_fn(params: Any) -> Any:
-    res = rule_set.resolve(params, default=default, strict=strict)
+    res = rule_set.resolve(params, default=default, strict=strict,
+                           stacks=stacks_key, fn=fn)
     return init(res, res.treedef.flatten_up_to(params))
 
   def update_fn(updates: Any, state: Any, params: Any = None,
@@ -497,7 +538,7 @@ def ruled(
       param_leaves = flatten_like(fn, treedef, params)
     else:  # the params have leaves where the updates have holes
       given = flatten_like(fn, holes.treedef, params)
-      param_leaves = [None] * len(plan.paths)
+      param_leaves = [None] * len(plan.leaf_paths)
       for k, p in enumerate(given):
         leaves_there = jax.tree_util.tree_leaves(p)
         if len(leaves_there) == len(holes.covers[k]):
@@ -684,6 +725,104 @@ def factors(vector: Any, n: int) -> list[Any]:
 
   return list(lax.platform_dependent(vector, cpu=runtime_index,
                                      default=static_index))
+
+
+def _runtime_indices(v: jax.Array, values: Sequence[int]) -> list[Any]:
+  """``values`` as int32 scalars XLA can neither fold nor fuse (outputs of
+  conditionals; see :func:`factors`), on the CPU."""
+  out: list[Any] = []
+  for start in range(0, len(values), _CHUNK):
+    chunk = tuple(np.int32(i) for i in values[start:start + _CHUNK])
+    out.extend(lax.cond(v[0] == v[0], lambda c=chunk: c, lambda c=chunk: c))
+  return out
+
+
+def along(x: Any, axis: int, ndim: int) -> Any:
+  """A vector of one entry per layer, shaped to broadcast along ``axis`` of
+  an array of ``ndim`` dimensions."""
+  shape = [1] * ndim
+  shape[axis] = -1
+  return jnp.reshape(x, shape)
+
+
+def leaf_factors(vector: Any, plan: Plan) -> list[Any]:
+  """:func:`factors` for the real leaves of a plan: a leaf's entry of a
+  per-layer-leaf vector, or, for a stacked leaf, its layers' entries as a
+  vector shaped to broadcast along its layer axis (one slice of the vector,
+  read at a runtime offset on the CPU, so the leaves of one shape share a
+  kernel as unstacked ones do)."""
+  if plan.layers is None:
+    return factors(vector, len(plan.paths))
+  vector = unboxed(vector)
+  layers = plan.layers
+  n = len(layers.axes)
+  if n == 0:
+    return []
+  if not isinstance(vector, jax.core.Tracer):
+    v = np.asarray(vector)
+    return [jnp.asarray(v[layers.starts[j]]) if a is None else
+            along(jnp.asarray(v[layers.span(j).start:layers.span(j).stop]),
+                  a, len(layers.leaf_shapes[j]))
+            for j, a in enumerate(layers.axes)]
+
+  def read(v: jax.Array, starts: Sequence[Any]) -> tuple[jax.Array, ...]:
+    out = []
+    for j, a in enumerate(layers.axes):
+      if a is None:
+        out.append(_dynamic_entry(v, starts[j]))
+      else:
+        length = len(layers.span(j))
+        try:
+          piece = lax.dynamic_slice(v, (starts[j],), (length,),
+                                    allow_negative_indices=False)
+        except TypeError:
+          piece = lax.dynamic_slice(v, (starts[j],), (length,))
+        out.append(along(piece, a, len(layers.leaf_shapes[j])))
+    return tuple(out)
+
+  def runtime_index(v: jax.Array) -> tuple[jax.Array, ...]:
+    return read(v, _runtime_indices(v, layers.starts[:-1]))
+
+  def static_index(v: jax.Array) -> tuple[jax.Array, ...]:
+    return read(v, layers.starts[:-1])
+
+  return list(lax.platform_dependent(vector, cpu=runtime_index,
+                                     default=static_index))
+
+
+def spread(plan: Plan, j: int, values: Sequence[Any]) -> Any:
+  """The values of real leaf ``j``'s layer leaves (one per layer, in layer
+  order) as one value for the leaf: the value itself for an unstacked leaf
+  or when every layer has the same Python value, else the layers' values
+  stacked and shaped to broadcast along its layer axis."""
+  a = plan.axis(j)
+  if a is None:
+    (value,) = values
+    return value
+  first = values[0]
+  if all(v is first for v in values) or (
+      all(isinstance(v, (int, float)) for v in values)
+      and len(set(values)) == 1):
+    return first
+  return along(jnp.stack([jnp.asarray(v) for v in values]), a,
+               len(plan.leaf_shapes[j]))
+
+
+def layer_sums(plan: Plan, j: int, x: Any) -> Any:
+  """``sum(x)`` of real leaf ``j``'s array per layer: a scalar for an
+  unstacked leaf, a vector of one entry per layer (in layer order) for a
+  stacked one."""
+  a = plan.axis(j)
+  if a is None:
+    return jnp.sum(x)
+  return jnp.sum(x, axis=tuple(d for d in range(jnp.ndim(x)) if d != a))
+
+
+def per_layer_leaf(plan: Plan, per_leaf: Sequence[Any]) -> jax.Array:
+  """Values computed per real leaf (a scalar, or one entry per layer for
+  a stacked leaf, as :func:`layer_sums` gives) as one vector of one entry
+  per layer leaf, in the plan's order."""
+  return jnp.concatenate([jnp.reshape(x, (-1,)) for x in per_leaf])
 
 
 def stack(scalars: Sequence[Any], n: int) -> jax.Array:

@@ -36,7 +36,7 @@ import numpy as np
 
 from layerwise import _diagnostics, _paths
 from layerwise._selectors import Compiled, SelectorLike, compile_selector
-from layerwise._types import PyTree
+from layerwise._types import PyTree, Stacks
 
 __all__ = ["Rules", "labels", "resolve"]
 
@@ -114,6 +114,35 @@ def paths_and_specs(tree: Any, key: Any = _NO_KEY
   return path_strs, specs, treedef
 
 
+#: The default ``stacks``: stacks found from Flax's ``"layers"`` axis metadata.
+DETECT = _paths.normalize_stacks("lw", None)
+
+# Layer views by structure, shapes and stacks.
+_LAYERS: dict[Any, tuple[tuple[str, ...], tuple[jax.ShapeDtypeStruct, ...],
+                         _paths.Layers | None]] = {}
+
+
+def layer_paths_and_specs(fn: str, tree: Any, stacks: tuple[Any, ...] = DETECT,
+                          key: Any = _NO_KEY
+                          ) -> tuple[list[str], list[jax.ShapeDtypeStruct],
+                                     Any, _paths.Layers | None]:
+  """:func:`paths_and_specs` of the layer leaves (a stacked leaf is one per
+  layer), the treedef, and the :class:`~layerwise._paths.Layers` (``None``
+  when nothing is stacked)."""
+  path_strs, specs, treedef = paths_and_specs(tree, key)
+  if stacks[0] == "declared" and not stacks[1]:
+    return path_strs, specs, treedef, None
+  lkey = None if key is _NO_KEY or key is None else (key, stacks)
+  hit = None if lkey is None else _LAYERS.get(lkey)
+  if hit is None:
+    lp, ls, layers = _paths.layer_view(fn, tree, path_strs, specs, stacks)
+    hit = (tuple(lp), tuple(ls), layers)
+    if lkey is not None:
+      if len(_LAYERS) >= _CACHE_SIZE:
+        _LAYERS.pop(next(iter(_LAYERS)))
+      _LAYERS[lkey] = hit
+  return list(hit[0]), list(hit[1]), treedef, hit[2]
+
 
 class Whole:
   """The leaves of the whole model (paths and shapes/dtypes) that a rule set
@@ -180,6 +209,7 @@ class Match:
   paths: tuple[str, ...]
   specs: tuple[jax.ShapeDtypeStruct, ...]
   winner: tuple[int, ...]          # first matching rule per leaf, -1 if none
+  layers: _paths.Layers | None = None  # layer leaves of stacks, if any
 
 
 class _Index:
@@ -248,6 +278,11 @@ class Resolution:
       (or, with ``strict=False``, for no rule).
     values: the value each leaf took.
     rule_texts: every rule's selector as shown to users.
+    layers: how the tree's leaves are seen as layer leaves, when some are
+      stacked (:class:`~layerwise._paths.Layers`); then ``paths``,
+      ``specs``, ``rule_index`` and ``values`` are those of the layer
+      leaves (a stacked leaf of L layers has L entries), and ``treedef``
+      is the tree's. ``None`` when nothing is stacked.
   """
   treedef: Any
   paths: tuple[str, ...]
@@ -255,10 +290,22 @@ class Resolution:
   rule_index: tuple[int, ...]
   values: tuple[Any, ...]
   rule_texts: tuple[str, ...]
+  layers: _paths.Layers | None = None
 
   def tree(self) -> Any:
-    """The values as a tree with the resolved tree's structure."""
-    return jax.tree_util.tree_unflatten(self.treedef, list(self.values))
+    """The values as a tree with the resolved tree's structure (a stacked
+    leaf holds the tuple of its layers' values)."""
+    return jax.tree_util.tree_unflatten(self.treedef, self.leaf_values())
+
+  def leaf_values(self) -> list[Any]:
+    """The value of each real leaf: its layers' values as a tuple, for a
+    stacked leaf."""
+    if self.layers is None:
+      return list(self.values)
+    return [self.values[r.start] if a is None
+            else tuple(self.values[k] for k in r)
+            for a, r in ((a, self.layers.span(j))
+                         for j, a in enumerate(self.layers.axes))]
 
   def rule_text(self, i: int) -> str:
     """How leaf ``i``'s rule is shown."""
@@ -328,21 +375,26 @@ class RuleSet:
 
   # Matching ------------------------------------------------------------
 
-  def match(self, tree: Any) -> Match:
-    """Matches every selector against every leaf; cached per structure.
+  def match(self, tree: Any, stacks: tuple[Any, ...] = DETECT,
+            fn: str = "lw.resolve") -> Match:
+    """Matches every selector against every (layer) leaf; cached per
+    structure and ``stacks`` (a :func:`~layerwise._paths.normalize_stacks`
+    key).
 
     A cache hit costs one ``tree_flatten`` and a dict lookup: paths are only
     built, and selectors only run, for a structure not seen before.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     key = structure_key(leaves, treedef)
+    if key is not None:
+      key = (key, stacks)
     hit = None if key is None else self._cache.get(key)
     if hit is not None:
       return hit
-    path_strs, spec_list, treedef = paths_and_specs(tree, key)
-    specs = tuple(spec_list)
+    path_strs, specs, treedef, layers = layer_paths_and_specs(
+        fn, tree, stacks, None if key is None else key[0])
     winner = tuple(self._index.winner(p, s) for p, s in zip(path_strs, specs))
-    result = Match(treedef, tuple(path_strs), specs, winner)
+    result = Match(treedef, tuple(path_strs), tuple(specs), winner, layers)
     if key is not None:
       if len(self._cache) >= _CACHE_SIZE:
         evicted = self._cache.pop(next(iter(self._cache)))
@@ -351,9 +403,10 @@ class RuleSet:
     return result
 
   def resolve(self, tree: Any, *, default: Any = MISSING,
-              strict: bool = True) -> Resolution:
+              strict: bool = True, stacks: tuple[Any, ...] = DETECT,
+              fn: str = "lw.resolve") -> Resolution:
     """Resolves the rules against ``tree``; see :func:`resolve`."""
-    m = self.match(tree)
+    m = self.match(tree, stacks, fn)
     if strict:
       # The checks depend only on the match, on whether there is a default
       # and on the whole model, if any; a structure that passed them once
@@ -366,7 +419,7 @@ class RuleSet:
     fallback = None if default is MISSING else default
     values = tuple(self.values[r] if r >= 0 else fallback for r in m.winner)
     return Resolution(m.treedef, m.paths, m.specs, m.winner, values,
-                      tuple(c.text for c in self.selectors))
+                      tuple(c.text for c in self.selectors), m.layers)
 
   # Errors --------------------------------------------------------------
 
@@ -399,7 +452,7 @@ class RuleSet:
 
 
 def resolve(rules: Rules[V], tree: PyTree, *, default: V = MISSING,
-            strict: bool = True) -> PyTree:
+            strict: bool = True, stacks: Stacks = None) -> PyTree:
   """Returns a tree like ``tree`` holding, at each leaf, its rule's value.
 
   Each leaf takes the value of the first rule whose selector matches its path
@@ -419,9 +472,12 @@ def resolve(rules: Rules[V], tree: PyTree, *, default: V = MISSING,
       matches no leaf, or when a rule is shadowed by earlier ones. If False,
       none of these is an error and unmatched leaves get ``default`` or
       ``None``.
+    stacks: the stacked subtrees (see :func:`layerwise.paths`): rules are
+      matched against each layer leaf (``layers/3/attn/kernel``).
 
   Returns:
-    A pytree with the structure of ``tree``.
+    A pytree with the structure of ``tree``; a stacked leaf holds the tuple
+    of its layers' values.
 
   Raises:
     layerwise.RuleError: (a ``ValueError``) as described under ``strict``; the message
@@ -441,12 +497,22 @@ def resolve(rules: Rules[V], tree: PyTree, *, default: V = MISSING,
     layerwise.RuleError: 1 selector(s) match no parameter (a typo?):
       rule 0: 'layer/**'  (closest: 'layers/**', ...)
     ...
+
+    Per-layer values for two layers stacked in one array:
+
+    >>> lw.resolve({"layers/0/**": 0.5, "**": 1.0},
+    ...            {"layers": {"w": jnp.ones((2, 4, 4))}}, stacks={"layers": 0})
+    {'layers': {'w': (0.5, 1.0)}}
   """
-  return RuleSet(rules).resolve(tree, default=default, strict=strict).tree()
+  fn = "lw.resolve"
+  return RuleSet(rules).resolve(
+      tree, default=default, strict=strict,
+      stacks=_paths.normalize_stacks(fn, stacks), fn=fn).tree()
 
 
 def labels(rules: Rules[Hashable], *, default: Hashable = MISSING,
-           strict: bool = True) -> Callable[[PyTree], PyTree]:
+           strict: bool = True,
+           stacks: Stacks = None) -> Callable[[PyTree], PyTree]:
   """Returns a label function for ``optax.partition`` from a rule set.
 
   The rule values are the labels. The returned function maps a tree of
@@ -460,6 +526,10 @@ def labels(rules: Rules[Hashable], *, default: Hashable = MISSING,
       Labels must be hashable (strings, usually).
     default: the label of leaves that no rule matches.
     strict: as in :func:`resolve`.
+    stacks: the stacked subtrees (see :func:`layerwise.paths`). A stacked
+      leaf is one array, so its layers must share a label (``optax.partition``
+      gives a leaf one optimizer); :func:`layerwise.partition` and
+      :func:`layerwise.freeze` take layers of one stack in different groups.
 
   Returns:
     A function ``tree -> tree of labels``, usable as ``param_labels``.
@@ -489,8 +559,26 @@ def labels(rules: Rules[Hashable], *, default: Hashable = MISSING,
     raise TypeError(f"lw.labels: default label {default!r} must be hashable, "
                     "not None.")
 
+  key = _paths.normalize_stacks("lw.labels", stacks)
+
   def label_fn(tree: Any) -> Any:
-    return rule_set.resolve(tree, default=default, strict=strict).tree()
+    res = rule_set.resolve(tree, default=default, strict=strict, stacks=key,
+                           fn="lw.labels")
+    out = res.leaf_values()
+    if res.layers is not None:
+      for j, v in enumerate(out):
+        if isinstance(v, tuple) and res.layers.axes[j] is not None:
+          if len(set(v)) > 1:
+            path = res.layers.leaf_paths[j]
+            raise ValueError(
+                f"lw.labels: the layers of the stacked parameter {path!r} "
+                f"have different labels ({_diagnostics.few(sorted(map(str, set(v))))}), "
+                "but optax.partition gives one array one optimizer. Give "
+                "every layer of a stack the same label, or use "
+                "lw.partition(..., stacks=...) (or lw.freeze), which route "
+                "the layers of one stack to different optimizers.")
+          out[j] = v[0]
+    return jax.tree_util.tree_unflatten(res.treedef, out)
 
   return label_fn
 

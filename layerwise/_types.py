@@ -7,12 +7,12 @@ cannot spell more precisely than ``Any``; the names say what is expected.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 
 import jax
 
-__all__ = ["ArrayLike", "PyTree", "Schedule", "ScalarOrSchedule"]
+__all__ = ["ArrayLike", "PyTree", "Schedule", "ScalarOrSchedule", "Stacks"]
 
 #: Any pytree: params, updates, gradients, optimizer states.
 PyTree = Any
@@ -26,3 +26,8 @@ Schedule = Callable[[jax.Array], ArrayLike]
 
 #: A multiplier or a weight decay: a number, or a schedule of one.
 ScalarOrSchedule = Union[float, Schedule]
+
+#: Which subtrees hold stacked (scanned) layers: ``{stack_path: layer_axis}``,
+#: the name of the layer axis in the model's Flax metadata, or ``None`` (look
+#: for a ``"layers"`` axis there); ``{}`` stacks nothing.
+Stacks = Union[Mapping[str, int], str, None]

@@ -19,7 +19,7 @@ import optax
 from layerwise import _core, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
 from layerwise._selectors import Selector, SelectorLike, any_of, ndim_at_most
-from layerwise._types import ArrayLike, PyTree, ScalarOrSchedule
+from layerwise._types import ArrayLike, PyTree, ScalarOrSchedule, Stacks
 
 __all__ = ["NO_DECAY", "AddDecayedWeightsState", "ScaleByRulesState",
            "add_decayed_weights", "scale_by_rules", "set_scale",
@@ -103,10 +103,14 @@ def _rates(fn: str, step: _core.Step, vector: Any,
   """Each leaf's rate now, in its update's dtype: its entry of the state
   vector, times its schedule at ``count`` if its rule is one (``None`` for
   integer, bool and ``float0`` leaves, which no rate changes, and for
-  absent updates, ``None``: frozen by :func:`layerwise.grad`)."""
-  constants = _core.factors(vector, len(step.updates))
+  absent updates, ``None``: frozen by :func:`layerwise.grad`).
+
+  A stacked leaf's rate is a vector of its layers' rates, shaped to
+  broadcast along its layer axis."""
+  plan = step.plan
+  constants = _core.leaf_factors(vector, plan)
   out: list[Any] = []
-  for i, (u, value) in enumerate(zip(step.updates, step.plan.values)):
+  for j, u in enumerate(step.updates):
     if u is None:
       out.append(None)
       continue
@@ -114,10 +118,14 @@ def _rates(fn: str, step: _core.Step, vector: Any,
     if not _validate.is_inexact(dtype):
       out.append(None)
       continue
-    rate = constants[i]
-    if _validate.is_schedule(value):
-      rate = rate * _validate.schedule_value(
-          fn, value, count, step.plan.rule_texts[i], step.plan.paths[i])
+    rate = constants[j]
+    layers = plan.span(j)
+    if any(_validate.is_schedule(plan.values[k]) for k in layers):
+      rate = rate * _core.spread(plan, j, [
+          _validate.schedule_value(fn, plan.values[k], count,
+                                   plan.rule_texts[k], plan.paths[k])
+          if _validate.is_schedule(plan.values[k]) else 1.0
+          for k in layers])
     out.append(rate.astype(dtype))
   return out
 
@@ -173,6 +181,7 @@ def scale_by_rules(
     *,
     default: ScalarOrSchedule = MISSING,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Multiplies each parameter's update by its rule's multiplier.
 
@@ -207,6 +216,11 @@ def scale_by_rules(
     default: the multiplier of leaves no rule matches (``1.0`` keeps them
       as they are). Without it, unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter takes
+      its own rule (``"layers/3/**"``), its multipliers applied as one
+      vector along the layer axis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -261,7 +275,7 @@ def scale_by_rules(
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update, skips=True)
+                     init=init, update=update, skips=True, stacks=stacks)
 
 
 def set_scale(opt_state: PyTree, selector: SelectorLike,
