@@ -313,8 +313,11 @@ def test_absent_stacked_leaves_keep_their_norms():
   at all keeps its last norm, as on the unrolled twin."""
   params = stacked_params(0)
   twin = unrolled(params, 0)
-  rules = {"encoder/layers/*/ln/**": lw.clip_group_norm(0.5),
-           "encoder/layers/[0-1]/**": lw.clip_group_norm(0.5),
+  # Two groups whose statistics are stacked (one key): one loses its
+  # gradients at step 2, the other keeps them.
+  rules = {"encoder/layers/*/ln/**": lw.clip_zscore(z=0.5, warmup=1),
+           "encoder/layers/[0-1]/**": lw.clip_zscore(z=1.0, warmup=1),
+           "embed": lw.clip_group_norm(0.5),
            "**": lw.clip_norm(0.5)}
   track = {"**": "{parent}"}
   tx = optax.chain(lw.clip_by_rules(rules, stacks={"encoder/layers": 0}),
