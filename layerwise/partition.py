@@ -24,17 +24,19 @@ any norm computed downstream.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from layerwise import _core, _diagnostics, _validate
+from layerwise import _core, _diagnostics, _paths, _validate
 from layerwise._resolve import (MISSING, Flags, Resolution, Rules, RuleSet,
-                                Whole, flag_rules, whole_model)
-from layerwise._types import PyTree
+                                Whole, flag_rules, stacks_of, whole_model)
+from layerwise._types import PyTree, Stacks
 
 __all__ = ["FreezeState", "PartitionState", "freeze", "grad", "partition",
            "stop_gradient", "value_and_grad"]
@@ -55,6 +57,11 @@ class PartitionState(NamedTuple):
   inner_states: tuple[Any, ...]
   rules: _core.Plan
 
+  def notes(self) -> list[str]:
+    """The extra state of stacked leaves split between groups (the state
+    protocol; printed by :func:`layerwise.describe`)."""
+    return _split_notes(self.rules, self.inner_states)
+
 
 class FreezeState(NamedTuple):
   """State of :func:`freeze`.
@@ -65,6 +72,11 @@ class FreezeState(NamedTuple):
   """
   inner_state: Any
   rules: _core.Plan
+
+  def notes(self) -> list[str]:
+    """The extra state of stacked leaves partly frozen (the state
+    protocol; printed by :func:`layerwise.describe`)."""
+    return _split_notes(self.rules, (self.inner_state,))
 
 
 def _zero_like(x: jax.Array) -> jax.Array:
@@ -82,15 +94,16 @@ def _zero_like(x: jax.Array) -> jax.Array:
   return jnp.where(False, x, jnp.zeros((), jnp.result_type(x)))
 
 
-def _zero_of(step: _core.Step, i: int) -> jax.Array:
-  """The zero update of leaf ``i``: like its gradient, or, where it has
-  none, like its param (sharded like it), or made from the plan's shape and
-  dtype when ``update`` got no params."""
-  if step.updates[i] is not None:
-    return _zero_like(step.updates[i])
-  if step.params is not None and step.params[i] is not None:
-    return _zero_like(jnp.asarray(step.params[i]))
-  return jnp.zeros(step.plan.shapes[i], step.plan.dtypes[i])
+def _zero_of(step: _core.Step, j: int) -> jax.Array:
+  """The zero update of real leaf ``j``: like its gradient, or, where it
+  has none, like its param (sharded like it), or made from the plan's shape
+  and dtype when ``update`` got no params."""
+  if step.updates[j] is not None:
+    return _zero_like(step.updates[j])
+  if step.params is not None and step.params[j] is not None:
+    return _zero_like(jnp.asarray(step.params[j]))
+  plan = step.plan
+  return jnp.zeros(plan.leaf_shapes[j], plan.dtypes[plan.span(j).start])
 
 
 #: What a leaf's group can be: an optax transformation, or ``None`` (frozen).
@@ -113,24 +126,74 @@ def _nested(paths: Sequence[str], leaves: Sequence[Any]) -> Any:
   return tree
 
 
+def _layer_mask(plan: _core.Plan, j: int, owned: Sequence[bool]) -> np.ndarray:
+  """A static bool mask, ``True`` on the layers ``owned``, shaped to
+  broadcast along real leaf ``j``'s layer axis."""
+  shape = [1] * len(plan.leaf_shapes[j])
+  axis = plan.axis(j)
+  assert axis is not None
+  shape[axis] = -1
+  return np.reshape(np.asarray(owned, bool), shape)
+
+
+def _where_owned(mask: np.ndarray, x: Any, other: Any = None) -> Any:
+  """``x`` on the layers of ``mask``, ``other`` (zero if ``None``) on the
+  rest: a select, so a NaN or inf of ``x`` elsewhere never reaches the
+  result."""
+  if jnp.result_type(x) == jax.dtypes.float0:
+    return x
+  if other is None:
+    other = jnp.zeros((), jnp.result_type(x))
+  return jnp.where(mask, x, other)
+
+
 class _Group(NamedTuple):
-  """A group's leaves: their indices in the plan, in the order of the
-  group's own tree, and that tree's structure (``None``: the group is every
-  leaf, and its tree is the whole tree as given)."""
+  """A group's leaves: the real leaves it holds, in the order of the
+  group's own tree, and that tree's structure (``None``: the group holds
+  every leaf, and its tree is the whole tree as given).
+
+  A stacked leaf whose layers are in several groups (or partly frozen) is
+  held whole by each group that owns some of its layers: ``masks`` gives,
+  for each member, ``None`` (it owns every layer of it) or the layers it
+  owns (a tuple of bools). ``stacks`` is the stacks key its inner
+  transformation resolves with by default (the partition's stacks that
+  hold some of its leaves).
+  """
   members: tuple[int, ...]
   treedef: Any
+  masks: tuple[tuple[bool, ...] | None, ...]
+  stacks: tuple[Any, ...]
 
   @classmethod
   def of(cls, plan: _core.Plan, group: int) -> "_Group":
-    members = plan.members(group)
-    if len(members) == len(plan.paths):
-      return cls(members, None)
-    leaves, treedef = jax.tree_util.tree_flatten(
-        _nested([plan.paths[i] for i in members], list(members)))
-    return cls(tuple(leaves), treedef)
+    n = len(plan.leaf_paths)
+    if plan.layers is None:
+      members = list(plan.members(group))
+      owns: dict[int, tuple[bool, ...]] = {}
+      stacks: tuple[Any, ...] = ("declared", ())
+    else:
+      assert plan.groups is not None
+      members, owns = [], {}
+      for j in range(n):
+        owned = tuple(plan.groups[k] == group for k in plan.span(j))
+        if any(owned):
+          members.append(j)
+          if not all(owned):
+            owns[j] = owned
+      roots = tuple((root, axis) for root, axis, _ in plan.layers.roots
+                    if any(_paths.is_under(plan.leaf_paths[j], root)
+                           for j in members))
+      stacks = ("declared", roots)
+    if len(members) == n:
+      order, treedef = tuple(members), None
+    else:
+      leaves, treedef = jax.tree_util.tree_flatten(
+          _nested([plan.leaf_paths[j] for j in members], list(members)))
+      order = tuple(leaves)
+    return cls(order, treedef, tuple(owns.get(j) for j in order), stacks)
 
   def tree(self, leaves: Sequence[Any] | None, whole: Any) -> Any:
-    """The group's tree of ``leaves`` (all the plan's, of the tree
+    """The group's tree of ``leaves`` (all the real leaves, of the tree
     ``whole``'s structure); ``None`` stays ``None``."""
     if leaves is None:
       return None
@@ -138,12 +201,120 @@ class _Group(NamedTuple):
       return whole.unflatten(leaves)
     return self.treedef.unflatten([leaves[i] for i in self.members])
 
+  def masked(self, plan: _core.Plan, updates: list[Any]) -> list[Any]:
+    """``updates`` with zeros on the layers of its members' stacked leaves
+    that the group does not own (so its norms and statistics, a global-norm
+    clip's say, cover its own layers only, as on the unrolled model)."""
+    if not any(m is not None for m in self.masks):
+      return updates
+    updates = list(updates)
+    for j, owned in zip(self.members, self.masks):
+      if owned is not None and updates[j] is not None:
+        updates[j] = _where_owned(_layer_mask(plan, j, owned), updates[j])
+    return updates
+
+
+class _Routing(NamedTuple):
+  """How a plan's leaves are routed: each group, the real leaves every
+  layer of which is frozen, and those split between groups (or partly
+  frozen), each with its layers' groups."""
+  groups: tuple[_Group, ...]
+  frozen: tuple[int, ...]
+  split: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _routing(plan: _core.Plan) -> _Routing:
+  assert plan.groups is not None
+  groups = tuple(_Group.of(plan, k) for k in range(len(plan.group_names)))
+  frozen, split = [], []
+  for j in range(len(plan.leaf_paths)):
+    layer_groups = tuple(plan.groups[k] for k in plan.span(j))
+    if all(g < 0 for g in layer_groups):
+      frozen.append(j)
+    elif len(set(layer_groups)) > 1:
+      split.append((j, layer_groups))
+  return _Routing(groups, tuple(frozen), tuple(split))
+
+
+def _owned_bytes(state: Any, paths: Sequence[str]) -> list[int]:
+  """The bytes of ``state`` held for each of ``paths`` (a state leaf is
+  held for the path its own path ends with, as :func:`layerwise.describe`
+  counts them)."""
+  index = {p: i for i, p in enumerate(paths)}
+  out = [0] * len(paths)
+  state_paths, leaves, _ = _paths.flatten_with_paths(state)
+  for path, leaf in zip(state_paths, leaves):
+    shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+      continue
+    segs = path.split("/")
+    owner = next((index[t] for t in ("/".join(segs[k:])
+                                     for k in range(len(segs)))
+                  if t in index), None)
+    if owner is not None:
+      out[owner] += math.prod(shape) * np.dtype(dtype).itemsize
+  return out
+
+
+def _runs(layer_groups: Sequence[int], names: Sequence[str]) -> str:
+  """``0-1 frozen, 2-3 'head/**'``: a stacked leaf's layers by
+  group, in runs."""
+  parts = []
+  start = 0
+  for i in range(1, len(layer_groups) + 1):
+    if i == len(layer_groups) or layer_groups[i] != layer_groups[start]:
+      g = layer_groups[start]
+      span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+      parts.append(f"{span} {FROZEN if g < 0 else names[g]}")
+      start = i
+  return ", ".join(parts)
+
+
+def _split_notes(plan: _core.Plan, inner_states: Sequence[Any]) -> list[str]:
+  """A line per stacked leaf whose layers are split between groups (or
+  partly frozen): which groups hold state for its layers they do not
+  train, and how many bytes of it (their share of the state the group
+  holds for the whole array)."""
+  if plan.layers is None:
+    return []
+  routing = _routing(plan)
+  if not routing.split:
+    return []
+  names = plan.group_names
+  held: dict[int, list[int]] = {}  # group -> bytes per member
+  lines = []
+  for j, layer_groups in routing.split:
+    parts = []
+    for k, group in enumerate(routing.groups):
+      if j not in group.members:
+        continue
+      at = group.members.index(j)
+      owned = group.masks[at]
+      if owned is None:
+        continue
+      if k not in held:
+        held[k] = _owned_bytes(inner_states[k],
+                               [plan.leaf_paths[i] for i in group.members])
+      idle = len(owned) - sum(owned)
+      extra = held[k][at] * idle // len(owned)
+      parts.append(f"the optimizer of {names[k]} is given the whole array "
+                   f"and holds {extra:,} bytes of state for the {idle} "
+                   "layer(s) it does not train")
+    if parts:
+      lines.append(
+          f"{plan.leaf_paths[j]} {plan.leaf_shapes[j]} is stacked, its "
+          f"layers split ({_runs(layer_groups, names)}): "
+          + "; ".join(parts) + ".")
+  return lines
+
 
 def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
             txs: Sequence[Any], names: Sequence[str], kind: str,
             shown: Callable[[int], Any],
             pack: Callable[[tuple[Any, ...], _core.Plan], Any],
-            unpack: Callable[[Any], tuple[Any, ...]]
+            unpack: Callable[[Any], tuple[Any, ...]],
+            stacks: Stacks = None,
             ) -> optax.GradientTransformationExtraArgs:
   """A transformation that routes each leaf to ``txs[group]``, its rule's
   value (-1: frozen), on the shared skeleton.
@@ -154,7 +325,14 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
   Each inner transformation sees its group's leaves only, but the rule sets
   in it are written for the whole model (``lw.layer_decay(0.8, params)``):
   it is called within :func:`~layerwise._resolve.whole_model`, so that they
-  are checked against every leaf of the model, hidden ones included.
+  are checked against every leaf of the model, hidden ones included, and
+  within :func:`~layerwise._resolve.stacks_of`, so that those built with
+  the default ``stacks`` see the partition's layer leaves.
+
+  With stacks, the rules route layer leaves: a stacked leaf whose layers
+  fall in several groups is given whole to each group that owns some of
+  them, its gradient zeroed on the other layers, and its update is, layer
+  by layer, that of the layer's group (exactly zero on frozen layers).
   """
   wholes: dict[_core.Plan, Whole] = {}  # by plan: made once per structure
 
@@ -162,42 +340,53 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     if plan not in wholes:
       if len(wholes) >= 32:
         wholes.pop(next(iter(wholes)))
-      wholes[plan] = Whole(plan.paths, plan.specs())
+      wholes[plan] = Whole(plan.paths, plan.specs(), plan.layers)
     return wholes[plan]
 
   def init(res: Resolution, params: list[Any]) -> Any:
     groups = tuple(res.values)
     plan = _core.Plan.of(kind, res, values=[shown(g) for g in groups],
                          groups=groups, group_names=names)
+    routing = _routing(plan)
     states = []
-    whole = Whole(res.paths, res.specs)
+    whole = Whole(res.paths, res.specs, res.layers)
     for k, tx in enumerate(txs):
+      group = routing.groups[k]
       try:
-        with whole_model(lambda: whole):
-          states.append(tx.init(_Group.of(plan, k).tree(params,
-                                                        res.treedef)))
+        with whole_model(lambda: whole), stacks_of(group.stacks):
+          states.append(tx.init(group.tree(params, res.treedef)))
       except _diagnostics.RuleError as e:
         # A rule set inside sees the group's leaves only: say so.
+        split = [plan.leaf_paths[j]
+                 for j, owned in zip(group.members, group.masks)
+                 if owned is not None]
         raise _diagnostics.RuleError(
             f"{e}\n\n(This rule set belongs to the optimizer of {names[k]}, "
             f"which holds {len(plan.members(k))} of the model's "
             f"{len(plan.paths)} parameter(s). It is checked against the whole "
             "model: its rules may name the other parameters, but each "
             "selector must match a parameter of the model, and each of the "
-            "group's parameters needs a rule.)", unmatched=e.unmatched,
-            unused=e.unused, shadowed=e.shadowed) from None
+            "group's parameters needs a rule."
+            + (f" It is given the whole array of the stacked parameter(s) "
+               f"{_diagnostics.few(split)}, some of whose layers it does "
+               "not train: those layers need a rule too (a default or a "
+               "catch-all gives them one)." if split else "")
+            + ")", unmatched=e.unmatched, unused=e.unused,
+            shadowed=e.shadowed) from None
     return pack(tuple(states), plan)
 
   def update(step: _core.Step, state: Any) -> tuple[list[Any], Any]:
     plan = step.plan
     assert plan.groups is not None
+    routing = _routing(plan)
     out: list[Any] = [None] * len(step.updates)
+    pieces: dict[int, list[tuple[np.ndarray, Any]]] = {}
     absent = set(step.absent)
     new_states = []
     for k, (tx, inner) in enumerate(zip(txs, unpack(state))):
-      group = _Group.of(plan, k)
+      group = routing.groups[k]
       if absent:
-        gone = [i for i in group.members if i in absent]
+        gone = [j for j in group.members if j in absent]
         if gone and len(gone) == len(group.members):
           # No gradients for the group (alternating updates): it skips its
           # step, so its state (step count, moments) stays as it is.
@@ -207,10 +396,10 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
           raise _partly_absent(fn, names[k], plan, gone, len(group.members))
       # Rule sets resolved at update (a label function of optax.partition)
       # are checked against the whole model too.
-      with whole_model(lambda: whole_of(plan)):
+      with whole_model(lambda: whole_of(plan)), stacks_of(group.stacks):
         new_updates, new_state = tx.update(
-            group.tree(step.updates, step.treedef), inner,
-            group.tree(step.params, step.treedef), **step.extra)
+            group.tree(group.masked(plan, step.updates), step.treedef),
+            inner, group.tree(step.params, step.treedef), **step.extra)
       new_leaves = jax.tree_util.tree_leaves(new_updates)
       if len(new_leaves) != len(group.members):
         raise ValueError(
@@ -218,19 +407,28 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
             f"{len(new_leaves)} updates for {len(group.members)} parameters; "
             "a transformation must keep the structure of the updates it is "
             "given.")
-      for i, u in zip(group.members, new_leaves):
-        out[i] = u
+      for j, owned, u in zip(group.members, group.masks, new_leaves):
+        if owned is None:
+          out[j] = u
+        else:
+          pieces.setdefault(j, []).append((_layer_mask(plan, j, owned), u))
       new_states.append(new_state)
-    for i, g in enumerate(plan.groups):
-      if g < 0:
-        # frozen: exactly zero, whatever the gradient (NaN included), and
-        # for no gradient (None, as lw.grad gives), so that
-        # optax.apply_updates takes the updates
-        out[i] = _zero_of(step, i)
+    for j in routing.frozen:
+      # frozen: exactly zero, whatever the gradient (NaN included), and
+      # for no gradient (None, as lw.grad gives), so that
+      # optax.apply_updates takes the updates
+      out[j] = _zero_of(step, j)
+    for j, parts in pieces.items():
+      # a stack split by layer: each layer's update is its group's, and
+      # exactly zero on frozen layers
+      u = _zero_of(step, j)
+      for mask, part in parts:
+        u = _where_owned(mask, part, u)
+      out[j] = u
     return out, pack(tuple(new_states), plan)
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update, skips=True)
+                     init=init, update=update, skips=True, stacks=stacks)
 
 
 def _partly_absent(fn: str, name: str, plan: _core.Plan, gone: Sequence[int],
@@ -239,8 +437,8 @@ def _partly_absent(fn: str, name: str, plan: _core.Plan, gone: Sequence[int],
   return ValueError(
       f"{fn}: the updates hold None (or optax.MaskedNode()) for {len(gone)} "
       f"of the {size} parameters of the optimizer of {name} "
-      f"({_diagnostics.few([plan.paths[i] for i in gone])}). A group steps "
-      "as a whole or not at all: give all of them gradients (zeros "
+      f"({_diagnostics.few([plan.leaf_paths[j] for j in gone])}). A group "
+      "steps as a whole or not at all: give all of them gradients (zeros "
       "where there are none), or None for all of them to skip its "
       "step (its optimizer state then stays as it is).")
 
@@ -253,6 +451,7 @@ def partition(
     *,
     default: Transformation = MISSING,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sends each parameter group to its own optimizer; ``None`` freezes.
 
@@ -373,7 +572,7 @@ def partition(
       fn, rule_set, default=default, strict=strict, txs=txs, names=names,
       kind="group", shown=lambda g: FROZEN if g < 0 else names[g],
       pack=lambda states, plan: PartitionState(states, plan),
-      unpack=lambda state: state.inner_states)
+      unpack=lambda state: state.inner_states, stacks=stacks)
 
 
 # ------------------------------------------------------ freeze / stop_gradient
@@ -395,6 +594,7 @@ def freeze(
     frozen: Flags,
     *,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optimizer so that the ``frozen`` leaves do not train, for free.
 
@@ -473,7 +673,7 @@ def freeze(
       fn, rule_set, default=default, strict=strict, txs=[tx],
       names=["the trainable leaves"], kind="frozen", shown=lambda g: g < 0,
       pack=lambda states, plan: FreezeState(states[0], plan),
-      unpack=lambda state: (state.inner_state,))
+      unpack=lambda state: (state.inner_state,), stacks=stacks)
 
 
 def stop_gradient(params: PyTree, frozen: Flags, *,
