@@ -16,7 +16,7 @@ import optax
 from layerwise import _core, _paths, _validate, checks
 from layerwise._resolve import (MISSING, Rules, RuleSet, layer_paths_and_specs,
                                 paths_and_specs)
-from layerwise._types import PyTree
+from layerwise._types import PyTree, Stacks
 
 __all__ = ["Description", "describe", "hyperparams", "norms"]
 
@@ -601,7 +601,7 @@ def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
 
 def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
              *, opt_state: PyTree | None = None, default: Any = MISSING,
-             strict: bool = True) -> Description:
+             strict: bool = True, stacks: Stacks = None) -> Description:
   """Tells which rule applies to each parameter, as a table and as data.
 
   One row per parameter leaf: its path, shape, dtype, size, and the rule
@@ -650,6 +650,10 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
     default: as in :func:`layerwise.resolve` (rule sets only).
     strict: as in :func:`layerwise.resolve` (rule sets only); the same
       errors are raised.
+    stacks: the stacked (scanned) subtrees, as in :func:`layerwise.paths`
+      (rule sets only): a row per layer leaf. For a transformation, the
+      rows are those of the layer leaves its states' rules see (a
+      stacked leaf's state bytes shared equally by its layers).
 
   Returns:
     A :class:`Description`; print it for the table, or read ``.rows`` and
@@ -717,7 +721,10 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   if opt_state is not None:
     raise TypeError("lw.describe: opt_state is for a transformation, not for "
                     "a rule set.")
-  res = RuleSet(obj).resolve(params, default=default, strict=strict)
+  res = RuleSet(obj).resolve(params, default=default, strict=strict,
+                             stacks=_paths.normalize_stacks("lw.describe",
+                                                            stacks),
+                             fn="lw.describe")
   rows = tuple({
       "path": path,
       "shape": tuple(spec.shape),

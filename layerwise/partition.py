@@ -19,6 +19,13 @@ put an ``optax.MaskedNode()`` there instead, and with 50 groups of a
 unflatten 78,000 NamedTuples (a 7x slower step). Frozen leaves get a zero
 update of their own dtype: they hold no state anywhere and add nothing to
 any norm computed downstream.
+
+With stacks (``stacks=``), leaves are assigned by layer: a stacked leaf
+whose layers are in several groups (or partly frozen) is given whole to
+each group that owns some of its layers, its gradient zeroed on the
+others and its update selected on its own layers (a static layer mask);
+the inner transformations resolve their own rule sets with the
+partition's stacks (:func:`~layerwise._resolve.stacks_of`).
 """
 
 from __future__ import annotations
@@ -483,12 +490,39 @@ def partition(
   for only some of a group's leaves is an error. Frozen leaves get a zero
   update with or without a gradient, as in :func:`freeze`.
 
+  **Stacked (scanned) layers.** With ``stacks``, the rules route layer
+  leaves (``layers/3/attn/kernel``), so the layers of one stacked
+  parameter may fall in different groups (layers 0..k-1 frozen, say). A
+  stacked parameter is one array, and an optax optimizer cannot hold state
+  for a slice of it without copying the slice at every step, so each group
+  that trains some of its layers is given the whole array: its gradient is
+  zeroed on the layers the group does not own (a global-norm clip or any
+  statistic inside the group sees its own layers only, as on the unrolled
+  model), and the group's update is kept on its own layers only, by a
+  select on a static layer mask; frozen layers get an update of exactly
+  zero, NaN gradients included. What it costs is state: the group's
+  optimizer holds state (Adam's two moments, say) for the layers of the
+  array it does not train, and ``lw.describe(tx, params)`` prints a
+  ``note:`` line with those bytes for each such parameter. A stack that
+  one group holds whole, or that is frozen whole, costs nothing more: a
+  frozen stack holds no state at all. A ruled transformation inside a
+  group (``lw.scale_by_rules`` ...) built with the default ``stacks``
+  sees the partition's stacks (the same ``layers/3/...`` paths; one given
+  ``stacks=`` of its own keeps them), and must give a rule to every layer
+  of a stacked parameter the group holds, those it does not train
+  included (a catch-all does).
+
   Args:
     rules: ``{selector: transformation or None}``; see
       :func:`layerwise.resolve`.
     default: the transformation (or ``None``: frozen) of leaves no rule
       matches. Without it, unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter takes
+      its own rule (``"layers/[0-3]/**"``), and groups may split a stack
+      by layer (see above).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -629,6 +663,13 @@ def freeze(
   optimizer then keeps state for the group (see the docs on gradual
   unfreezing).
 
+  With ``stacks``, ``frozen`` selects layer leaves, so
+  ``lw.freeze(opt, "layers/[0-3]/**", stacks={"layers": 0})`` freezes the
+  first four layers of a scanned model; ``inner`` is then given the whole
+  array of a stack frozen in part, with zero gradients on its frozen
+  layers, and holds state for them too (:func:`partition` says how, and
+  ``lw.describe`` prints the bytes). A stack frozen whole holds none.
+
   Args:
     inner: the optimizer of the trainable leaves.
     frozen: a selector (glob, regex, callable) of the leaves to freeze, or a
@@ -636,6 +677,8 @@ def freeze(
       every leaf.
     strict: as in :func:`layerwise.resolve`: a selector that matches no leaf
       is an error (a typo must not train what should be frozen).
+    stacks: the stacked (scanned) subtrees, as in :func:`partition`: each
+      layer of a stacked parameter is frozen or not by its own rule.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -656,6 +699,14 @@ def freeze(
     (Array(0., dtype=float32), Array([-0.001, -0.001], dtype=float32))
     >>> sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # 2 moments of head/w
     20
+
+    The first two of four stacked layers frozen:
+
+    >>> params = {"layers": {"w": jnp.ones((4, 2))}}
+    >>> tx = lw.freeze(optax.sgd(0.1), "layers/[0-1]/**", stacks={"layers": 0})
+    >>> updates, _ = tx.update(params, tx.init(params))
+    >>> updates["layers"]["w"][:, 0]
+    Array([ 0. ,  0. , -0.1, -0.1], dtype=float32)
   """
   fn = "lw.freeze"
   tx = _validate.as_transformation(inner)
@@ -677,7 +728,7 @@ def freeze(
 
 
 def stop_gradient(params: PyTree, frozen: Flags, *,
-                  strict: bool = True) -> PyTree:
+                  strict: bool = True, stacks: Stacks = None) -> PyTree:
   """``params`` with ``jax.lax.stop_gradient`` on the frozen leaves.
 
   Call it on the params inside the loss function: the frozen leaves then
@@ -686,12 +737,21 @@ def stop_gradient(params: PyTree, frozen: Flags, *,
   lowest trainable layer), so frozen layers cost a forward pass only.
   Use the same ``frozen`` as in :func:`freeze`. Values are unchanged.
 
+  With ``stacks``, a stacked leaf whose layers are all frozen is stopped as
+  a whole (its backward computation dropped, as above); one frozen in part
+  becomes ``jnp.where(frozen_layers, lax.stop_gradient(x), x)``, a select
+  on a static layer mask: its frozen layers get a gradient of exactly
+  zero, but the backward computation of the stack is not saved (a scanned
+  layer computes its weight gradient for all its layers, and the select
+  drops the frozen ones), only their gradient is zero.
+
   Args:
     params: the parameters (any pytree; NNX states and linen variables
       included).
     frozen: a selector, or a rule set ``{selector: bool}``, as in
       :func:`freeze`.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, as in :func:`freeze`.
 
   Returns:
     A pytree with the structure and values of ``params``.
@@ -705,6 +765,15 @@ def stop_gradient(params: PyTree, frozen: Flags, *,
     ...   return p["backbone"] * p["head"]
     >>> jax.grad(loss)(params)
     {'backbone': Array(0., dtype=float32, weak_type=True), 'head': Array(2., dtype=float32, weak_type=True)}
+
+    Two of three stacked layers frozen:
+
+    >>> stacked = {"layers": jnp.ones((3, 2))}
+    >>> jax.grad(lambda p: lw.stop_gradient(p, "layers/[0-1]",
+    ...                                     stacks={"layers": 0})["layers"].sum())(stacked)
+    {'layers': Array([[0., 0.],
+           [0., 0.],
+           [1., 1.]], dtype=float32)}
   """
   # Called in the loss, often eagerly at every step: reuse the rule set (and
   # its per-structure match cache) for the same ``frozen``.
@@ -714,11 +783,31 @@ def stop_gradient(params: PyTree, frozen: Flags, *,
     rule_set, default = _frozen_rules("lw.stop_gradient", frozen)
   else:
     rule_set, default = _stop_gradient_rules(frozen)
-  res = rule_set.resolve(params, default=default, strict=strict)
+  fn = "lw.stop_gradient"
+  res = rule_set.resolve(params, default=default, strict=strict,
+                         stacks=_paths.normalize_stacks(fn, stacks), fn=fn)
   leaves = res.treedef.flatten_up_to(params)
   return res.treedef.unflatten(
-      [jax.lax.stop_gradient(x) if f else x
-       for x, f in zip(leaves, res.values)])
+      [_stopped(res, j, x, f) for j, (x, f) in enumerate(
+          zip(leaves, res.leaf_values()))])
+
+
+def _stopped(res: Resolution, j: int, x: Any, flag: Any) -> Any:
+  """Real leaf ``j`` (``x``) with no gradient on its frozen layers:
+  ``flag`` is its frozen flag, or its layers' flags (a stacked leaf)."""
+  if not isinstance(flag, tuple):
+    return jax.lax.stop_gradient(x) if flag else x
+  if all(flag):
+    return jax.lax.stop_gradient(x)
+  if not any(flag):
+    return x
+  assert res.layers is not None
+  axis = res.layers.axes[j]
+  assert axis is not None
+  shape = [1] * len(res.layers.leaf_shapes[j])
+  shape[axis] = -1
+  return jnp.where(np.reshape(np.asarray(flag, bool), shape),
+                   jax.lax.stop_gradient(x), x)
 
 
 # ------------------------------------------------------ grad / value_and_grad
@@ -726,7 +815,8 @@ def stop_gradient(params: PyTree, frozen: Flags, *,
 
 def value_and_grad(fn: Callable[..., Any], frozen: Flags, *,
                    argnums: int = 0, has_aux: bool = False,
-                   strict: bool = True) -> Callable[..., Any]:
+                   strict: bool = True,
+                   stacks: Stacks = None) -> Callable[..., Any]:
   """``jax.value_and_grad`` of ``fn`` with respect to the trainable leaves only.
 
   The params (argument ``argnums`` of ``fn``) are split into their
@@ -745,6 +835,10 @@ def value_and_grad(fn: Callable[..., Any], frozen: Flags, *,
   as in :func:`freeze`: the leaves are matched once per tree structure,
   when the function is traced, with the rule language's errors for typos.
 
+  With ``stacks``, a stacked leaf all of whose layers are frozen gets
+  ``None``; one frozen in part is differentiated, with a gradient of
+  exactly zero on its frozen layers (as :func:`stop_gradient` gives it).
+
   Args:
     fn: the function to differentiate, ``fn(*args, **kwargs)``, returning a
       scalar (or ``(scalar, aux)`` with ``has_aux``).
@@ -754,6 +848,7 @@ def value_and_grad(fn: Callable[..., Any], frozen: Flags, *,
       arguments (one argument; the others are not differentiated).
     has_aux: as in ``jax.value_and_grad``.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, as in :func:`freeze`.
 
   Returns:
     A function of ``fn``'s arguments that returns ``(value, grads)`` (or
@@ -783,11 +878,13 @@ def value_and_grad(fn: Callable[..., Any], frozen: Flags, *,
     {'backbone': Array(2., dtype=float32), 'head': Array(2.8, dtype=float32)}
   """
   return _differentiated("lw.value_and_grad", fn, frozen, argnums=argnums,
-                         has_aux=has_aux, strict=strict, value=True)
+                         has_aux=has_aux, strict=strict, value=True,
+                         stacks=stacks)
 
 
 def grad(fn: Callable[..., Any], frozen: Flags, *, argnums: int = 0,
-         has_aux: bool = False, strict: bool = True) -> Callable[..., Any]:
+         has_aux: bool = False, strict: bool = True,
+         stacks: Stacks = None) -> Callable[..., Any]:
   """``jax.grad`` of ``fn`` with respect to the trainable leaves only.
 
   :func:`value_and_grad` without the value: the gradient tree has the
@@ -802,6 +899,7 @@ def grad(fn: Callable[..., Any], frozen: Flags, *, argnums: int = 0,
       arguments.
     has_aux: as in ``jax.grad``.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, as in :func:`freeze`.
 
   Returns:
     A function of ``fn``'s arguments that returns the gradients (or
@@ -818,14 +916,26 @@ def grad(fn: Callable[..., Any], frozen: Flags, *, argnums: int = 0,
     >>> loss = lambda p: jnp.sum(p["backbone"]["w"]) * jnp.sum(p["head"]["w"])
     >>> jax.jit(lw.grad(loss, "backbone/**"))(params)
     {'backbone': {'w': None}, 'head': {'w': Array([3., 3.], dtype=float32)}}
+
+    With stacks, a stack frozen in part gets zeros on its frozen layers:
+
+    >>> stacked = {"emb": jnp.ones(2), "layers": jnp.ones((3, 2))}
+    >>> loss = lambda p: jnp.sum(p["emb"]) * jnp.sum(p["layers"])
+    >>> lw.grad(loss, "layers/[0-1]", stacks={"layers": 0})(stacked)["layers"]
+    Array([[0., 0.],
+           [0., 0.],
+           [2., 2.]], dtype=float32)
+    >>> lw.grad(loss, "layers/*", stacks={"layers": 0})(stacked)["layers"] is None
+    True
   """
   return _differentiated("lw.grad", fn, frozen, argnums=argnums,
-                         has_aux=has_aux, strict=strict, value=False)
+                         has_aux=has_aux, strict=strict, value=False,
+                         stacks=stacks)
 
 
 def _differentiated(name: str, fn: Callable[..., Any], frozen: Flags, *,
                     argnums: int, has_aux: bool, strict: bool,
-                    value: bool) -> Callable[..., Any]:
+                    value: bool, stacks: Stacks = None) -> Callable[..., Any]:
   """:func:`value_and_grad` (``value``) or :func:`grad`, named ``name``."""
   if not callable(fn):
     raise TypeError(
@@ -838,6 +948,7 @@ def _differentiated(name: str, fn: Callable[..., Any], frozen: Flags, *,
         f"fn's arguments, got {argnums!r}; differentiate one tree of params "
         "(put several in one tuple or dict).")
   rule_set, default = _frozen_rules(name, frozen)
+  key = _paths.normalize_stacks(name, stacks)
 
   @functools.wraps(fn)
   def differentiated(*args: Any, **kwargs: Any) -> Any:
@@ -848,20 +959,26 @@ def _differentiated(name: str, fn: Callable[..., Any], frozen: Flags, *,
           "params positionally, or set argnums to their position.")
     at = argnums % len(args)
     params = args[at]
-    res = rule_set.resolve(params, default=default, strict=strict)
+    res = rule_set.resolve(params, default=default, strict=strict,
+                           stacks=key, fn=name)
     leaves = res.treedef.flatten_up_to(params)
-    trainable = [x for x, f in zip(leaves, res.values) if not f]
+    # A leaf is a constant when every layer of it is frozen; a stacked leaf
+    # frozen in part is differentiated, its frozen layers stopped.
+    flags = res.leaf_values()
+    constant = [all(f) if isinstance(f, tuple) else bool(f) for f in flags]
+    trainable = [x for x, c in zip(leaves, constant) if not c]
 
     def of_trainable(trained: list[Any]) -> Any:
       it = iter(trained)
       whole = res.treedef.unflatten(
-          [x if f else next(it) for x, f in zip(leaves, res.values)])
+          [x if c else _stopped(res, j, next(it), f)
+           for j, (x, c, f) in enumerate(zip(leaves, constant, flags))])
       return fn(*args[:at], whole, *args[at + 1:], **kwargs)
 
     out, grads = jax.value_and_grad(of_trainable, has_aux=has_aux)(trainable)
     it = iter(grads)
-    tree = res.treedef.unflatten([None if f else next(it)
-                                  for f in res.values])
+    tree = res.treedef.unflatten([None if c else next(it)
+                                  for c in constant])
     if value:
       return out, tree
     return (tree, out[1]) if has_aux else tree
