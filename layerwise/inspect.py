@@ -146,7 +146,9 @@ class Description:
   Attributes:
     columns: the row keys shown in the table, in order.
     rows: one ``dict`` per parameter, in flattening order (the table sorts
-      them by path, naturally). Every row has
+      them by path, naturally); with stacks, one per layer leaf
+      (``layers/3/kernel``, each with its share of the stacked leaf's state
+      bytes). Every row has
       ``path`` (str), ``shape`` (tuple), ``dtype`` (str) and ``size`` (int);
       for a rule set, ``rule`` (the selector that applied, as text, or
       ``"(default)"``) and ``value`` (the rule's value itself); for an

@@ -398,3 +398,44 @@ def test_grad_with_stacks():
   updates, _ = tx.update(g, tx.init(stacked), stacked)
   np.testing.assert_array_equal(updates["layers"]["kernel"],
                                 np.zeros((L, 3, 5), np.float32))
+
+
+def test_freeze_inside_a_partition_group():
+  """A freeze built with the default stacks inside a partition's group
+  splits the stack the group holds further, as on the unrolled model."""
+  stacked, unrolled = models(0)
+  inner = lw.freeze(optax.adam(0.1), "layers/1/**")
+  rules = {"layers/0/**": optax.sgd(0.1), "**": inner}
+  a, ua, _ = run(lw.partition(rules, stacks={"layers": 0}), stacked)
+  b, ub, _ = run(lw.partition(rules), unrolled)
+  assert_twins(a, b, 0, exact=[1])
+  np.testing.assert_array_equal(a["layers"]["kernel"][1],
+                                stacked["layers"]["kernel"][1])
+
+
+def test_alternating_groups_with_a_split_stack():
+  """A group with no gradients skips its step, as without stacks; the
+  stack split between the other groups steps."""
+  stacked, _ = models(0)
+  emb_tx = optax.adam(0.1)
+  tx = lw.partition({"emb": emb_tx, "layers/[0-1]/**": optax.sgd(0.1),
+                     "**": optax.sgd(0.2)}, stacks={"layers": 0})
+  state = tx.init(stacked)
+  grads = {"emb": None, "layers": grads_at(stacked["layers"], 0)}
+  updates, new = tx.update(grads, state, stacked)
+  assert updates["emb"] is None
+  assert int(new.inner_states[0][0].count) == 0
+  g = grads["layers"]["kernel"]
+  np.testing.assert_allclose(updates["layers"]["kernel"][:2], -0.1 * g[:2])
+  np.testing.assert_allclose(updates["layers"]["kernel"][2:], -0.2 * g[2:])
+
+
+def test_whole_keeps_the_real_leaves():
+  stacked, _ = models(0)
+  res = _resolve.RuleSet({"**": 1.0}).resolve(
+      stacked, stacks=("declared", (("layers", 0),)))
+  whole = _resolve.Whole(res.paths, res.specs, res.layers)
+  assert whole.paths[:3] == ("emb", "layers/0/kernel", "layers/1/kernel")
+  assert whole.leaf_paths == ("emb", "layers/kernel", "layers/scale")
+  assert [s.shape for s in whole.leaf_specs] == [(6, 3), (L, 3, 5), (L, 5)]
+  assert whole != _resolve.Whole(res.paths, res.specs)
