@@ -428,7 +428,7 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     for j, parts in pieces.items():
       # a stack split by layer: each layer's update is its group's, and
       # exactly zero on frozen layers
-      u = _zero_of(step, j)
+      u = _zero_like(parts[0][1])  # of the update's dtype, as unsplit
       for mask, part in parts:
         u = _where_owned(mask, part, u)
       out[j] = u
@@ -510,7 +510,11 @@ def partition(
   sees the partition's stacks (the same ``layers/3/...`` paths; one given
   ``stacks=`` of its own keeps them), and must give a rule to every layer
   of a stacked parameter the group holds, those it does not train
-  included (a catch-all does).
+  included (a catch-all does). An inner optimizer whose statistics run
+  over a whole leaf (a LARS or LAMB trust ratio) mixes the layers of a
+  stacked leaf, as it does on a stacked model without layerwise; the
+  elementwise ones (sgd, momentum, adam, adamw, lion, ...) and the
+  clippers of :func:`layerwise.clip_by_rules` do not.
 
   Args:
     rules: ``{selector: transformation or None}``; see

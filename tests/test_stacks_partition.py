@@ -439,3 +439,22 @@ def test_whole_keeps_the_real_leaves():
   assert whole.leaf_paths == ("emb", "layers/kernel", "layers/scale")
   assert [s.shape for s in whole.leaf_specs] == [(6, 3), (L, 3, 5), (L, 5)]
   assert whole != _resolve.Whole(res.paths, res.specs)
+
+
+def test_split_stack_keeps_the_update_dtype():
+  params = {"layers": {"w": jnp.ones((L, 3), jnp.bfloat16)}}
+  tx = lw.freeze(optax.sgd(0.5), "layers/0/**", stacks={"layers": 0})
+  updates, _ = tx.update(params, tx.init(params))
+  w = updates["layers"]["w"]
+  assert w.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(w, np.float32)[:, 0],
+                                [0.0, -0.5, -0.5, -0.5])
+
+
+def test_describe_rule_set_by_layer():
+  stacked, _ = models(0)
+  d = lw.describe({"layers/0/**": 0.0, "**": 1.0}, stacked,
+                  stacks={"layers": 0})
+  assert [r["path"] for r in d.rows][:3] == ["emb", "layers/0/kernel",
+                                             "layers/1/kernel"]
+  assert [r["value"] for r in d.rows][:3] == [1.0, 0.0, 1.0]
