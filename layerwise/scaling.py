@@ -394,6 +394,7 @@ def add_decayed_weights(
     default: ScalarOrSchedule = MISSING,
     strict: bool = True,
     toward: PyTree | None = None,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds each parameter times its rule's weight decay to its update.
 
@@ -451,7 +452,15 @@ def add_decayed_weights(
       ``init`` (the pretrained weights when ``init`` is called on them,
       and, under ``jax.jit(tx.init)``, an argument rather than a constant
       baked into the compiled init); ``None``: every leaf decays toward
-      zero.
+      zero. With stacks, it is a tree of the real (stacked) arrays, like
+      the params.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter takes
+      its own rule (``"layers/3/**"``) and is judged by its own shape, so
+      :data:`NO_DECAY` leaves a stacked LayerNorm scale of shape ``(L, D)``
+      undecayed, as it does the unrolled model's ``(D,)`` scales; the
+      coefficients apply as one vector along the layer axis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -564,7 +573,7 @@ def add_decayed_weights(
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
                      init=init, update=update, skips=True,
-                     needs_params=lambda plan: "weight decay")
+                     needs_params=lambda plan: "weight decay", stacks=stacks)
 
 
 def set_weight_decay(opt_state: PyTree, selector: SelectorLike,
