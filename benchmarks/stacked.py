@@ -14,12 +14,12 @@ both with an unstacked embedding, final norm and head. On each, in one
 process, interleaved:
 
 * ``plain``: ``optax.adamw`` (one rate), the baseline of its tree;
-* ``layerwise``: ``optax.chain(optax.adamw(lr), lw.scale_by_rules(rules,
-  stacks=S))`` with timm's layer-wise decay (0.75): a distinct multiplier
-  per layer, embedding and head; ``S = {"layers": 0}`` on the stacked tree,
-  ``{}`` on the unrolled one. The rules are ``lw.layer_decay(0.75,
-  unrolled)``, the rule set written for the unrolled model, used unchanged
-  on the stacked one (it has the layer paths ``layers/3/...`` too).
+* ``layerwise``: ``optax.chain(optax.adamw(lr), lw.scale_by_rules(
+  lw.layer_decay(0.75, params, stacks=S), stacks=S))``, timm's layer-wise
+  decay: a distinct multiplier per layer, embedding and head; ``S =
+  {"layers": 0}`` on the stacked tree, ``{}`` on the unrolled one (the
+  unrolled model's rule set gives the stacked one the same multipliers,
+  which the script checks).
 
 Compile time: ``jax.clear_caches()`` before every lower+compile (no
 persistent cache), median of ``--compile-repeats`` interleaved compiles,
@@ -40,6 +40,8 @@ kernels as
 * ``static``: slices of one vector at constant offsets;
 * ``runtime``: slices at runtime offsets, one per leaf, from one
   conditional (what ``_core.leaf_factors`` does on the CPU);
+* ``runtime_zero``: the same, with ``scale_by_rules``'s exact zero (a
+  select where the factor is 0);
 * ``one_offset``: slices at constant offsets from one runtime base;
 * ``arrays``: one ``(L,)`` array per stacked leaf in the state.
 
@@ -113,9 +115,11 @@ def _stacked_leaves(tree):
 _L = 48
 
 
-def _factor_tx(tree, init_state, read):
+def _factor_tx(tree, init_state, read, exact_zero=False):
   """Multiplies stacked leaf ``k`` (the ``k``-th leaf with a leading layer
-  axis) by ``read(state)[k]``, an ``(L,)`` vector, along axis 0."""
+  axis) by ``read(state)[k]``, an ``(L,)`` vector, along axis 0 (with
+  ``exact_zero``, selecting 0 where the factor is 0, as
+  ``lw.scale_by_rules`` does)."""
   stacked = _stacked_leaves(tree)
 
   def update(updates, state, params=None):
@@ -124,7 +128,9 @@ def _factor_tx(tree, init_state, read):
     vectors = read(state)
     for k, i in enumerate(stacked):
       u = leaves[i]
-      leaves[i] = u * jnp.reshape(vectors[k], (-1,) + (1,) * (u.ndim - 1))
+      f = jnp.reshape(vectors[k], (-1,) + (1,) * (u.ndim - 1))
+      leaves[i] = (jnp.where(f == 0, jnp.zeros((), f.dtype), u * f)
+                   if exact_zero else u * f)
     return treedef.unflatten(leaves), state
   return optax.GradientTransformation(lambda params: init_state(), update)
 
@@ -149,13 +155,14 @@ def layout_variants(tree):
     base = lax.cond(v[0] == v[0], lambda: np.int32(0), lambda: np.int32(0))
     return [_slice(v, base + s, _L) for s in starts]
 
-  def chain(init, read):
-    return lambda: optax.chain(adamw(), _factor_tx(tree, init, read))
+  def chain(init, read, exact_zero=False):
+    return lambda: optax.chain(adamw(), _factor_tx(tree, init, read, exact_zero))
 
   return {
       "shared": chain(lambda: jnp.asarray(flat[:_L]), lambda v: [v] * n),
       "static": chain(vector, lambda v: [v[s:s + _L] for s in starts]),
       "runtime": chain(vector, runtime),
+      "runtime_zero": chain(vector, runtime, exact_zero=True),
       "one_offset": chain(vector, one_offset),
       "arrays": chain(lambda: tuple(jnp.asarray(flat[s:s + _L]) for s in starts),
                       list),
@@ -272,8 +279,12 @@ def main():
   _L = args.layers
 
   stacked, unrolled = trees(args.layers, args.width, 4 * args.width, 8192)
-  rules = lw.layer_decay(DECAY, unrolled)
   setups = {"stacked": (stacked, {"layers": 0}), "unrolled": (unrolled, {})}
+  rules = {name: lw.layer_decay(DECAY, tree, stacks=stacks)
+           for name, (tree, stacks) in setups.items()}
+  # The unrolled model's rule set gives the stacked one the same multipliers.
+  assert (lw.resolve(rules["unrolled"], stacked, stacks={"layers": 0})
+          == lw.resolve(rules["stacked"], stacked, stacks={"layers": 0}))
   groups.print_versions()
   t0, load = time.time(), [os.getloadavg()]
   print(f"load average {load[0][0]:.2f} {load[0][1]:.2f} {load[0][2]:.2f} "
@@ -286,7 +297,7 @@ def main():
   rows = []
   for name in args.trees.split(","):
     tree, stacks = setups[name]
-    rows += compare(name, tree, optimizers(rules, stacks), args)
+    rows += compare(name, tree, optimizers(rules[name], stacks), args)
   layout_rows = layout_compiles(stacked, args) if args.layouts else []
   load.append(os.getloadavg())
   print(f"load average at the end {load[1][0]:.2f} {load[1][1]:.2f} "
@@ -297,7 +308,7 @@ def main():
                  "machine": platform.platform(),
                  "command": "python benchmarks/stacked.py " + " ".join(
                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                     if k not in ("out", "layouts", "trees")) +
+                     if k not in ("out", "layouts")) +
                  (" --layouts" if args.layouts else ""),
                  "seconds": time.time() - t0, "cores": os.cpu_count(),
                  "load_average": {"start": load[0], "end": load[1]},
