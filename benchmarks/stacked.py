@@ -6,7 +6,7 @@ held two ways:
 
 * ``stacked``: each kind of layer parameter one array with a layer axis 0
   (``layers/attn/query/kernel`` of shape ``(48, 256, 256)``), as ``nn.scan``
-  or ``nnx.vmap`` build it: 22 leaves;
+  or ``nnx.vmap`` build it: 21 leaves;
 * ``unrolled``: its twin with one subtree per layer (``layers/3/attn/query/
   kernel``, shape ``(256, 256)``): 773 leaves;
 
@@ -46,7 +46,8 @@ kernels as
 * ``arrays``: one ``(L,)`` array per stacked leaf in the state.
 
 Run:  python benchmarks/stacked.py [--layers 48] [--width 256] [--steps 10]
-      [--repeats 3] [--compile-repeats 5] [--layouts] [--out stacked.json]
+      [--repeats 3] [--compile-repeats 5] [--trees stacked,unrolled]
+      [--layouts] [--layout-variants shared,runtime,...] [--out stacked.json]
 """
 
 import argparse
@@ -244,6 +245,9 @@ def layout_compiles(tree, args):
   """Compile time of each way of reading the stacked leaves' multipliers."""
   txs = {"plain": lambda: optax.adamw(LR, weight_decay=WD),
          **layout_variants(tree)}
+  if args.layout_variants:
+    txs = {k: v for k, v in txs.items()
+           if k in ("plain", *args.layout_variants.split(","))}
   compiles = _compiles(txs, tree, args.compile_repeats)
   base_wall = statistics.median(compiles["plain"][0])
   base_cpu = statistics.median(compiles["plain"][1])
@@ -274,6 +278,8 @@ def main():
   parser.add_argument("--trees", default="stacked,unrolled")
   parser.add_argument("--layouts", action="store_true",
                       help="also time the ways of reading per-layer multipliers")
+  parser.add_argument("--layout-variants", default="",
+                      help="only these layouts (comma-separated; plain always)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   _L = args.layers
@@ -295,7 +301,7 @@ def main():
   print(header + "\n" + "-" * len(header))
   compile_fresh(optax.adamw(LR), trees(2, 64, 128, 1024)[0])  # warm-up
   rows = []
-  for name in args.trees.split(","):
+  for name in filter(None, args.trees.split(",")):
     tree, stacks = setups[name]
     rows += compare(name, tree, optimizers(rules[name], stacks), args)
   layout_rows = layout_compiles(stacked, args) if args.layouts else []
@@ -307,8 +313,10 @@ def main():
       json.dump({"jax": jax.__version__, "optax": optax.__version__,
                  "machine": platform.platform(),
                  "command": "python benchmarks/stacked.py " + " ".join(
-                     f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                     if k not in ("out", "layouts")) +
+                     f"--{k.replace('_', '-')} {v if v != '' else chr(34) * 2}"
+                     for k, v in vars(args).items()
+                     if k not in ("out", "layouts")
+                     and not (k == "layout_variants" and not v)) +
                  (" --layouts" if args.layouts else ""),
                  "seconds": time.time() - t0, "cores": os.cpu_count(),
                  "load_average": {"start": load[0], "end": load[1]},
