@@ -67,7 +67,7 @@ def _signature(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
     closed = jax.make_jaxpr(lambda x: _mapped(fn, x, None, path))(u)
   else:
     closed = jax.make_jaxpr(lambda x, y: _mapped(fn, x, y, path))(u, p)
-  consts = []
+  consts: list[Any] = []
   for c in closed.consts:
     if isinstance(c, jax.core.Tracer):
       consts.append(("tracer", id(c)))
@@ -176,6 +176,16 @@ def map_updates(
     >>> updates, _ = tx.update(grads, tx.init(grads))
     >>> updates["encoder"]["w"], updates["head"]
     (Array([-1.,  1.], dtype=float32), Array([-2.], dtype=float32))
+
+    On a stacked (scanned) model, ``fn`` sees one layer's slice and path:
+
+    >>> stacked = {"layers": {"w": jnp.ones((3, 2))}}
+    >>> tx = lw.map_updates(lambda u, p, path: u / jnp.sum(u), "layers/[1-2]/**",
+    ...                     stacks={"layers": 0})
+    >>> tx.update(stacked, tx.init(stacked))[0]["layers"]["w"]
+    Array([[1. , 1. ],
+           [0.5, 0.5],
+           [0.5, 0.5]], dtype=float32)
   """
   name = "lw.map_updates"
   if not callable(fn):
