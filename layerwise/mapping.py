@@ -93,9 +93,10 @@ def _map_layers(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
   p_spec = (None if p is None else
             jax.ShapeDtypeStruct(layer_shape, jnp.result_type(p)))
   groups: dict[Any, list[int]] = {}
-  for i, (path, chosen) in enumerate(zip(paths, selected)):
-    if chosen:
-      groups.setdefault(_signature(fn, u_spec, p_spec, path), []).append(i)
+  chosen = [i for i, s in enumerate(selected) if s]
+  for i in chosen:
+    key = i if len(chosen) == 1 else _signature(fn, u_spec, p_spec, paths[i])
+    groups.setdefault(key, []).append(i)
   out = u
   for layers in groups.values():
     path = paths[layers[0]]

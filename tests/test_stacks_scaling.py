@@ -312,6 +312,23 @@ def test_decay_toward_with_stacks(axis, toward):
                                 want["layers"]["attn"]["kernel"])
 
 
+def test_decay_toward_with_stacks_inside_partition():
+  """Inside lw.partition, toward= is of the whole model (real arrays)."""
+  params = stacked_params()
+  p0 = stacked_params(seed=1)
+  inner = optax.chain(lw.add_decayed_weights(
+      {"layers/0/**": 0.0, "**": 0.1}, toward=p0, stacks={"layers": 0}),
+      optax.sgd(1.0))
+  tx = lw.partition({"layers/**": inner, "**": optax.sgd(1.0)})
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  k, k0 = params["layers"]["attn"]["kernel"], p0["layers"]["attn"]["kernel"]
+  np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"][0], 0.0)
+  np.testing.assert_allclose(updates["layers"]["attn"]["kernel"][1:],
+                             -0.1 * (k[1:] - k0[1:]), rtol=1e-6)
+  np.testing.assert_array_equal(updates["head"]["w"], 0.0)
+
+
 def test_toward_of_the_wrong_shape_names_the_stacked_leaf():
   params = stacked_params()
   bad = {**params, "layers": {**params["layers"],
