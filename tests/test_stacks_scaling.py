@@ -418,6 +418,25 @@ def test_layer_decay_on_the_stacked_model_is_the_unrolled_twins(axis):
                                                     stacks=s)), axis)
 
 
+def test_layer_decay_reads_the_stack_from_flax_metadata():
+  """A linen nn.scan model marks its layer axis "layers": layer_decay and
+  scale_by_rules find the stack without stacks=."""
+  from flax import linen as nn
+  params = stacked_params()
+  boxed = {**params, "layers": jax.tree_util.tree_map(
+      lambda x: nn.Partitioned(x, names=("layers",) + (None,) * (x.ndim - 1)),
+      params["layers"])}
+  rules = lw.layer_decay(0.75, boxed)
+  assert [(str(s), v) for s, v in rules] == [
+      (str(s), v) for s, v in lw.layer_decay(0.75, unroll(params))]
+  tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules(rules))
+  grads = jax.tree_util.tree_map(jnp.ones_like, boxed)
+  updates, _ = tx.update(grads, tx.init(boxed))
+  np.testing.assert_allclose(
+      updates["layers"]["ln"]["scale"].value[:, 0],
+      [-(0.75 ** (L - i)) for i in range(L)], rtol=1e-6)
+
+
 def test_layer_decay_freeze_below_with_stacks():
   params = stacked_params()
   rules = lw.layer_decay(0.5, params, stacks={"layers": 0}, freeze_below=0.1)
