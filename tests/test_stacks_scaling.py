@@ -475,6 +475,10 @@ MAPS = {
                 else u - p, "**"),
     "some-layers": (lambda u, p, path: u / (1e-3 + jnp.linalg.norm(u)),
                     "layers/[1-2]/**"),
+    # A constant array (not a literal) that depends on the path.
+    "path-constant": (lambda u, p, path: u * jnp.asarray(np.full(
+        u.shape[-1:], 1.0 + (int(path[7]) if path.startswith("layers/")
+                             else 0), np.float32)), "**"),
 }
 
 
@@ -517,6 +521,13 @@ def test_map_updates_calls_fn_once_per_stacked_leaf():
     return jnp.sign(u) * (2.0 if path.startswith("layers/1/") else 1.0)
 
   assert count(by_path, {"layers": 0}, params) == 2 + 3 * 2
+
+  big = jnp.asarray(np.linspace(0.0, 1.0, 5000, dtype=np.float32))
+
+  def closes_over(u, p, path):  # a large constant, the same for all layers
+    return jnp.sign(u) * big[:u.size].reshape(u.shape)
+
+  assert count(closes_over, {"layers": 0}, params) == 5
 
 
 def test_map_updates_without_params_and_errors_name_the_layer():
