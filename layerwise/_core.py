@@ -435,7 +435,7 @@ def like_params(fn: str, name: str, tree: Any, res: Resolution,
            if whole is not None else "the params given to init")
   given, leaves, _ = _paths.flatten_with_paths(tree)
   if (whole is not None and res.layers is not None
-      and set(mine) <= set(given)):
+      and tuple(given) != tuple(paths) and set(mine) <= set(given)):
     # The whole model's paths are of layer leaves; the tree's are real
     # leaves: check those this transformation reads.
     paths, specs = mine, my_specs

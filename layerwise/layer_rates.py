@@ -380,6 +380,16 @@ def layer_decay(
     [{'blocks': [{'w': 0.125}, {'w': 0.25}]}, {'blocks': [{'w': 0.5}],
     'downsample': {'w': 0.5}}]
 
+    A stacked (scanned) model, its blocks in one array per kind: each layer
+    gets the unrolled model's multiplier.
+
+    >>> stacked = {"embed": jnp.ones((10, 4)),
+    ...            "layers": {"w": jnp.ones((2, 4, 4))},
+    ...            "head": {"w": jnp.ones((4, 2))}}
+    >>> rules = lw.layer_decay(0.5, stacked, stacks={"layers": 0})
+    >>> lw.resolve(rules, stacked, stacks={"layers": 0})
+    {'embed': 0.125, 'head': {'w': 1.0}, 'layers': {'w': (0.25, 0.5)}}
+
     A module that is neither stem, block nor head says so:
 
     >>> lw.layer_decay(0.5, {**params, "head_aux": {"w": jnp.ones(2)}})
@@ -439,18 +449,18 @@ def layer_decay(
         r"block=r'(?:^|/)encoderblock_(\d+)(?:/|$)' for paths like "
         "'Transformer/encoderblock_3/...' (lw.paths(params) lists the "
         "paths)." + ("" if layers is not None else _stacked_hint(paths, specs)))
-  stacks: dict[str, list[str]] = {}
+  containers: dict[str, list[str]] = {}
   for i, b in blocks.items():
-    stacks.setdefault(b.container, []).append(paths[i])
-  if len(stacks) > 1:
+    containers.setdefault(b.container, []).append(paths[i])
+  if len(containers) > 1:
     counts = {c: len({blocks[paths.index(p)].key for p in ps})
-              for c, ps in stacks.items()}
+              for c, ps in containers.items()}
     listed = "; ".join(
-        f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {stacks[c][0]!r})"
+        f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {containers[c][0]!r})"
         for c, k in counts.items())
     raise ValueError(
         f"{fn} needs one stack of blocks, but the block pattern "
-        f"{_pattern(regex)} finds {len(stacks)}: {listed}. Anchor the "
+        f"{_pattern(regex)} finds {len(containers)}: {listed}. Anchor the "
         "pattern to the stack whose depth should decay (e.g. "
         r"block=r'^encoder/layers_(\d+)/'); name the others in stem=, head= "
         "or after=.")

@@ -59,18 +59,25 @@ def _mapped(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
 
 
 def _signature(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
-               p: jax.ShapeDtypeStruct | None, path: str) -> Any:
+               p: jax.ShapeDtypeStruct | None, path: str,
+               keep: list[Any]) -> Any:
   """What ``fn`` computes for one layer at ``path`` (its jaxpr, and its
-  constants by value), so that layers whose function is the same, whatever
-  their path, are mapped by one call."""
+  constants by value, or by identity for large ones), so that layers whose
+  function is the same, whatever their path, are mapped by one call. The
+  jaxpr is appended to ``keep``, which the caller holds while it compares
+  signatures: a constant's identity is unique only while it lives."""
   if p is None:
     closed = jax.make_jaxpr(lambda x: _mapped(fn, x, None, path))(u)
   else:
     closed = jax.make_jaxpr(lambda x, y: _mapped(fn, x, y, path))(u, p)
-  consts = []
+  keep.append(closed)
+  consts: list[Any] = []
   for c in closed.consts:
-    if isinstance(c, jax.core.Tracer):
-      consts.append(("tracer", id(c)))
+    if isinstance(c, jax.core.Tracer) or np.size(c) > 4096:
+      # A tracer, or a large array fn closes over (the same object for
+      # every layer): by identity. One made anew per call would only cost
+      # a call of its own (a distinct function), never a wrong result.
+      consts.append(("object", id(c)))
     else:
       a = np.asarray(c)
       consts.append((a.dtype.str, a.shape, a.tobytes()))
@@ -93,9 +100,12 @@ def _map_layers(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
   p_spec = (None if p is None else
             jax.ShapeDtypeStruct(layer_shape, jnp.result_type(p)))
   groups: dict[Any, list[int]] = {}
-  for i, (path, chosen) in enumerate(zip(paths, selected)):
-    if chosen:
-      groups.setdefault(_signature(fn, u_spec, p_spec, path), []).append(i)
+  chosen = [i for i, s in enumerate(selected) if s]
+  keep: list[Any] = []
+  for i in chosen:
+    key = (i if len(chosen) == 1
+           else _signature(fn, u_spec, p_spec, paths[i], keep))
+    groups.setdefault(key, []).append(i)
   out = u
   for layers in groups.values():
     path = paths[layers[0]]
@@ -176,6 +186,16 @@ def map_updates(
     >>> updates, _ = tx.update(grads, tx.init(grads))
     >>> updates["encoder"]["w"], updates["head"]
     (Array([-1.,  1.], dtype=float32), Array([-2.], dtype=float32))
+
+    On a stacked (scanned) model, ``fn`` sees one layer's slice and path:
+
+    >>> stacked = {"layers": {"w": jnp.ones((3, 2))}}
+    >>> tx = lw.map_updates(lambda u, p, path: u / jnp.sum(u), "layers/[1-2]/**",
+    ...                     stacks={"layers": 0})
+    >>> tx.update(stacked, tx.init(stacked))[0]["layers"]["w"]
+    Array([[1. , 1. ],
+           [0.5, 0.5],
+           [0.5, 0.5]], dtype=float32)
   """
   name = "lw.map_updates"
   if not callable(fn):

@@ -292,7 +292,9 @@ def set_scale(opt_state: PyTree, selector: SelectorLike,
   Args:
     opt_state: an optimizer state.
     selector: any selector (glob, regex, callable), matched against the
-      paths of the params the state was initialised with.
+      paths of the params the state was initialised with; with stacks, the
+      layer paths (``"layers/[0-3]/**"`` sets those layers of each stacked
+      parameter).
     value: the new multiplier, a finite number >= 0 (or a scalar array).
       Integer and bool leaves stay unscaled whatever their multiplier.
 
@@ -361,8 +363,8 @@ class AddDecayedWeightsState(NamedTuple):
 
   Attributes:
     count: the number of updates made so far (schedules are evaluated at it).
-    weight_decays: a float32 vector with one entry per parameter leaf, in
-      the order of ``rules.paths``: the constant factor of each leaf's
+    weight_decays: a float32 vector with one entry per parameter leaf (per
+      layer of a stacked parameter), in the order of ``rules.paths``: the constant factor of each leaf's
       weight decay (the rule's value, or 1.0 for a schedule, which it
       multiplies). :func:`set_weight_decay` changes it between steps.
     rules: static metadata: each leaf's path, rule and weight decay as given.
@@ -517,6 +519,20 @@ def add_decayed_weights(
     dense/kernel [0.05 0.05]
     head/kernel [0.1 0.1]
 
+    A stacked (scanned) model: each layer is judged by its own shape, so
+    :data:`NO_DECAY` leaves the stacked LayerNorm scales ``(L, D)`` alone,
+    and ``layers/0/**`` is the first layer:
+
+    >>> stacked = {"layers": {"kernel": jnp.ones((3, 2, 2)),
+    ...                       "scale": jnp.ones((3, 2))}}
+    >>> tx = lw.add_decayed_weights(
+    ...     {lw.NO_DECAY: 0.0, "layers/0/**": 0.0, "**": 0.1},
+    ...     stacks={"layers": 0})
+    >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, stacked),
+    ...                        tx.init(stacked), stacked)
+    >>> updates["layers"]["kernel"][:, 0, 0], updates["layers"]["scale"][:, 0]
+    (Array([0. , 0.1, 0.1], dtype=float32), Array([0., 0., 0.], dtype=float32))
+
   References:
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, 2019.
@@ -590,7 +606,8 @@ def set_weight_decay(opt_state: PyTree, selector: SelectorLike,
   Args:
     opt_state: an optimizer state.
     selector: any selector, matched against the paths of the params the
-      state was initialised with.
+      state was initialised with; with stacks, the layer paths
+      (``"layers/[0-3]/**"`` sets those layers of each stacked parameter).
     value: the new weight decay, a finite number >= 0 (or a scalar array).
 
   Returns:
