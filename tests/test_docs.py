@@ -10,6 +10,7 @@
 
 import pathlib
 import re
+import textwrap
 
 import pytest
 
@@ -29,8 +30,9 @@ def python_blocks(page):
     if line.strip() == "```python":
       start = i + 1
       end = next(j for j in range(start, len(lines)) if lines[j].strip() == "```")
+      # Dedented: a block inside a list item is indented with it.
       blocks.append((f"{heading} (line {start})", start,
-                     "\n".join(lines[start:end]) + "\n"))
+                     textwrap.dedent("\n".join(lines[start:end]) + "\n")))
       i = end
     i += 1
   return blocks
