@@ -102,9 +102,13 @@ def compile_once(tx, tree):
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1)).lower(tree, state, tree).compile()
   seconds = time.perf_counter() - t0
-  text = compiled.as_text()
-  # Fused computations with their names and metadata taken out: equal
-  # bodies compile to one kernel (as tests/test_compile.py counts them).
+  return seconds, distinct_kernels(compiled.as_text())
+
+
+def distinct_kernels(text):
+  """The number of distinct fused computations in a compiled step's HLO
+  text: with their names and metadata taken out, equal bodies compile to
+  one kernel (as tests/test_compile.py counts them)."""
   bodies = set()
   for body in re.findall(r"\n(%?fused_computation[^\n]*\{\n(?:  [^\n]*\n)*)\}",
                          text):
@@ -112,7 +116,7 @@ def compile_once(tx, tree):
     body = re.sub(r"%[\w.\-]+", "%x", body)
     body = re.sub(r"\bparam_[\d.]+", "p", body)
     bodies.add(body.split("\n", 1)[1])
-  return seconds, len(bodies)
+  return len(bodies)
 
 
 def main():

@@ -3,7 +3,8 @@
 Reads ``benchmarks/results/{groups,frozen,frozen_used,roofline}_{machine}.json``
 (written by the scripts' ``--out``), draws one PNG per benchmark into
 ``docs/images/`` (each names the machine, the versions and the command) and
-prints the tables of docs/benchmarks.md as Markdown.
+prints the tables of docs/benchmarks.md as Markdown (``stacked*.json``: tables
+only).
 
 Run:  python benchmarks/report.py [--results benchmarks/results] [--images docs/images]
 """
@@ -194,6 +195,34 @@ def roofline_chart(results, images):
   plt.close(fig)
 
 
+def stacked_table(results):
+  """The tables of benchmarks/stacked.py's runs (``stacked_*cpu.json``)."""
+  for name in sorted(os.listdir(results)):
+    if not (name.startswith("stacked") and name.endswith(".json")):
+      continue
+    with open(os.path.join(results, name)) as f:
+      data = json.load(f)
+    load = data.get("load_average", {})
+    print(f"\n### {name}: `{data['command']}` (jax {data['jax']}, optax "
+          f"{data['optax']}; load average {load.get('start', ['?'])[0]:.1f} "
+          f"to {load.get('end', ['?'])[0]:.1f} on {data.get('cores', '?')} cores)\n")
+    print("| tree | leaves | variant | compile s | compile x | compile x (CPU s) "
+          "| step ms | step x | kernels | arrays |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in data["results"]:
+      print(f"| `{r['tree']}` | {r['leaves']} | `{r['variant']}` | "
+            f"{r['compile_s']:.2f} | {r['compile_ratio']:.2f}x | "
+            f"{r['compile_cpu_ratio']:.2f}x | {r['step_ms']:.1f} | "
+            f"{r['step_ratio']:.2f}x | {r['kernels']} | {r['arrays']} |")
+    if data.get("layouts"):
+      print("\n| multipliers reach the stacked leaves as | compile x | "
+            "compile x (CPU s) | kernels |")
+      print("| --- | ---: | ---: | ---: |")
+      for r in data["layouts"]:
+        print(f"| `{r['variant']}` | {r['compile_ratio']:.2f}x | "
+              f"{r['compile_cpu_ratio']:.2f}x | {r['kernels']} |")
+
+
 def main():
   here = os.path.dirname(os.path.abspath(__file__))
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -204,6 +233,7 @@ def main():
   groups_chart(args.results, args.images)
   frozen_chart(args.results, args.images)
   roofline_chart(args.results, args.images)
+  stacked_table(args.results)
 
 
 if __name__ == "__main__":

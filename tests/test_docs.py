@@ -1,7 +1,7 @@
 """The documentation site's claims that code can check.
 
-* Every ```python block of ``docs/recipes.md`` runs as it stands (each block
-  defines its own small model).
+* Every ```python block of ``docs/recipes.md`` and ``docs/stacked.md`` runs
+  as it stands (each block defines its own small model).
 * Every public name (``layerwise.__all__``) has an entry in the API reference,
   ``docs/api.md``, so a new public function cannot ship undocumented. That
   the entries resolve, and that every link between pages works, is checked
@@ -10,6 +10,7 @@
 
 import pathlib
 import re
+import textwrap
 
 import pytest
 
@@ -29,8 +30,9 @@ def python_blocks(page):
     if line.strip() == "```python":
       start = i + 1
       end = next(j for j in range(start, len(lines)) if lines[j].strip() == "```")
+      # Dedented: a block inside a list item is indented with it.
       blocks.append((f"{heading} (line {start})", start,
-                     "\n".join(lines[start:end]) + "\n"))
+                     textwrap.dedent("\n".join(lines[start:end]) + "\n")))
       i = end
     i += 1
   return blocks
@@ -50,6 +52,22 @@ def test_recipe_runs(code, line, capsys):
   # A fresh namespace per block: each recipe must stand on its own.
   namespace = {"__name__": f"recipes_md_line_{line}"}
   exec(compile(code, f"docs/recipes.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
+  capsys.readouterr()
+
+
+STACKED = python_blocks("stacked.md")
+
+
+def test_stacked_has_blocks():
+  assert len(STACKED) >= 6
+
+
+@pytest.mark.parametrize(
+    "code, line",
+    [pytest.param(code, line, id=name) for name, line, code in STACKED])
+def test_stacked_block_runs(code, line, capsys):
+  namespace = {"__name__": f"stacked_md_line_{line}"}
+  exec(compile(code, f"docs/stacked.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
   capsys.readouterr()
 
 
