@@ -130,7 +130,12 @@ def reparameterize(
       (see :func:`layerwise.paths`; by default, those Flax's metadata marks
       with a ``"layers"`` axis): each layer of a stacked parameter takes
       its own rule (``"layers/3/**"``) and its own ``lam``, applied as one
-      vector along the layer axis; ``inner`` still sees the stacked arrays.
+      vector along the layer axis. ``inner`` still sees the stacked arrays:
+      for elementwise optimizers (SGD, momentum, Adam, AdamW, RMSprop,
+      Lion) the stacked model trains exactly as its unrolled twin, while
+      statistics ``inner`` takes over a whole leaf (Adafactor's factored
+      moments and relative step, LAMB's and LARS's trust ratios) run over
+      all the layers of the stack, as they would without the wrapper.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments of
