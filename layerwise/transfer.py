@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from layerwise import _diagnostics, _paths
-from layerwise._resolve import Flags, flag_rules, layer_paths_and_specs
+from layerwise._resolve import (Flags, flag_rules, layer_paths_and_specs,
+                                paths_and_specs)
 from layerwise._types import PyTree, Stacks
 
 __all__ = ["TransplantReport", "transplant"]
@@ -215,9 +216,12 @@ def transplant(
     stacks: the target's stacked subtrees, ``{stack_path: layer_axis}``
       (see :func:`layerwise.paths`; by default, those Flax's metadata marks
       with a ``"layers"`` axis).
-    source_stacks: the source's stacked subtrees, in the same form (by
-      default, those its metadata marks; a restored checkpoint has none, so
-      give them).
+    source_stacks: the source's stacked subtrees, in the same form. By
+      default, those its Flax metadata marks; if it has none (a restored
+      checkpoint), the target's stacks wherever the source holds the same
+      stacked leaves, with as many dimensions (a checkpoint of the same
+      stacked model, of any number of layers). Give them where the source
+      is stacked otherwise (another axis; an unrolled target).
 
   Returns:
     ``(new_target, report)``: a tree with ``target``'s structure, and a
@@ -290,8 +294,7 @@ def transplant(
 
     >>> small = {"layers": {"w": jnp.zeros((2, 2))}}
     >>> out, report = lw.transplant(small, params, "layers/[0-1]/**",
-    ...                             stacks={"layers": 0},
-    ...                             source_stacks={"layers": 0})
+    ...                             stacks={"layers": 0})
     >>> out["layers"]["w"][1], report.skipped
     (Array([2., 2.], dtype=float32), ('layers/2/w',))
   """
@@ -305,6 +308,15 @@ def transplant(
   dst = _View(target, list(res.paths), list(res.specs), res.treedef,
               res.layers)
   src = _View.of_source(fn, source, source_key)
+  if source_stacks is None and src.layers is None and res.layers is not None:
+    # A source without stacks in its metadata (a restored checkpoint) that
+    # holds the target's stacked leaves is stacked as the target is.
+    inherited = _same_stacks(res.layers, source)
+    if inherited:
+      try:
+        src = _View.of_source(fn, source, ("declared", inherited))
+      except ValueError:
+        pass  # not stacked alike after all: its paths are compared as they are
   src_paths, src_specs = src.paths, src.specs
   by_path = {p: i for i, p in enumerate(src_paths)}
   if rename is not None and not callable(rename):
@@ -402,6 +414,24 @@ def transplant(
   return res.treedef.unflatten(out), report
 
 
+def _same_stacks(layers: _paths.Layers, source: Any
+                 ) -> tuple[tuple[str, int], ...]:
+  """The target's stacks that ``source`` has too: every stacked leaf of the
+  stack at the same path in the source, with as many dimensions (a stacked
+  checkpoint of the same model; the number of layers may differ)."""
+  paths, specs, _ = paths_and_specs(source)
+  ndim = {p: len(s.shape) for p, s in zip(paths, specs)}
+  out = []
+  for root, axis, _ in layers.roots:
+    members = [(p, len(shape)) for p, shape, a in
+               zip(layers.leaf_paths, layers.leaf_shapes, layers.axes)
+               if a is not None and (root == "" or p == root
+                                     or p.startswith(root + "/"))]
+    if members and all(ndim.get(p) == n for p, n in members):
+      out.append((root, axis))
+  return tuple(out)
+
+
 # A layer index as a segment of its own (a stack's layer leaf, an NNX list:
 # "layers/3/...") or glued to its module's name (linen: "layers_3/...").
 _SPLIT = re.compile(r"^((?:[^/]+/)*?[^/]+)/(\d+)(?=/|$)")
@@ -409,19 +439,25 @@ _GLUED = re.compile(r"^((?:[^/]+/)*?[^/]+)_(\d+)(?=/|$)")
 
 
 def _layer_hint(missing: list[str], source: dict[str, int]) -> str:
-  """A ``rename=`` that would find the missing paths, when the source names
-  the same layers the other way (``layers_3`` for ``layers/3`` or back)."""
+  """A ``rename=`` (or ``source_stacks=``) that would find the missing
+  paths, when the source names the same layers the other way (``layers_3``
+  for ``layers/3`` or back), or holds them stacked in one leaf."""
   for path in missing:
     for found, sep, other in ((_SPLIT, "/", "_"), (_GLUED, "_", "/")):
       m = found.match(path)
       if m is None:
         continue
-      renamed = f"{m[1]}{other}{m[2]}{path[m.end():]}"
-      if renamed in source:
-        pattern = re.escape(m[1]) + re.escape(sep) + r"(\d+)"
+      pattern = re.escape(m[1]) + re.escape(sep) + r"(\d+)"
+      rename = (f"rename=lambda p: re.sub(r\"^{pattern}\", "
+                f"r\"{m[1]}{other}\\1\", p)")
+      if f"{m[1]}{other}{m[2]}{path[m.end():]}" in source:
         return (f" The source names its layers {m[1]}{other}<i>, not "
-                f"{m[1]}{sep}<i>: rename=lambda p: re.sub(r\"^{pattern}\", "
-                f"r\"{m[1]}{other}\\1\", p).")
+                f"{m[1]}{sep}<i>: {rename}.")
+      whole = f"{m[1]}{path[m.end():]}"
+      if whole in source:
+        return (f" The source holds {whole!r}, one leaf: if its layers are "
+                f"stacked in it, pass source_stacks={{{m[1]!r}: <layer "
+                "axis>}" + (f" and {rename}." if sep == "_" else "."))
   return ""
 
 

@@ -171,9 +171,13 @@ def test_stacked_trains_like_the_unrolled_twin(name, scales):
   opt = OPTIMIZERS[name]()
   got = trajectory(lw.reparameterize(opt, scales, stacks=STACKS), params)
   want = trajectory(lw.reparameterize(opt, scales), unrolled(params))
+  # Off the CPU, XLA may fuse the stacked and the unrolled programs
+  # differently: float32 rounding, amplified by 10 steps (more by lion's
+  # sign and rmsprop's g / sqrt(v)).
+  tol = 1e-6 if ON_CPU else (2e-3 if name in ("lion", "rmsprop") else 2e-5)
   for t, ((p, u), (q, v)) in enumerate(zip(got, want)):
-    assert_close(unrolled(p), q, rtol=1e-6, atol=1e-6, what=f"step {t + 1}")
-    assert_close(unrolled(u), v, rtol=1e-6, atol=1e-6, what=f"step {t + 1}")
+    assert_close(unrolled(p), q, rtol=tol, atol=tol, what=f"step {t + 1}")
+    assert_close(unrolled(u), v, rtol=tol, atol=tol, what=f"step {t + 1}")
 
 
 def test_the_per_layer_scales_matter():

@@ -212,6 +212,10 @@ def test_the_first_layers_of_a_deep_stack_into_a_shallow_one():
   out, report = lw.transplant(
       target, source, {"layers/[0-5]/**": True, "**": False}, stacks=STACKS,
       source_stacks=STACKS)
+  # The same without source_stacks: the source has the target's stacks.
+  again, _ = lw.transplant(
+      target, source, {"layers/[0-5]/**": True, "**": False}, stacks=STACKS)
+  assert_same(again, out)
   want = {"embed": target["embed"], "head": target["head"],
           "layers": {"attn": {"kernel": source["layers"]["attn"]["kernel"][:6]},
                      "ln": {"scale": source["layers"]["ln"]["scale"][:6]}}}
@@ -263,6 +267,14 @@ def test_layers_missing_from_the_source_and_the_rename_hint():
       in msg
   assert ('rename=lambda p: re.sub(r"^layers/(\\d+)", r"layers_\\1", p)'
           in msg)
+  # The other way, from a stack whose source_stacks were not given: the
+  # message says to give them (and the rename for linen's names).
+  with pytest.raises(ValueError) as e:
+    lw.transplant(linen_unrolled(1), stacked(0), "**")
+  assert ("The source holds 'layers/attn/kernel', one leaf: if its layers "
+          "are stacked in it, pass source_stacks={'layers': <layer axis>} and "
+          'rename=lambda p: re.sub(r"^layers_(\\d+)", r"layers/\\1", p).'
+          ) in str(e.value)
   # A deeper target than the source: the extra layers, by layer path.
   with pytest.raises(ValueError, match="'layers/4/attn/kernel'"):
     lw.transplant(stacked(1, n=6), stacked(0), "layers/**", stacks=STACKS,
@@ -317,3 +329,35 @@ def test_source_stacks_errors_say_source():
     lw.transplant(stacked(1), stacked(0), "**", stacks={"layerz": 0})
   with pytest.raises(TypeError, match="^lw.transplant: stacks must be"):
     lw.transplant(stacked(1), stacked(0), "**", source_stacks=[("layers", 0)])
+
+
+def test_a_stacked_checkpoint_of_the_same_model_needs_no_source_stacks():
+  # The source holds the target's stacked leaves (same paths, as many
+  # dimensions): it is stacked as the target is, whatever its depth.
+  source, target = stacked(0, n=12), stacked(1, n=6)
+  out, report = lw.transplant(target, source, "layers/**", stacks=STACKS)
+  np.testing.assert_array_equal(out["layers"]["attn"]["kernel"],
+                                source["layers"]["attn"]["kernel"][:6])
+  assert report.skipped[-1] == "layers/11/ln/scale"
+
+
+def test_a_model_with_layers_metadata_and_a_plain_checkpoint():
+  # A target whose metadata marks the layer axis (linen nn.Partitioned, as
+  # nn.scan with metadata_params gives) is stacked by default; the restored
+  # checkpoint (plain numpy, no metadata) is read as stacked alike, so the
+  # copy is whole, as before stacks existed, and reported per layer.
+  import flax.linen as nn
+
+  def box(x):
+    return nn.Partitioned(x, names=("layers",) + (None,) * (x.ndim - 1))
+
+  fresh = stacked(1)
+  target = {**fresh, "layers": jax.tree.map(box, fresh["layers"])}
+  checkpoint = jax.tree.map(np.asarray, stacked(0))
+  out, report = lw.transplant(target, checkpoint, "**")
+  assert isinstance(out["layers"]["attn"]["kernel"], nn.Partitioned)
+  unboxed = {**out, "layers": jax.tree.map(
+      lambda b: b.value, out["layers"],
+      is_leaf=lambda b: isinstance(b, nn.Partitioned))}
+  assert_same(unboxed, jax.tree.map(jnp.asarray, checkpoint))
+  assert report.copied == ("embed/embedding", "head/kernel") + layer_paths(L)
