@@ -148,6 +148,20 @@ class _View:
   def span(self, j: int) -> range:
     return range(j, j + 1) if self.layers is None else self.layers.span(j)
 
+  def block(self, ks: list[int], axis: int) -> Any:
+    """Layer leaves ``ks`` as one slice of one stacked leaf on ``axis``, if
+    they are consecutive layers of one (else ``None``)."""
+    j = self.owner[ks[0]] if ks[0] >= 0 else -1
+    if j < 0 or self.axis(j) != axis:
+      return None
+    first = ks[0] - self.span(j).start
+    if ks != list(range(ks[0], ks[0] + len(ks))) or ks[-1] >= self.span(j).stop:
+      return None
+    x = self.leaves[j]
+    if first == 0 and len(ks) == np.shape(x)[axis]:
+      return x
+    return x[(slice(None),) * axis + (slice(first, first + len(ks)),)]
+
   def value(self, k: int) -> Any:
     """The value of layer leaf ``k``: a real leaf, or one layer of one."""
     j = self.owner[k]
@@ -397,6 +411,10 @@ def transplant(
     axis = dst.axis(j)
     if axis is None:
       out[j] = _copy(src.value(plan[span.start]), leaf, dtype)
+      continue
+    block = src.block([plan.get(k, -1) for k in span], axis)
+    if block is not None:  # consecutive layers of one source leaf, same axis
+      out[j] = _copy(block, leaf, dtype)
       continue
     # One layer at a time: copied from the source, or kept from the target.
     parts = [src.value(plan[k]) if k in plan

@@ -361,3 +361,21 @@ def test_a_model_with_layers_metadata_and_a_plain_checkpoint():
       is_leaf=lambda b: isinstance(b, nn.Partitioned))}
   assert_same(unboxed, jax.tree.map(jnp.asarray, checkpoint))
   assert report.copied == ("embed/embedding", "head/kernel") + layer_paths(L)
+
+
+def test_consecutive_layers_on_axis_one_copy_as_one_slice():
+  # Layers 2..3 of a 4-layer stack on axis 1 into a 2-layer one: the values
+  # of source[:, 2:4], as a fresh array.
+  source, target = stacked(0, axis=1), stacked(1, n=2, axis=1)
+  shift = lambda p: re.sub(r"^layers/(\d+)",  # noqa: E731
+                           lambda m: f"layers/{int(m[1]) + 2}", p)
+  out, report = lw.transplant(target, source, "layers/**", rename=shift,
+                              stacks={"layers": 1})
+  want = {"embed": target["embed"], "head": target["head"],
+          "layers": {"attn": {"kernel": source["layers"]["attn"]["kernel"][:, 2:]},
+                     "ln": {"scale": source["layers"]["ln"]["scale"][:, 2:]}}}
+  assert_same(out, want)
+  assert report.skipped[2:] == ("layers/0/attn/kernel", "layers/1/attn/kernel",
+                                "layers/0/ln/scale", "layers/1/ln/scale")
+  assert (out["layers"]["attn"]["kernel"].unsafe_buffer_pointer()
+          != source["layers"]["attn"]["kernel"].unsafe_buffer_pointer())
