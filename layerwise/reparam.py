@@ -31,12 +31,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from layerwise import _core, _validate
-from layerwise._resolve import MISSING, Resolution, Rules, RuleSet, paths_and_specs
+from layerwise import _core, _paths, _validate
+from layerwise._resolve import (MISSING, Resolution, Rules, RuleSet,
+                                layer_paths_and_specs)
 from layerwise._selectors import Selector, of_paths
-from layerwise._types import PyTree
+from layerwise._types import PyTree, Stacks
 
 __all__ = ["ReparameterizeState", "equivalent_multipliers",
            "equivalent_scales", "mup_scales", "reparameterize"]
@@ -74,6 +76,7 @@ def reparameterize(
     *,
     default: float = MISSING,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Trains each parameter as if the model were written ``theta = lam * phi``.
 
@@ -123,6 +126,16 @@ def reparameterize(
     default: the ``lam`` of leaves no rule matches (``1.0`` leaves them as
       they are). Without it, unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter takes
+      its own rule (``"layers/3/**"``) and its own ``lam``, applied as one
+      vector along the layer axis. ``inner`` still sees the stacked arrays:
+      for elementwise optimizers (SGD, momentum, Adam, AdamW, RMSprop,
+      Lion) the stacked model trains exactly as its unrolled twin, while
+      statistics ``inner`` takes over a whole leaf (Adafactor's factored
+      moments and relative step, LAMB's and LARS's trust ratios) run over
+      all the layers of the stack, as they would without the wrapper.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; extra keyword arguments of
@@ -165,6 +178,17 @@ def reparameterize(
     >>> updates["body"]
     Array([-0.05, -0.05], dtype=float32)
 
+    Two layers stacked in one array, each with its own ``lam``:
+
+    >>> stacked = {"layers": {"w": jnp.ones((2, 3))}}
+    >>> tx = lw.reparameterize(optax.sgd(0.1),
+    ...                        {"layers/0/**": 0.5, "layers/1/**": 2.0},
+    ...                        stacks={"layers": 0})
+    >>> updates, _ = tx.update(stacked, tx.init(stacked), stacked)
+    >>> updates["layers"]["w"]   # sgd at lam**2 * 0.1, layer by layer
+    Array([[-0.025, -0.025, -0.025],
+           [-0.4  , -0.4  , -0.4  ]], dtype=float32)
+
   References:
     Yang et al., `Tensor Programs V: Tuning Large Neural Networks via
     Zero-Shot Hyperparameter Transfer <https://arxiv.org/abs/2203.03466>`_,
@@ -177,8 +201,25 @@ def reparameterize(
   if default is not MISSING:
     default = _number(fn, "default", default)
 
+  def leaf_lams(plan: _core.Plan) -> list[Any]:
+    """Each real leaf's ``lam``: a number, or for a stacked leaf whose
+    layers differ, the layers' ``lam`` as a float64 numpy vector shaped to
+    broadcast along its layer axis (cast once to the leaf's dtype, so each
+    layer's ``lam`` rounds as the number would on an unrolled leaf)."""
+    out: list[Any] = []
+    for j in range(len(plan.leaf_paths)):
+      values = [plan.values[k] for k in plan.span(j)]
+      axis = plan.axis(j)
+      if axis is None or len(set(values)) == 1:
+        out.append(values[0])
+        continue
+      shape = [1] * len(plan.leaf_shapes[j])
+      shape[axis] = -1
+      out.append(np.asarray(values, np.float64).reshape(shape))
+    return out
+
   def to_phi(leaves, lams, op):
-    return [x if lam == 1.0 else op(x, lam)
+    return [x if _is_one(lam) else op(x, lam)
             for x, lam in zip(leaves, lams)]
 
   def init(res: Resolution, params: list[Any]) -> ReparameterizeState:
@@ -186,15 +227,14 @@ def reparameterize(
         fn, res.paths, res.specs, res.values,
         [res.rule_text(i) for i in range(len(res.paths))], what="scale",
         neutral=1.0, verb="be reparameterized")
-    phi = res.treedef.unflatten(to_phi(params, res.values, _divide))
-    return ReparameterizeState(inner_state=tx.init(phi),
-                               rules=_core.Plan.of("lam", res))
+    plan = _core.Plan.of("lam", res)
+    phi = res.treedef.unflatten(to_phi(params, leaf_lams(plan), _divide))
+    return ReparameterizeState(inner_state=tx.init(phi), rules=plan)
 
   def update(step: _core.Step, state: ReparameterizeState
              ) -> tuple[list[Any], ReparameterizeState]:
-    lams = step.plan.values
-    g_phi = step.treedef.unflatten(
-        to_phi(step.updates, lams, lambda g, lam: g * lam))
+    lams = leaf_lams(step.plan)
+    g_phi = step.treedef.unflatten(to_phi(step.updates, lams, _multiply))
     p_phi = (None if step.params is None else
              step.treedef.unflatten(to_phi(step.params, lams, _divide)))
     try:
@@ -207,18 +247,33 @@ def reparameterize(
           fn, "the inner optimizer",
           "the wrapper gives it the params in phi-space, theta / lam") from e
     out = step.treedef.flatten_up_to(u_phi)
-    return (to_phi(out, lams, lambda u, lam: u * lam),
+    return (to_phi(out, lams, _multiply),
             state._replace(inner_state=inner_state))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict, init=init,
-                     update=update)
+                     update=update, stacks=stacks)
 
 
-def _divide(x: Any, lam: float) -> Any:
-  """``x / lam`` in ``x``'s dtype (abstract leaves stay abstract)."""
+def _is_one(lam: Any) -> bool:
+  """Whether ``lam`` is the number 1 (a per-layer vector never is: its
+  layers' scales differ)."""
+  return isinstance(lam, (int, float)) and lam == 1.0
+
+
+def _divide(x: Any, lam: Any) -> Any:
+  """``x / lam`` in ``x``'s dtype (abstract leaves stay abstract); ``lam``
+  a number, or a per-layer vector shaped to broadcast along the layer axis."""
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
   return x / jnp.asarray(lam, jnp.result_type(x))
+
+
+def _multiply(x: Any, lam: Any) -> Any:
+  """``x * lam`` in ``x``'s dtype: a Python number is weakly typed, and a
+  per-layer vector is cast to ``x``'s dtype first, so both round alike."""
+  if isinstance(lam, (int, float)):
+    return x * lam
+  return x * jnp.asarray(lam, jnp.result_type(x))
 
 
 # ------------------------------------------------ equivalent multipliers
@@ -324,7 +379,7 @@ def equivalent_multipliers(scales: float | Rules[float],
     >>> lw.equivalent_multipliers(0.5, "adam")
     0.5
   """
-  fn = "equivalent_multipliers"
+  fn = "lw.equivalent_multipliers"
   power = _power(fn, optimizer)
   return _map_values(fn, scales, "scale", lambda lam: lam**power)
 
@@ -361,7 +416,7 @@ def equivalent_scales(multipliers: float | Rules[float],
     >>> lw.equivalent_scales(0.25, "adamw")
     0.25
   """
-  fn = "equivalent_scales"
+  fn = "lw.equivalent_scales"
   power = _power(fn, optimizer)
   return _map_values(fn, multipliers, "multiplier",
                      lambda m: m**(1.0 / power))
@@ -418,6 +473,7 @@ def mup_scales(
     *,
     layout: str = "in_out",
     override: Rules[float] | None = None,
+    stacks: Stacks = None,
 ) -> list[tuple[Selector, float]]:
   r"""Per-layer learning-rate multipliers of the maximal-update parametrization.
 
@@ -474,6 +530,15 @@ def mup_scales(
     override: a rule set ``{selector: multiplier}`` whose multipliers (finite,
       > 0) replace muP's for the leaves it matches; its rules come first in
       the result. A selector that matches nothing is an error.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``,
+      of both models (see :func:`layerwise.paths`; by default, those Flax's
+      metadata marks with a ``"layers"`` axis). Each layer of a stacked
+      parameter is a parameter of its own, with the shape without the
+      layer axis: a stacked ``(L, in, out)`` kernel is L hidden ``(in,
+      out)`` matrices of fan-in ``in``, never ``L``. The rules then name
+      layer paths (``layers/3/attn/kernel``), the same as for the unrolled
+      model, and go to :func:`layerwise.scale_by_rules` with the same
+      ``stacks``. The base model has the same number of layers.
 
   Returns:
     A rule set for :func:`layerwise.scale_by_rules`: the ``override``
@@ -504,6 +569,17 @@ def mup_scales(
     {'hidden': {'kernel': 1.0}, 'in': {'bias': 4.0, 'kernel': 4.0},
     'out': {'bias': 1.0, 'kernel': 4.0}}
 
+    Three hidden layers stacked on axis 0: each is a ``(width, width)``
+    matrix, and its rule names its layer path:
+
+    >>> def stacked(width):
+    ...   return {"layers": {"kernel": jnp.ones((3, width, width)),
+    ...                      "bias": jnp.ones((3, width))}}
+    >>> rules = lw.mup_scales(stacked(64), stacked(256), "adam",
+    ...                       stacks={"layers": 0})
+    >>> lw.resolve(rules, stacked(256), stacks={"layers": 0})
+    {'layers': {'bias': (1.0, 1.0, 1.0), 'kernel': (0.25, 0.25, 0.25)}}
+
   References:
     Yang et al., `Tensor Programs V: Tuning Large Neural Networks via
     Zero-Shot Hyperparameter Transfer <https://arxiv.org/abs/2203.03466>`_,
@@ -512,7 +588,7 @@ def mup_scales(
     microsoft/mup, ``mup/optim.py`` (``MuAdam``, ``MuSGD``) and
     ``mup/layer.py`` (``MuReadout``).
   """
-  fn = "mup_scales"
+  fn = "lw.mup_scales"
   if not isinstance(optimizer, str) or optimizer.lower() not in _MUP_OPTIMIZERS:
     raise ValueError(
         f"{fn}: optimizer must be 'adam', 'adamw' or 'sgd', got "
@@ -521,8 +597,10 @@ def mup_scales(
   if layout not in _LAYOUTS:
     raise ValueError(f"{fn}: layout must be 'in_out' (Flax kernels) or "
                      f"'out_in' (PyTorch, Equinox), got {layout!r}.")
-  base_paths, base_specs, _ = paths_and_specs(base_params)
-  paths, specs, _ = paths_and_specs(params)
+  key = _paths.normalize_stacks(fn, stacks)
+  base_paths, base_specs, _, base_layers = layer_paths_and_specs(
+      fn, base_params, key)
+  paths, specs, _, layers = layer_paths_and_specs(fn, params, key)
   if base_paths != paths:
     missing = sorted(set(paths) - set(base_paths))
     extra = sorted(set(base_paths) - set(paths))
@@ -531,14 +609,16 @@ def mup_scales(
         + (f"Not in the base model: {missing[:5]}. " if missing else "")
         + (f"Only in the base model: {extra[:5]}. " if extra else "")
         + ("" if missing or extra else "They are in a different order. ")
-        + "Build the base model from the same code with a smaller width.")
+        + "Build the base model from the same code with a smaller width"
+        + (" and as many layers in each stack." if layers or base_layers
+           else "."))
 
   rules: list[tuple[Any, float]] = []
   overridden = [False] * len(paths)
   if override is not None:
     checked = RuleSet(override, what="multiplier").map_values(
         lambda v, text: _number(fn, f"the override of rule {text}", v))
-    res = checked.resolve(params, default=None)
+    res = checked.resolve(params, default=None, stacks=key, fn=fn)
     overridden = [r >= 0 for r in res.rule_index]
     rules += [(c.source, v) for c, v in zip(checked.selectors,
                                             checked.values)]

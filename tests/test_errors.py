@@ -45,6 +45,9 @@ RENAMED = {"embedding": PARAMS["embed"], "encoder": PARAMS["encoder"],
            "head": PARAMS["head"]}
 # Pretrained weights with a head of another size, for transplant.
 PRETRAINED = {**PARAMS, "head": {"w": jnp.ones((2, 5))}}
+# Two layers stacked on axis 0, and an unrolled linen checkpoint of them.
+STACKED = {"layers": {"w": jnp.ones((2, 3))}}
+UNROLLED = {"layers_0": {"w": jnp.ones(3)}, "layers_1": {"w": jnp.ones(3)}}
 
 
 class Row(NamedTuple):
@@ -624,6 +627,12 @@ CATALOGUE = [
     Row("mup-override-negative",
         lambda: lw.mup_scales(PARAMS, PARAMS, override={"head/**": -1.0}),
         ValueError, ("the override of rule 'head/**' must be finite and > 0",)),
+    Row("mup-different-depth",
+        lambda: lw.mup_scales({"layers": {"w": jnp.ones((2, 2, 2))}},
+                              {"layers": {"w": jnp.ones((3, 4, 4))}},
+                              stacks={"layers": 0}), ValueError,
+        ("Not in the base model: ['layers/2/w']",
+         "and as many layers in each stack")),
     # ------------------------------------------------------------- transplant
     Row("transplant-shape-mismatch",
         lambda: lw.transplant(PARAMS, PRETRAINED, "**"), ValueError,
@@ -643,6 +652,25 @@ CATALOGUE = [
         lambda: lw.transplant(PARAMS, PARAMS, "**", rename="backbone/"),
         TypeError, ("rename must be a function from a target path to a source "
                     "path", "got 'backbone/'")),
+    Row("transplant-unrolled-into-stacked",
+        lambda: lw.transplant(STACKED, UNROLLED, "**", stacks={"layers": 0}),
+        ValueError, ("2 selected leaves are not in the source",
+                     "'layers/0/w'  (closest in source: 'layers_0/w'",
+                     'rename=lambda p: re.sub(r"^layers/(\\d+)", '
+                     'r"layers_\\1", p)')),
+    Row("transplant-abstract-partial-stack",
+        lambda: lw.transplant(jax.eval_shape(lambda: STACKED), STACKED,
+                              "layers/0/**", stacks={"layers": 0},
+                              source_stacks={"layers": 0}, strict=False),
+        ValueError, ("1 selected leaf is abstract (a jax.ShapeDtypeStruct) "
+                     "but only partly copied",
+                     "'layers/w': 1 of 2 layers copied",
+                     "Give the target's values")),
+    Row("transplant-source-stacks-no-subtree",
+        lambda: lw.transplant(STACKED, STACKED, "**", stacks={"layers": 0},
+                              source_stacks={"layerz": 0}), ValueError,
+        ("lw.transplant: in the source (source_stacks=): stack 'layerz' names "
+         "no subtree", "closest: 'layers'")),
     # ---------------------------------------------------------- checkpoints
     Row("restore-state-misfit",
         lambda: lw.restore_state(lw.scale_by_rules({"**": 1.0}).init(PARAMS),
