@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from layerwise import _diagnostics, _paths, _validate
+from layerwise import _diagnostics, _hosts, _paths, _validate
 from layerwise._resolve import Resolution, RuleSet, current_whole
 from layerwise._selectors import SelectorLike, compile_selector
 
@@ -453,6 +453,7 @@ def ruled(
     update: Callable[[Step, Any], tuple[list[Any], Any]],
     needs_params: Callable[[Plan], str | None] | None = None,
     skips: bool = False,
+    placeholder: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A ruled transformation: resolve at init, check and hand over at update.
 
@@ -473,12 +474,17 @@ def ruled(
       all the leaves of one (a frozen leaf's zero), which then fill it
       (:meth:`Holes.rebuilt`). Without it, such updates are a structure
       error.
+    placeholder: ``placeholder -> state``: the state's layout for
+      ``optax.tree_map_params``, which calls ``init`` with an object that
+      stands for the params (see :func:`placeholder_state`).
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
   """
 
   def init_fn(params: Any) -> Any:
+    if is_params_placeholder(params):
+      return placeholder_state(fn, placeholder, params)
     res = rule_set.resolve(params, default=default, strict=strict)
     return init(res, res.treedef.flatten_up_to(params))
 
@@ -514,6 +520,50 @@ def ruled(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``params`` is the object ``optax.tree_map_params`` calls
+  ``init`` with in place of the params."""
+  kind = type(params)
+  return (kind.__name__ == "_ParamsPlaceholder"
+          and kind.__module__.startswith("optax"))
+
+
+class _NotParams:
+  """A leaf of a placeholder state where the state holds no params (a
+  count, a vector of hyperparameters or statistics)."""
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return "NOT_PARAMS"
+
+
+#: What a placeholder state holds where the real state holds no params.
+NOT_PARAMS = _NotParams()
+
+
+def placeholder_state(fn: str, layout: Callable[[Any], Any] | None,
+                      params: Any) -> Any:
+  """The state ``init`` gives ``optax.tree_map_params``'s placeholder.
+
+  ``optax.tree_map_params`` calls ``init`` with a placeholder for the
+  params, and maps its function over the parts of the real state where the
+  result holds the placeholder (copies of the params, such as moments), its
+  ``transform_non_params`` over the rest. Rules cannot be matched against
+  a placeholder: ``layout(placeholder)`` says where the state holds params
+  without resolving them. Its ``rules`` field holds the placeholder itself,
+  so that the map keeps the real state's plan (a pytree without leaves);
+  the vectors and counts hold :data:`NOT_PARAMS`; wrapped transformations'
+  states are their ``init`` of the placeholder.
+  """
+  if layout is None:
+    raise TypeError(
+        f"{fn}: this transformation cannot be initialised with "
+        "optax.tree_map_params's placeholder; map over "
+        "jax.eval_shape(tx.init, params) instead (lw.state_shardings(tx, "
+        "params) gives the state's shardings).")
+  return layout(params)
 
 
 #: How to turn a checkpoint restored without a target into a state.
@@ -630,8 +680,11 @@ def metrics_of(state: Any) -> list[tuple[str, Any]]:
 
 
 def entries(vector: Any, n: int) -> list[Any]:
-  """The ``n`` entries of a state vector as scalars (for metrics)."""
-  return list(unboxed(vector)) if n else []
+  """The ``n`` entries of a state vector as scalars (for metrics); a vector
+  split across the processes of a ``jax.distributed`` run is replicated
+  first (:func:`layerwise._hosts.readable`), so every process can read
+  them."""
+  return list(_hosts.readable(unboxed(vector))) if n else []
 
 
 def _dynamic_entry(vector: jax.Array, index: jax.Array) -> jax.Array:

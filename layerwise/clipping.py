@@ -936,7 +936,9 @@ def clip_by_rules(
                                stats=_stack_stats(new_stats))
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, needs_params=needs_params, skips=True)
+                     update=update, needs_params=needs_params, skips=True,
+                     placeholder=lambda p: ClipByRulesState(
+                         *[_core.NOT_PARAMS] * 4, rules=p))
 
 
 def set_threshold(opt_state: PyTree, selector: SelectorLike,

@@ -129,4 +129,5 @@ def map_updates(
     return out, state
 
   return _core.ruled(name, rule_set, default=False, strict=strict, init=init,
-                     update=update, skips=True)
+                     update=update, skips=True,
+                     placeholder=lambda p: MapUpdatesState(rules=p))

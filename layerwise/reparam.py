@@ -211,7 +211,9 @@ def reparameterize(
             state._replace(inner_state=inner_state))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict, init=init,
-                     update=update)
+                     update=update,
+                     placeholder=lambda p: ReparameterizeState(
+                         inner_state=tx.init(p), rules=p))
 
 
 def _divide(x: Any, lam: float) -> Any:

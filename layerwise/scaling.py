@@ -261,7 +261,10 @@ def scale_by_rules(
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update, skips=True)
+                     init=init, update=update, skips=True,
+                     placeholder=lambda p: ScaleByRulesState(
+                         count=_core.NOT_PARAMS,
+                         multipliers=_core.NOT_PARAMS, rules=p))
 
 
 def set_scale(opt_state: PyTree, selector: SelectorLike,
@@ -550,7 +553,11 @@ def add_decayed_weights(
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
                      init=init, update=update, skips=True,
-                     needs_params=lambda plan: "weight decay")
+                     needs_params=lambda plan: "weight decay",
+                     placeholder=lambda p: AddDecayedWeightsState(
+                         count=_core.NOT_PARAMS,
+                         weight_decays=_core.NOT_PARAMS, rules=p,
+                         toward=None if toward is None else p))
 
 
 def set_weight_decay(opt_state: PyTree, selector: SelectorLike,

@@ -147,4 +147,6 @@ def track_norms(
     return step.updates, TrackNormsState(_core.stack(norms, n), plan)
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, skips=True)
+                     update=update, skips=True,
+                     placeholder=lambda p: TrackNormsState(_core.NOT_PARAMS,
+                                                           rules=p))
