@@ -87,11 +87,10 @@ def test_two_processes_train_as_one_does(runs):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_norms_and_describe_read_vectors_split_across_processes(runs):
+def test_norms_read_vectors_split_across_processes(runs):
   # A shape-based placement of jax.eval_shape(tx.init, params) splits the
   # clip statistics and the multipliers (length 4) over the processes:
-  # list(vector) in lw.norms failed with a bare AssertionError, describe
-  # with "spans non-addressable devices".
+  # list(vector) in lw.norms failed with a bare AssertionError.
   step_0 = {k: v for k, v in runs["two"][0]["metrics"][0].items()
             if k.startswith("clip/")}
   for r in runs["two"]:
@@ -106,9 +105,19 @@ def test_norms_and_describe_read_vectors_split_across_processes(runs):
         "clip/encoder/w/threshold": 1.0, "clip/head/w/threshold": 0.5,
         "scale/embed/w": 1.0, "scale/encoder/b": 0.5, "scale/encoder/w": 0.5,
         "scale/head/w": 1.0}
+
+
+def test_describe_reads_vectors_split_across_processes(runs):
+  # It failed with "Fetching value for `jax.Array` that spans
+  # non-addressable devices is not possible".
+  step_0 = runs["two"][0]["metrics"][0]
+  for r in runs["two"]:
+    assert r["split_vectors"] == [True, True]
     rows = ok(r["describe"])
+    assert rows.keys() == {"embed/w", "encoder/b", "encoder/w", "head/w"}
     for path, (norm, scale) in rows.items():
-      assert norm == norms[f"clip/{path}/norm"]
+      np.testing.assert_allclose(norm, step_0[f"clip/{path}/norm"],
+                                 rtol=1e-6)
       assert scale == {"head/w": 0.25, "embed/w": 1.0}.get(path, 0.5)
 
 
