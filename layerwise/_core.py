@@ -540,7 +540,7 @@ class _NotParams:
 
 
 #: What a placeholder state holds where the real state holds no params.
-NOT_PARAMS = _NotParams()
+NOT_PARAMS: Any = _NotParams()
 
 
 def placeholder_state(fn: str, layout: Callable[[Any], Any] | None,

@@ -938,7 +938,9 @@ def clip_by_rules(
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
                      update=update, needs_params=needs_params, skips=True,
                      placeholder=lambda p: ClipByRulesState(
-                         *[_core.NOT_PARAMS] * 4, rules=p))
+                         norms=_core.NOT_PARAMS, scales=_core.NOT_PARAMS,
+                         thresholds=_core.NOT_PARAMS, stats=_core.NOT_PARAMS,
+                         rules=p))
 
 
 def set_threshold(opt_state: PyTree, selector: SelectorLike,
