@@ -5,13 +5,13 @@ Each process of a multi-host run executes the same program: it calls
 devices, places the params and the optimizer state on it (the state with
 ``lw.state_shardings``), and runs the same jitted train step on its part of
 the batch. This script plays N hosts on one machine: it launches itself N
-times on the CPU (2 devices each, gloo collectives, a coordinator on
-127.0.0.1 at a free port), and each copy trains a small FSDP model with a
-layerwise chain (per-layer clipping, a frozen embedding, AdamW, per-layer
-rates). Process 0 logs the loss and ``lw.norms``; a new rate set with
+times on the CPU (2 devices each, 1 on jax < 0.5; gloo collectives; a
+coordinator on 127.0.0.1 at a free port), and each copy trains a small FSDP
+model with a layerwise chain (per-layer clipping, a frozen embedding, AdamW,
+per-layer rates). Process 0 logs the loss and ``lw.norms``; a new rate set with
 ``lw.set_scale`` halfway is the same on every process, as it must be.
 
-Run:  python examples/multihost.py [--processes N] [--steps S]
+Run:  python examples/multihost.py [--processes N] [--steps S] [--devices D]
 
 ``launch`` (start N processes, wait with a timeout, end them all if one
 fails) and ``initialize`` (``jax.distributed.initialize`` from what
@@ -88,6 +88,14 @@ def launch(argv: list[str], processes: int = 2, devices: int = 2,
     raise RuntimeError(f"{argv}: the run failed or took more than "
                        f"{timeout:g} s (killed: exit -9)\n{shown}")
   return outputs
+
+
+def default_devices() -> int:
+  """CPU devices per process: 2, or 1 on jax < 0.5, whose gloo cannot
+  build its context for several CPU devices in one process (jax 0.4.30:
+  GetKeyValue() times out)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return 2 if jax.__version_info__ >= (0, 5) else 1
 
 
 def initialize() -> None:
@@ -184,13 +192,18 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--processes", type=int, default=2)
   parser.add_argument("--steps", type=int, default=6)
+  parser.add_argument("--devices", type=int, default=None,
+                      help="CPU devices per process (default: 2; 1 on "
+                      "jax < 0.5)")
   parser.add_argument("--timeout", type=float, default=300.0)
   args = parser.parse_args()
   if PROCESS_ID in os.environ:  # a process launch started
     train(args.steps)
     return
   outputs = launch([os.path.abspath(__file__), "--steps", str(args.steps)],
-                   processes=args.processes, timeout=args.timeout)
+                   processes=args.processes,
+                   devices=args.devices or default_devices(),
+                   timeout=args.timeout)
   print("".join(line + "\n" for line in outputs[0].splitlines()
                 if not line.startswith(("[Gloo]", "WARNING", "I0000",
                                         "E0000"))), end="")

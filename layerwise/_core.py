@@ -719,7 +719,7 @@ def factors(vector: Any, n: int) -> list[Any]:
   if n == 0:
     return []
   if not isinstance(vector, jax.core.Tracer):  # eager: values at hand
-    return list(vector)
+    return list(_hosts.readable(vector))
   def runtime_index(v: jax.Array) -> tuple[jax.Array, ...]:
     out: list[jax.Array] = []
     # One conditional per 128 entries: XLA's passes take superlinear time
