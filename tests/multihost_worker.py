@@ -17,7 +17,8 @@ The checkpoint is written with orbax-checkpoint when it is installed. Else
 each array is gathered to every process
 (``jax.experimental.multihost_utils.process_allgather``) and process 0
 saves them with NumPy: simple, but every process holds the whole state
-once, so it suits small states only.
+once, so it suits small states only (``LW_NO_ORBAX=1`` uses it with orbax
+installed, to check it).
 """
 
 from __future__ import annotations
@@ -58,9 +59,11 @@ def main() -> None:
 
   import layerwise as lw
 
-  try:
+  try:  # LW_NO_ORBAX=1: the NumPy checkpoint even with orbax installed
     import orbax.checkpoint as ocp
   except ImportError:
+    ocp = None
+  if os.environ.get("LW_NO_ORBAX"):
     ocp = None
 
   results: dict = {"process": jax.process_index(),
