@@ -46,13 +46,17 @@ def train(params, opt_state, steps):
 
 
 def main():
-  # On the device as restored arrays are: one compiled train_step for all.
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # On the devices as restored arrays are: one compiled train_step for all.
+  # A sharding of a mesh (here replicated), not SingleDeviceSharding(
+  # jax.devices()[0]), which on several hosts is process 0's device alone
+  # (examples/multihost.py; docs/multihost.md restores a sharded state).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put({
       "encoder": {"w": rng.normal(size=(16, 32)).astype(np.float32) / 4,
                   "b": np.zeros(32, np.float32)},
       "head": {"w": rng.normal(size=(32, 1)).astype(np.float32) / 6}}, device)
-  init = jax.device_put(tx.init(params), device)
+  init = jax.jit(tx.init, out_shardings=lw.state_shardings(tx, params))(params)
   full = train(params, init, range(12))
   checkpointer = ocp.StandardCheckpointer()
   with tempfile.TemporaryDirectory() as directory:

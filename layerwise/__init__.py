@@ -71,6 +71,7 @@ from layerwise.scaling import (
     set_scale,
     set_weight_decay,
 )
+from layerwise.sharding import state_shardings
 from layerwise.tracking import TrackNormsState, track_norms
 from layerwise.transfer import TransplantReport, transplant
 
@@ -131,6 +132,7 @@ __all__ = [
     "set_scale",
     "set_threshold",
     "set_weight_decay",
+    "state_shardings",
     "stop_gradient",
     "track_norms",
     "transplant",

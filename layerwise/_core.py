@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from layerwise import _diagnostics, _paths, _validate
+from layerwise import _diagnostics, _hosts, _paths, _validate
 from layerwise._resolve import Resolution, RuleSet, current_whole
 from layerwise._selectors import SelectorLike, compile_selector
 from layerwise._types import Stacks
@@ -509,6 +509,7 @@ def ruled(
     needs_params: Callable[[Plan], str | None] | None = None,
     skips: bool = False,
     stacks: Stacks = None,
+    placeholder: Callable[[Any], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A ruled transformation: resolve at init, check and hand over at update.
 
@@ -532,6 +533,9 @@ def ruled(
     stacks: the stacked subtrees, as the public ``stacks=`` argument
       (:func:`layerwise.paths`); the resolution and the plan are then of
       layer leaves, the step's leaves still the real ones.
+    placeholder: ``placeholder -> state``: the state's layout for
+      ``optax.tree_map_params``, which calls ``init`` with an object that
+      stands for the params (see :func:`placeholder_state`).
 
   Returns:
     The ``optax.GradientTransformationExtraArgs``.
@@ -539,6 +543,8 @@ def ruled(
   stacks_key = _paths.normalize_stacks(fn, stacks)
 
   def init_fn(params: Any) -> Any:
+    if is_params_placeholder(params):
+      return placeholder_state(fn, placeholder, params)
     res = rule_set.resolve(params, default=default, strict=strict,
                            stacks=stacks_key, fn=fn)
     return init(res, res.treedef.flatten_up_to(params))
@@ -575,6 +581,50 @@ def ruled(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def is_params_placeholder(params: Any) -> bool:
+  """Whether ``params`` is the object ``optax.tree_map_params`` calls
+  ``init`` with in place of the params."""
+  kind = type(params)
+  return (kind.__name__ == "_ParamsPlaceholder"
+          and kind.__module__.startswith("optax"))
+
+
+class _NotParams:
+  """A leaf of a placeholder state where the state holds no params (a
+  count, a vector of hyperparameters or statistics)."""
+  __slots__ = ()
+
+  def __repr__(self) -> str:
+    return "NOT_PARAMS"
+
+
+#: What a placeholder state holds where the real state holds no params.
+NOT_PARAMS: Any = _NotParams()
+
+
+def placeholder_state(fn: str, layout: Callable[[Any], Any] | None,
+                      params: Any) -> Any:
+  """The state ``init`` gives ``optax.tree_map_params``'s placeholder.
+
+  ``optax.tree_map_params`` calls ``init`` with a placeholder for the
+  params, and maps its function over the parts of the real state where the
+  result holds the placeholder (copies of the params, such as moments), its
+  ``transform_non_params`` over the rest. Rules cannot be matched against
+  a placeholder: ``layout(placeholder)`` says where the state holds params
+  without resolving them. Its ``rules`` field holds the placeholder itself,
+  so that the map keeps the real state's plan (a pytree without leaves);
+  the vectors and counts hold :data:`NOT_PARAMS`; wrapped transformations'
+  states are their ``init`` of the placeholder.
+  """
+  if layout is None:
+    raise TypeError(
+        f"{fn}: this transformation cannot be initialised with "
+        "optax.tree_map_params's placeholder; map over "
+        "jax.eval_shape(tx.init, params) instead (lw.state_shardings(tx, "
+        "params) gives the state's shardings).")
+  return layout(params)
 
 
 #: How to turn a checkpoint restored without a target into a state.
@@ -699,8 +749,11 @@ def notes_of(state: Any) -> list[str]:
 
 
 def entries(vector: Any, n: int) -> list[Any]:
-  """The ``n`` entries of a state vector as scalars (for metrics)."""
-  return list(unboxed(vector)) if n else []
+  """The ``n`` entries of a state vector as scalars (for metrics); a vector
+  split across the processes of a ``jax.distributed`` run is replicated
+  first (:func:`layerwise._hosts.readable`), so every process can read
+  them."""
+  return list(_hosts.readable(unboxed(vector))) if n else []
 
 
 def _dynamic_entry(vector: jax.Array, index: jax.Array) -> jax.Array:
@@ -735,7 +788,7 @@ def factors(vector: Any, n: int) -> list[Any]:
   if n == 0:
     return []
   if not isinstance(vector, jax.core.Tracer):  # eager: values at hand
-    return list(vector)
+    return list(_hosts.readable(vector))
   def runtime_index(v: jax.Array) -> tuple[jax.Array, ...]:
     out: list[jax.Array] = []
     # One conditional per 128 entries: XLA's passes take superlinear time
@@ -787,7 +840,7 @@ def leaf_factors(vector: Any, plan: Plan) -> list[Any]:
   if n == 0:
     return []
   if not isinstance(vector, jax.core.Tracer):
-    v = np.asarray(vector)
+    v = _hosts.host_array(vector)
     return [jnp.asarray(v[layers.starts[j]]) if a is None else
             along(jnp.asarray(v[layers.span(j).start:layers.span(j).stop]),
                   a, len(layers.leaf_shapes[j]))

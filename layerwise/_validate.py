@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from layerwise import _diagnostics, _paths
+from layerwise import _diagnostics, _hosts, _paths
 
 __all__: list[str] = []
 
@@ -238,11 +238,14 @@ def live_array(fn: str, value: Any) -> None:
 def live_value(fn: str, value: Any) -> Any:
   """A new value for a state vector's entries (a setter's ``value``): a
   traced real scalar as it is (a setter may run inside a jitted function),
-  any other as a Python float, checked to be a real number."""
+  any other as a Python float, checked to be a real number, and, on several
+  processes (``jax.distributed``), to be the same on every process."""
   live_array(fn, value)
   if _is_traced(value):
     return value
-  return real(fn, "value", value)
+  out = real(fn, "value", value)
+  _hosts.check_same_on_every_process(fn, out)
+  return out
 
 
 def schedule_value(fn: str, value: Any, count: jax.Array, text: str,

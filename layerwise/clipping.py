@@ -1271,7 +1271,11 @@ def clip_by_rules(
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
                      update=update, needs_params=needs_params, skips=True,
-                     stacks=stacks)
+                     stacks=stacks,
+                     placeholder=lambda p: ClipByRulesState(
+                         norms=_core.NOT_PARAMS, scales=_core.NOT_PARAMS,
+                         thresholds=_core.NOT_PARAMS, stats=_core.NOT_PARAMS,
+                         rules=p))
 
 
 def set_threshold(opt_state: PyTree, selector: SelectorLike,

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from layerwise import _core, _paths, _validate, checks
+from layerwise import _core, _hosts, _paths, _validate, checks
 from layerwise._resolve import (MISSING, Rules, RuleSet, layer_paths_and_specs,
                                 paths_and_specs)
 from layerwise._types import PyTree, Stacks
@@ -413,7 +413,7 @@ def _concrete(vector: Any) -> np.ndarray | None:
   vector = _core.unboxed(vector)
   if isinstance(vector, jax.ShapeDtypeStruct):
     return None
-  return np.asarray(jax.device_get(vector))
+  return _hosts.host_array(vector)
 
 
 def _add_live_values(node: Any, info: _core.Plan, name: str,
@@ -481,7 +481,7 @@ def _add_measured_columns(node: Any, info: _core.Plan, name: str,
       columns.append(column)
       for row in rows:
         row[column] = None
-    values = np.asarray(vector)
+    values = _hosts.host_array(vector)
     for row in rows:
       group = group_of.get(row["path"], -1)
       if group >= 0:

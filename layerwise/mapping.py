@@ -232,4 +232,6 @@ def map_updates(
     return out, state
 
   return _core.ruled(name, rule_set, default=False, strict=strict, init=init,
-                     update=update, skips=True, stacks=stacks)
+                     update=update, skips=True,
+                     stacks=stacks,
+                     placeholder=lambda p: MapUpdatesState(rules=p))

@@ -435,7 +435,10 @@ def _routed(fn: str, rule_set: RuleSet, *, default: Any, strict: bool,
     return out, pack(tuple(new_states), plan)
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update, skips=True, stacks=stacks)
+                     init=init, update=update, skips=True,
+                     stacks=stacks,
+                     placeholder=lambda p: pack(tuple(tx.init(p) for tx in txs),
+                                                p))
 
 
 def _partly_absent(fn: str, name: str, plan: _core.Plan, gone: Sequence[int],

@@ -251,7 +251,10 @@ def reparameterize(
             state._replace(inner_state=inner_state))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict, init=init,
-                     update=update, stacks=stacks)
+                     update=update,
+                     stacks=stacks,
+                     placeholder=lambda p: ReparameterizeState(
+                         inner_state=tx.init(p), rules=p))
 
 
 def _is_one(lam: Any) -> bool:

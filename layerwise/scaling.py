@@ -275,7 +275,11 @@ def scale_by_rules(
     return out, state._replace(count=optax.safe_int32_increment(state.count))
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
-                     init=init, update=update, skips=True, stacks=stacks)
+                     init=init, update=update, skips=True,
+                     stacks=stacks,
+                     placeholder=lambda p: ScaleByRulesState(
+                         count=_core.NOT_PARAMS,
+                         multipliers=_core.NOT_PARAMS, rules=p))
 
 
 def set_scale(opt_state: PyTree, selector: SelectorLike,
@@ -589,7 +593,12 @@ def add_decayed_weights(
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
                      init=init, update=update, skips=True,
-                     needs_params=lambda plan: "weight decay", stacks=stacks)
+                     needs_params=lambda plan: "weight decay",
+                     stacks=stacks,
+                     placeholder=lambda p: AddDecayedWeightsState(
+                         count=_core.NOT_PARAMS,
+                         weight_decays=_core.NOT_PARAMS, rules=p,
+                         toward=None if toward is None else p))
 
 
 def set_weight_decay(opt_state: PyTree, selector: SelectorLike,

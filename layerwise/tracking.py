@@ -169,7 +169,10 @@ def track_norms(
     return step.updates, TrackNormsState(_core.stack(norms, n), plan)
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, skips=True, stacks=stacks)
+                     update=update, skips=True,
+                     stacks=stacks,
+                     placeholder=lambda p: TrackNormsState(_core.NOT_PARAMS,
+                                                           rules=p))
 
 
 def _stacked_norms(step: _core.Step, state: TrackNormsState) -> jax.Array:

@@ -162,6 +162,8 @@ NOT_TRANSFORMATIONS: dict[str, str] = {
     "transplant": "test_transfer",
     "restore_state": "test_state_format (states saved by 0.1.0.dev0 and now)",
     "TransplantReport": "test_transfer",
+    "state_shardings": "test_sharding (every case, replicated and FSDP), "
+                       "test_multihost (2 processes)",
 }
 
 

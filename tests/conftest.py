@@ -26,7 +26,9 @@ import layerwise as lw
 # tests import them, pytest does not collect them.
 collect_ignore_glob = ["make_*_fixture.py"]
 # Type-checked by mypy in .ci/run, not a test module.
-collect_ignore = ["typed_usage.py"]
+collect_ignore = ["typed_usage.py",
+                  # One process of test_multihost's runs, not a test module.
+                  "multihost_worker.py"]
 
 
 def flat(tree):

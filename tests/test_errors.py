@@ -18,9 +18,11 @@ import math
 import pathlib
 import re
 from typing import Any, Callable, NamedTuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -48,6 +50,16 @@ PRETRAINED = {**PARAMS, "head": {"w": jnp.ones((2, 5))}}
 # Two layers stacked on axis 0, and an unrolled linen checkpoint of them.
 STACKED = {"layers": {"w": jnp.ones((2, 3))}}
 UNROLLED = {"layers_0": {"w": jnp.ones(3)}, "layers_1": {"w": jnp.ones(3)}}
+
+
+def _on_two_processes(fn: Callable[[], Any]) -> Any:
+  """``fn()`` as process 0 of two, whose process 1 has a value 1 larger
+  (the 2-process run of tests/test_multihost.py checks the real thing)."""
+  from jax.experimental import multihost_utils
+  with mock.patch.object(jax, "process_count", lambda: 2), \
+       mock.patch.object(multihost_utils, "process_allgather",
+                         lambda x: np.stack([x, x + 1])):
+    return fn()
 
 
 class Row(NamedTuple):
@@ -397,6 +409,20 @@ CATALOGUE = [
         lambda: lw.set_scale(optax.sgd(0.1).init(PARAMS), "**", 0.5),
         ValueError, ("holds no lw.scale_by_rules state",
                      "chain lw.scale_by_rules(...) into the optimizer")),
+    Row("set-scale-differs-between-processes", lambda: _on_two_processes(
+        lambda: lw.set_scale(scale_state(), "head/**", 0.5)), ValueError,
+        ("lw.set_scale: the value differs between processes (process 0: 0.5, "
+         "process 1: 1.5)", "Values must be the same on every process",
+         "broadcast_one_to_all")),
+    Row("state-shardings-unplaced",
+        lambda: lw.state_shardings(optax.adam(1e-3), {"w": np.ones(2)}),
+        ValueError, ("lw.state_shardings: parameter 'w' (ndarray) has no "
+                     "sharding", "jax.device_put(params, shardings)",
+                     "jax.ShapeDtypeStruct(shape, dtype, sharding=...)")),
+    Row("state-shardings-no-params",
+        lambda: lw.state_shardings(optax.adam(1e-3), {}), ValueError,
+        ("lw.state_shardings: params has no array leaves",
+         "pass the params the state is for, placed on their devices")),
     # -------------------------------------------- layer_decay, discriminative
     Row("layer-decay-out-of-range",
         lambda: lw.layer_decay(0.0, {"layers_0": {"w": jnp.ones(2)}}),

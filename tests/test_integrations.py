@@ -466,13 +466,16 @@ EXAMPLES = {
     "nnx_optimizer.py": "frozen layers unchanged: True",
     "checkpoint.py": "resumed run equals the uninterrupted one: True",
     "accumulate.py": "4 micro-steps equal one step on the mean: True",
+    # 2 local processes of one jax.distributed run (its own launch, which
+    # ends them on a failure or after its timeout).
+    "multihost.py": "2 processes, ",
 }
 
 
 def test_examples_run():
   path = [str(ROOT), os.environ.get("PYTHONPATH", "")]
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
-  # All four at once: most of their time is starting up and compiling.
+  # All at once: most of their time is starting up and compiling.
   runs = {script: subprocess.Popen(
       [sys.executable, str(ROOT / "examples" / script)], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

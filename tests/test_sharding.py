@@ -10,6 +10,8 @@ all-gather, all-to-all or collective-permute). Values equal a run on one
 device. ``conftest.py`` asks XLA for the 8 devices.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import layerwise as lw
+from layerwise import _core
 from cases import CASES, SHAPES, grads_like
 from cases import params as make_params
 from conftest import flat
@@ -164,3 +167,83 @@ def test_a_jitted_fsdp_train_step_keeps_every_placement(mesh):
   assert_placed_like_params(state, mesh, "fsdp", "state after set_scale")
   params, state = step(params, state, xs, ys)
   assert step._cache_size() == before
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", NAMES)
+def test_state_shardings_place_the_state_as_an_eager_init_does(mesh, name,
+                                                               mode):
+  # The reference: tx.init of placed params, eagerly (each moment computed
+  # from its parameter, sharded like it). lw.state_shardings gives the same
+  # placement without allocating, from arrays or ShapeDtypeStructs, and
+  # jit(tx.init, out_shardings=...) makes the state there, values equal.
+  tx = CASES[name].make()
+  params = place(make_params(), mesh, mode)
+  eager = tx.init(params)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      params)
+  for given in (params, abstract):
+    shardings = lw.state_shardings(tx, given)
+    assert (jax.tree_util.tree_structure(shardings)
+            == jax.tree_util.tree_structure(eager))
+    for (path, want), x in zip(
+        jax.tree_util.tree_leaves_with_path(shardings),
+        jax.tree_util.tree_leaves(eager)):
+      name_ = jax.tree_util.keystr(path)
+      if x.shape in {s for s in SHAPES.values() if s}:
+        assert want.is_equivalent_to(x.sharding, x.ndim), name_
+      else:
+        assert want.is_fully_replicated, name_
+        assert want.mesh == mesh, name_
+  state = jax.jit(tx.init, out_shardings=shardings)(params)
+  assert_placed_like_params(state, mesh, mode, "jitted init state")
+  for a, b in zip(jax.tree_util.tree_leaves(state),
+                  jax.tree_util.tree_leaves(eager)):
+    np.testing.assert_array_equal(a, b)
+
+
+class _Mark:
+  """What optax.tree_map_params made of a state leaf (a pytree leaf)."""
+
+  def __init__(self, kind, shape=None):
+    self.kind, self.shape = kind, shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tree_map_params_maps_every_layerwise_state(name):
+  # optax.tree_map_params inits with a placeholder for the params: a
+  # layerwise init cannot match its rules against it (it raised a RuleError,
+  # "selector(s) match no parameter", on every layerwise transformation).
+  # Its function reaches the copies of the params (Adam's moments, inside
+  # lw.partition and lw.freeze too), transform_non_params the rest, and the
+  # plans come back as they were.
+  tx = optax.chain(CASES[name].make(), optax.adam(1e-3))
+  params = make_params()
+  state = tx.init(params)
+  marked = optax.tree_map_params(
+      tx, lambda x: _Mark("param", x.shape), state,
+      transform_non_params=lambda x: jax.tree_util.tree_map(
+          lambda _: _Mark("other"), x))
+  assert (jax.tree_util.tree_structure(marked)
+          == jax.tree_util.tree_structure(state))
+  param_shapes = set(SHAPES.values())
+  kinds = set()
+  for (path, x), m in zip(jax.tree_util.tree_leaves_with_path(state),
+                          jax.tree_util.tree_leaves(marked)):
+    where = jax.tree_util.keystr(path)
+    kinds.add(m.kind)
+    if re.search(r"\.(mu|nu)\b", where):
+      assert (m.kind, m.shape) == ("param", x.shape), where
+    elif m.kind == "param":
+      assert m.shape == x.shape and x.shape in param_shapes, where
+  assert "param" in kinds and "other" in kinds
+  assert ([s.rules for s in _core.find_states(marked)]
+          == [s.rules for s in _core.find_states(state)])
+  # The optax use: a state of the same structure, its moments cast.
+  cast = optax.tree_map_params(tx, lambda x: x.astype(jnp.bfloat16), state)
+  assert {x.dtype for x in jax.tree_util.tree_leaves(cast[1][0].mu)} == {
+      jnp.dtype(jnp.bfloat16)}
+  updates, _ = tx.update(grads_like(params), cast, params)
+  assert jax.tree_util.tree_structure(updates) == (
+      jax.tree_util.tree_structure(params))
