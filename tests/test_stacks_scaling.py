@@ -538,6 +538,12 @@ def test_map_updates_without_params_and_errors_name_the_layer():
   k = params["layers"]["attn"]["kernel"]
   np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
                                 jnp.concatenate([k[:3], 2 * k[3:]]))
+  tx = lw.map_updates(
+      lambda u, p, path: u * (2 if path.startswith("layers/3/") else 3),
+      "layers/[1-3]/**", stacks={"layers": 0})
+  updates, _ = jax.jit(tx.update)(params, tx.init(params))
+  np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
+                                jnp.concatenate([k[:1], 3 * k[1:3], 2 * k[3:]]))
   bad = lw.map_updates(lambda u, p, path: u[0], "layers/**",
                        stacks={"layers": 0})
   with pytest.raises(ValueError, match=r"parameter 'layers/0/attn/kernel' of"
