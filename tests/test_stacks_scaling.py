@@ -96,8 +96,7 @@ def run_twins(make_tx, axis=0, steps=3, params=None, grads=grads_of):
   (``make_tx({})``), checks params and updates agree, returns both runs."""
   params = stacked_params(axis) if params is None else params
   s = train(make_tx({"layers": axis}), params, steps, grads)
-  u = train(make_tx({}), unroll(params, axis), steps,
-            lambda p, i: grads(p, i))
+  u = train(make_tx({}), unroll(params, axis), steps, grads)
   assert_twins(s[0], u[0], axis)
   assert_twins(s[1], u[1], axis)
   return s, u
@@ -538,6 +537,12 @@ def test_map_updates_without_params_and_errors_name_the_layer():
   k = params["layers"]["attn"]["kernel"]
   np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
                                 jnp.concatenate([k[:3], 2 * k[3:]]))
+  tx = lw.map_updates(
+      lambda u, p, path: u * (2 if path.startswith("layers/3/") else 3),
+      "layers/[1-3]/**", stacks={"layers": 0})
+  updates, _ = jax.jit(tx.update)(params, tx.init(params))
+  np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
+                                jnp.concatenate([k[:1], 3 * k[1:3], 2 * k[3:]]))
   bad = lw.map_updates(lambda u, p, path: u[0], "layers/**",
                        stacks={"layers": 0})
   with pytest.raises(ValueError, match=r"parameter 'layers/0/attn/kernel' of"
