@@ -43,6 +43,8 @@ class Twins:
     stacks: the ``stacks=`` that declares its stack(s).
     twin: the unrolled twin's params: the slices of ``stacked``.
     twin_loss: ``(params, (x, y)) -> scalar``, the same function.
+    detected: whether the stacked params' Flax metadata declares the
+      stacks, so that transformations are given no ``stacks=`` at all.
   """
   name: str
   stacked: Any
@@ -50,6 +52,7 @@ class Twins:
   stacks: dict[str, int]
   twin: Any
   twin_loss: Callable[[Any, Any], jax.Array]
+  detected: bool = False
 
 
 def batches(n: int, seed: int = 1) -> list[tuple[jax.Array, jax.Array]]:
@@ -106,12 +109,12 @@ def unroll(stacked: Any, template: Any, stacks: dict[str, int]) -> Any:
 # ------------------------------------------------------------ linen nn.scan
 
 
-def linen(metadata: bool = False) -> Twins:
+def linen(metadata: str | None = None) -> Twins:
   """A linen model whose blocks are one ``nn.scan`` over axis 0.
 
-  With ``metadata``, kernels are ``nn.with_partitioning`` boxes and the scan
-  names its axis ``"layers"`` (``metadata_params``): the stack is found from
-  that, and the params keep their boxes.
+  With ``metadata`` (an axis name), kernels are ``nn.with_partitioning``
+  boxes and the scan names its axis ``metadata`` (``metadata_params``): the
+  stack can be found from that, and the params keep their boxes.
   """
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
@@ -129,7 +132,7 @@ def linen(metadata: bool = False) -> Twins:
       h = nn.Dense(D, kernel_init=kinit(("mlp", "embed")), name="mlp")(h)
       return x + h, None
 
-  scan_kw = ({"metadata_params": {nn.PARTITION_NAME: "layers"}}
+  scan_kw = ({"metadata_params": {nn.PARTITION_NAME: metadata}}
              if metadata else {})
 
   class Stacked(nn.Module):
@@ -162,18 +165,20 @@ def linen(metadata: bool = False) -> Twins:
   template = {"embed": plain["embed"], "head": plain["head"],
               "layers": [jax.tree_util.tree_map(lambda a: a[0],
                                                 plain["layers"])] * L}
-  return Twins("linen-scan", params, stacked_loss, {"layers": 0},
-               unroll(plain, template, {"layers": 0}), twin_loss)
+  return Twins("linen-scan" + ("-metadata" if metadata else ""), params,
+               stacked_loss, {"layers": 0},
+               unroll(plain, template, {"layers": 0}), twin_loss,
+               detected=metadata == "layers")
 
 
 # --------------------------------------------------------- NNX vmap + scan
 
 
-def nnx_models(metadata: bool = False) -> tuple[Any, Any]:
+def nnx_models(metadata: str | None = None) -> tuple[Any, Any]:
   """NNX ``(Stacked, Unrolled)`` model classes. ``Stacked`` makes its blocks
   with ``nnx.vmap`` over split rngs and applies them with ``nnx.scan``; with
-  ``metadata``, kernels carry sharding names and the vmap adds ``"layers"``
-  to them (``transform_metadata``)."""
+  ``metadata`` (an axis name), kernels carry sharding names and the vmap
+  adds ``metadata`` to them (``transform_metadata``)."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   def kinit(names):
@@ -195,7 +200,7 @@ def nnx_models(metadata: bool = False) -> tuple[Any, Any]:
     def __call__(self, x):
       return x + self.mlp(jnp.tanh(self.attn(self.ln(x))))
 
-  vmap_kw = ({"transform_metadata": {nnx.PARTITION_NAME: "layers"}}
+  vmap_kw = ({"transform_metadata": {nnx.PARTITION_NAME: metadata}}
              if metadata else {})
 
   class Stacked(nnx.Module):
@@ -238,11 +243,11 @@ def nnx_models(metadata: bool = False) -> tuple[Any, Any]:
   return Stacked, Unrolled
 
 
-def nnx_twins() -> Twins:
+def nnx_twins(metadata: str | None = None) -> Twins:
   """The NNX model: params are ``nnx.state(model, nnx.Param)``."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  stacked_cls, unrolled_cls = nnx_models()
+  stacked_cls, unrolled_cls = nnx_models(metadata)
   model = stacked_cls(nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   twin_model = unrolled_cls(nnx.Rngs(1))
@@ -257,8 +262,10 @@ def nnx_twins() -> Twins:
     x, y = batch
     return jnp.mean((nnx.merge(twin_graphdef, p, twin_rest)(x) - y) ** 2)
 
-  return Twins("nnx-vmap-scan", params, stacked_loss, {"layers": 0},
-               unroll(params, twin_template, {"layers": 0}), twin_loss)
+  return Twins("nnx-vmap-scan" + ("-metadata" if metadata else ""), params,
+               stacked_loss, {"layers": 0},
+               unroll(params, twin_template, {"layers": 0}), twin_loss,
+               detected=metadata == "layers")
 
 
 # ------------------------------------------------------------ Equinox stack

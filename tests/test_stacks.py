@@ -33,15 +33,21 @@ TOL = {"rtol": 1e-6, "atol": 1e-6}
 def _model(name):
   if name == "linen-scan":
     return sm.linen()
+  if name == "linen-scan-metadata":
+    return sm.linen("layers")
   if name == "nnx-vmap-scan":
     return sm.nnx_twins()
+  if name == "nnx-vmap-scan-metadata":
+    return sm.nnx_twins("layers")
   if name == "equinox":
-    pytest.importorskip("equinox")
     return sm.equinox_twins()
   return sm.axis1_twins()
 
 
-MODELS = ["linen-scan", "nnx-vmap-scan", "equinox", "axis-1"]
+# The last two declare their stack with Flax metadata, and are trained
+# without stacks=.
+MODELS = ["linen-scan", "nnx-vmap-scan", "equinox", "axis-1",
+          "linen-scan-metadata", "nnx-vmap-scan-metadata"]
 
 
 @pytest.fixture(name="twins", params=MODELS, scope="module")
@@ -83,7 +89,8 @@ def assert_twins(stacked, twin, twins, what):
 def assert_same_training(tx_of, twins):
   """Trains both twins, ``tx_of(params, stacks)`` each, and compares."""
   data = sm.batches(STEPS)
-  p_s, hist_s = train(tx_of(twins.stacked, twins.stacks), twins.stacked,
+  stacks = None if twins.detected else twins.stacks
+  p_s, hist_s = train(tx_of(twins.stacked, stacks), twins.stacked,
                       twins.stacked_loss, data)
   p_t, hist_t = train(tx_of(twins.twin, {}), twins.twin, twins.twin_loss,
                       data)
@@ -114,7 +121,8 @@ def test_twins_compute_the_same_loss_and_gradients(twins):
 def test_layer_paths_are_the_twins_paths(twins):
   """Each stacked leaf is L layer leaves named like the twin's leaves."""
   stacked = jax.tree_util.tree_leaves(
-      lw.paths(twins.stacked, stacks=twins.stacks))
+      lw.paths(twins.stacked,
+               stacks=None if twins.detected else twins.stacks))
   twin = jax.tree_util.tree_leaves(lw.paths(twins.twin, stacks={}))
   assert sorted(stacked) == sorted(twin)
   assert f"layers/{sm.L - 1}/mlp/{'weight' if twins.name == 'equinox' else 'kernel'}" in twin
@@ -156,7 +164,8 @@ def test_set_scale_reaches_layers_of_the_stacked_model(twins):
   data = sm.batches(2)
   out = []
   for params, loss, stacks in [
-      (twins.stacked, twins.stacked_loss, twins.stacks),
+      (twins.stacked, twins.stacked_loss,
+       None if twins.detected else twins.stacks),
       (twins.twin, twins.twin_loss, {})]:
     tx = optax.chain(optax.sgd(0.1),
                      lw.scale_by_rules({"**": 1.0}, stacks=stacks))
@@ -226,3 +235,130 @@ def test_whole_chain_trains_the_stacked_model_like_its_twin(twins):
                      jax.tree_util.tree_leaves(p_t)):
     assert bool(jnp.all(a == b)) == f
   del p_s, hist_s
+
+
+# ------------------------------------------- stacks from Flax's metadata
+
+
+def _layer_paths(tree, stacks):
+  """Every layer path of ``tree``, in plan order."""
+  return jax.tree_util.tree_leaves(lw.paths(tree, stacks=stacks))
+
+
+def _declared_paths(plain):
+  return _layer_paths(plain, {"layers": 0})
+
+
+@pytest.mark.parametrize("make", [sm.linen, sm.nnx_twins],
+                         ids=["linen", "nnx"])
+def test_metadata_declares_the_stack_by_default(make):
+  """A linen nn.scan with metadata_params={nn.PARTITION_NAME: 'layers'} and
+  an NNX nnx.vmap with transform_metadata={nnx.PARTITION_NAME: 'layers'}
+  name their layer axis: without stacks=, every leaf under the scanned
+  module is a stack leaf, the biases and LayerNorm scales that carry no
+  metadata included, and the embed and head are not."""
+  marked = make("layers").stacked
+  found = _layer_paths(marked, None)
+  assert found == _layer_paths(marked, {"layers": 0})
+  assert found == _declared_paths(make().stacked)
+  for path in ["layers/0/ln/scale", "layers/0/ln/bias", "layers/3/attn/bias",
+               "layers/3/mlp/kernel", "embed/kernel", "head/bias"]:
+    assert path in found
+  assert len(found) == 2 + 2 + sm.L * 6
+  # A linen variables dict ({"params": ...}) is named as its content.
+  if make is sm.linen:
+    assert _layer_paths({"params": marked}, None) == found
+
+
+@pytest.mark.parametrize("make", [sm.linen, sm.nnx_twins],
+                         ids=["linen", "nnx"])
+def test_metadata_axis_name_is_configurable(make):
+  """stacks='blocks' finds a layer axis named 'blocks'; the default looks
+  for 'layers' only, and stacks={} turns detection off."""
+  marked = make("blocks").stacked
+  unstacked = _layer_paths(marked, {})
+  assert "layers/ln/scale" in unstacked
+  assert _layer_paths(marked, None) == unstacked
+  assert _layer_paths(marked, "blocks") == _declared_paths(make().stacked)
+  assert _layer_paths(make("layers").stacked, {}) == unstacked
+
+
+def test_no_stacks_disables_detection_in_every_function():
+  """stacks={} reaches the transformations: a rule for a layer path is then
+  a typo (the real leaves have no layer index)."""
+  marked = sm.linen("layers").stacked
+  rules = {"layers/0/**": 0.0, "**": 1.0}
+  resolved = lw.resolve(rules, marked)
+  kernel = resolved["layers"]["mlp"]["kernel"]
+  assert getattr(kernel, "value", kernel) == (0.0, 1.0, 1.0, 1.0)
+  with pytest.raises(lw.RuleError, match="rule 0: 'layers/0/\\*\\*'"):
+    lw.scale_by_rules(rules, stacks={}).init(marked)
+
+
+def _linen_two_stacks(l_encoder, l_decoder):
+  """A linen encoder and decoder, each one nn.scan with 'layers' metadata."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _=None):
+      init = nn.with_partitioning(nn.initializers.lecun_normal(),
+                                  ("embed", "mlp"))
+      h = nn.LayerNorm(name="ln")(x)
+      return x + nn.Dense(sm.D, kernel_init=init, name="mlp")(h), None
+
+  def stack(length, name):
+    return nn.scan(Block, variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(name=name)
+
+  class EncoderDecoder(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Dense(sm.D, name="embed")(x)
+      x, _ = stack(l_encoder, "encoder")(x, None)
+      x, _ = stack(l_decoder, "decoder")(x, None)
+      return x
+
+  return EncoderDecoder().init(jax.random.key(0),
+                               jnp.ones((2, sm.D_IN)))["params"]
+
+
+def test_metadata_finds_two_stacks_of_different_lengths():
+  params = _linen_two_stacks(4, 3)
+  found = _layer_paths(params, None)
+  assert found == _layer_paths(params, {"encoder": 0, "decoder": 0})
+  assert "encoder/3/mlp/bias" in found and "decoder/2/mlp/kernel" in found
+
+
+def test_metadata_ambiguous_root_is_an_error_that_says_to_declare():
+  """Two scanned stacks of one length: the subtree holding both also holds
+  the embedding, so which subtree is the stack is not guessed."""
+  params = _linen_two_stacks(3, 3)
+  with pytest.raises(ValueError, match=(
+      "(?s)lw.paths: the model's metadata marks 2 parameter.*'layers' axis "
+      "of length 3.*cannot tell which subtree is the stack.*Declare it")):
+    lw.paths(params)
+  found = _layer_paths(params, {"encoder": 0, "decoder": 0})
+  assert "encoder/2/mlp/bias" in found and "decoder/0/mlp/bias" in found
+
+
+def test_metadata_stack_stops_at_a_leaf_declared_unstacked():
+  """Regression: an annotated leaf whose axis names leave out 'layers' is
+  not part of the stack beside it, even when its first axis happens to have
+  the stack's length (an embedding (L, D) beside L layers). The stack used
+  to widen to the whole tree, naming it '0/embed'."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+  params = {
+      "embed": nn.Partitioned(jnp.ones((sm.L, sm.D)),
+                              names=("vocab", "embed")),
+      "layers": {"mlp": {"kernel": nn.Partitioned(
+          jnp.ones((sm.L, sm.D, sm.D)), names=("layers", "embed", "mlp")),
+                         "bias": jnp.ones((sm.L, sm.D))},
+                 "ln": {"scale": jnp.ones((sm.L, sm.D))}}}
+  found = _layer_paths(params, None)
+  assert found[0] == "embed"
+  assert found == _layer_paths(params, {"layers": 0})
