@@ -419,13 +419,30 @@ def like_params(fn: str, name: str, tree: Any, res: Resolution,
   ``hint`` says what to pass instead.
   """
   whole = current_whole()
+  # The real leaves (a stacked leaf is one array here, as in the params).
+  if res.layers is None:
+    mine: tuple[str, ...] = res.paths
+    my_specs: Sequence[Any] = res.specs
+  else:
+    mine = res.layers.leaf_paths
+    my_specs = [jax.ShapeDtypeStruct(shape, res.specs[k].dtype)
+                for shape, k in zip(res.layers.leaf_shapes,
+                                    res.layers.starts)]
   paths, specs = ((whole.paths, whole.specs) if whole is not None
-                  else (res.paths, res.specs))
+                  else (mine, my_specs))
   model = ("the whole model (inside lw.partition and lw.freeze, it is of the "
            "whole model they are given, as their rule sets are)"
            if whole is not None else "the params given to init")
   given, leaves, _ = _paths.flatten_with_paths(tree)
-  if tuple(given) != paths and _find_holes(paths, tree) is None:
+  if (whole is not None and res.layers is not None
+      and tuple(given) != tuple(paths) and set(mine) <= set(given)):
+    # The whole model's paths are of layer leaves; the tree's are real
+    # leaves: check those this transformation reads.
+    paths, specs = mine, my_specs
+    keep = set(mine)
+    given, leaves = ([p for p in given if p in keep],
+                     [x for p, x in zip(given, leaves) if p in keep])
+  if tuple(given) != tuple(paths) and _find_holes(paths, tree) is None:
     known, there = set(paths), set(given)
     new = [p for p in given if p not in known]
     lacking = [p for p in paths if p not in there]
@@ -449,7 +466,7 @@ def like_params(fn: str, name: str, tree: Any, res: Resolution,
           f"parameter {np.dtype(spec.dtype)}. Cast it to the parameter's "
           f"dtype ({name}.astype(param.dtype)).")
   by_path = dict(zip(given, leaves))
-  return [by_path.get(p) for p in res.paths]
+  return [by_path.get(p) for p in mine]
 
 
 # ------------------------------------------------------------ the skeleton

@@ -185,11 +185,16 @@ def _scale_before_adaptive(nodes: Sequence[_Node],
   adaptive = [n for n in nodes if _kind(n.state) == "adaptive"]
   for s in scales:
     plan = s.state.rules
-    scaled = {p for p, v in zip(plan.paths, plan.values) if not _is_neutral(v)}
+    # (layer path, its param's path): the plan is of layer leaves, the
+    # optimizer's state of the real (stacked) ones.
+    scaled = [(p, plan.leaf_paths[j]) for p, j, v in
+              zip(plan.paths, plan.owners(), plan.values)
+              if not _is_neutral(v)]
     for a in adaptive:
       if not s.before(a):
         continue
-      undone = sorted(scaled & _covered(a.state, params))
+      covered = _covered(a.state, params)
+      undone = sorted(p for p, leaf in scaled if leaf in covered)
       if undone:
         out.append(Trap("scale-before-adaptive", (
             f"lw.scale_by_rules runs before an adaptive optimizer "
@@ -318,11 +323,18 @@ def _flow(jaxpr: Any, deps: Sequence[frozenset[int]],
 
 
 def _frozen_paths(state: Any) -> set[str]:
+  """The paths of the params that are frozen, all of them: a stacked param
+  of which only some layers are frozen is not (its gradients flow, and its
+  own update reads them)."""
   out: set[str] = set()
   for s in _core.find_states(state):
     if _kind(s) in ("lw:frozen", "lw:group"):
-      out.update(p for p, g in zip(s.rules.paths, s.rules.groups or ())
-                 if g < 0)
+      plan = s.rules
+      groups = plan.groups
+      if not groups:
+        continue
+      out.update(plan.leaf_paths[j] for j in range(len(plan.leaf_paths))
+                 if all(groups[k] < 0 for k in plan.span(j)))
   return out
 
 

@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from layerwise import _diagnostics, _validate
-from layerwise._resolve import paths_and_specs
-from layerwise._types import PyTree
+from layerwise import _diagnostics, _paths, _validate
+from layerwise._resolve import layer_paths_and_specs
+from layerwise._types import PyTree, Stacks
 from layerwise._selectors import (Selector, SelectorLike, any_of,
                                   compile_selector, of_paths, trusted)
 
@@ -204,6 +204,30 @@ def _unclassified_error(fn: str, paths: Sequence[str]) -> ValueError:
       "stem='**' to count everything else as embeddings (depth 0).")
 
 
+def _stacked_hint(paths: Sequence[str], specs: Sequence[Any]) -> str:
+  """A hint for params whose blocks look stacked (scanned): a subtree
+  named like a stack of blocks whose leaves all have 2 axes or more and
+  one length on axis 0."""
+  names = ("layers", "blocks", "layer", "block", "h", "stages")
+  roots: dict[str, set[int]] = {}
+  for path, spec in zip(paths, specs):
+    segs = path.split("/")
+    for k, seg in enumerate(segs[:-1]):
+      if seg in names:
+        root = "/".join(segs[:k + 1])
+        shape = tuple(spec.shape)
+        roots.setdefault(root, set()).add(shape[0] if len(shape) >= 2 else -1)
+        break
+  for root, lengths in roots.items():
+    if len(lengths) == 1 and -1 not in lengths:
+      return (f" If {root!r} holds the blocks stacked on one axis (nn.scan, "
+              f"nnx.vmap, an Equinox stack), declare it: stacks={{{root!r}: "
+              f"0}} (the layer axis), so that each layer is a leaf "
+              f"'{root}/3/...', and pass the same stacks to "
+              "lw.scale_by_rules.")
+  return ""
+
+
 def layer_decay(
     decay: float,
     params: PyTree,
@@ -214,6 +238,7 @@ def layer_decay(
     after: SelectorLike | None = FINAL_NORMS,
     min_scale: float = 0.0,
     freeze_below: float | None = None,
+    stacks: Stacks = None,
 ) -> list[tuple[Selector, float]]:
   r"""Layer-wise learning-rate decay: a rule set of multipliers per depth.
 
@@ -296,6 +321,14 @@ def layer_decay(
       included (weight decay included, when ``scale_by_rules`` comes last
       in the chain) but the inner optimizer still holds state for those
       leaves.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis). Each layer of a stacked parameter is then
+      a leaf of its own, ``layers/3/attn/kernel``, which the default
+      ``block`` finds as block 3: the rule set gives the stacked model the
+      unrolled model's multipliers, layer by layer. Pass the same
+      ``stacks`` to :func:`layerwise.scale_by_rules`, whose rules then
+      resolve on the layer leaves.
 
   Returns:
     A rule set: a list of ``(selector, multiplier)`` pairs, one per depth
@@ -347,6 +380,16 @@ def layer_decay(
     [{'blocks': [{'w': 0.125}, {'w': 0.25}]}, {'blocks': [{'w': 0.5}],
     'downsample': {'w': 0.5}}]
 
+    A stacked (scanned) model, its blocks in one array per kind: each layer
+    gets the unrolled model's multiplier.
+
+    >>> stacked = {"embed": jnp.ones((10, 4)),
+    ...            "layers": {"w": jnp.ones((2, 4, 4))},
+    ...            "head": {"w": jnp.ones((4, 2))}}
+    >>> rules = lw.layer_decay(0.5, stacked, stacks={"layers": 0})
+    >>> lw.resolve(rules, stacked, stacks={"layers": 0})
+    {'embed': 0.125, 'head': {'w': 1.0}, 'layers': {'w': (0.25, 0.5)}}
+
     A module that is neither stem, block nor head says so:
 
     >>> lw.layer_decay(0.5, {**params, "head_aux": {"w": jnp.ones(2)}})
@@ -384,7 +427,8 @@ def layer_decay(
   final_norms = after is FINAL_NORMS
   after_c = None if after is None or final_norms else compile_selector(after)
 
-  paths, specs, _ = paths_and_specs(params)
+  paths, specs, _, layers = layer_paths_and_specs(
+      fn, params, _paths.normalize_stacks(fn, stacks))
   in_head = [head_c is not None and head_c.match(p, s)
              for p, s in zip(paths, specs)]
 
@@ -404,19 +448,19 @@ def layer_decay(
         "block=<regex> whose one capture group is the block index, e.g. "
         r"block=r'(?:^|/)encoderblock_(\d+)(?:/|$)' for paths like "
         "'Transformer/encoderblock_3/...' (lw.paths(params) lists the "
-        "paths).")
-  stacks: dict[str, list[str]] = {}
+        "paths)." + ("" if layers is not None else _stacked_hint(paths, specs)))
+  containers: dict[str, list[str]] = {}
   for i, b in blocks.items():
-    stacks.setdefault(b.container, []).append(paths[i])
-  if len(stacks) > 1:
+    containers.setdefault(b.container, []).append(paths[i])
+  if len(containers) > 1:
     counts = {c: len({blocks[paths.index(p)].key for p in ps})
-              for c, ps in stacks.items()}
+              for c, ps in containers.items()}
     listed = "; ".join(
-        f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {stacks[c][0]!r})"
+        f"{c!r} ({k} block{'' if k == 1 else 's'}, e.g. {containers[c][0]!r})"
         for c, k in counts.items())
     raise ValueError(
         f"{fn} needs one stack of blocks, but the block pattern "
-        f"{_pattern(regex)} finds {len(stacks)}: {listed}. Anchor the "
+        f"{_pattern(regex)} finds {len(containers)}: {listed}. Anchor the "
         "pattern to the stack whose depth should decay (e.g. "
         r"block=r'^encoder/layers_(\d+)/'); name the others in stem=, head= "
         "or after=.")

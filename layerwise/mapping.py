@@ -7,16 +7,18 @@ noise, masks, sign, a custom clip, a different rule per path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from layerwise import _core, _diagnostics, _validate
 from layerwise._resolve import RuleSet
 from layerwise._selectors import SelectorLike
+from layerwise._types import Stacks
 
 __all__ = ["MapUpdatesState", "map_updates"]
 
@@ -45,6 +47,73 @@ def _map_one(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
         "shaped like the update.") from None
 
 
+def _mapped(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
+            path: str) -> jax.Array:
+  """``fn(u, p, path)`` checked to keep ``u``'s shape, in ``u``'s dtype."""
+  new = _map_one(fn, u, p, path)
+  if new.shape != jnp.shape(u):
+    raise ValueError(
+        f"lw.map_updates: fn returned shape {new.shape} for parameter "
+        f"{path!r} of shape {jnp.shape(u)}; it must keep the update's shape.")
+  return new.astype(jnp.result_type(u))
+
+
+def _signature(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
+               p: jax.ShapeDtypeStruct | None, path: str) -> Any:
+  """What ``fn`` computes for one layer at ``path`` (its jaxpr, and its
+  constants by value), so that layers whose function is the same, whatever
+  their path, are mapped by one call."""
+  if p is None:
+    closed = jax.make_jaxpr(lambda x: _mapped(fn, x, None, path))(u)
+  else:
+    closed = jax.make_jaxpr(lambda x, y: _mapped(fn, x, y, path))(u, p)
+  consts: list[Any] = []
+  for c in closed.consts:
+    if isinstance(c, jax.core.Tracer):
+      consts.append(("tracer", id(c)))
+    else:
+      a = np.asarray(c)
+      consts.append((a.dtype.str, a.shape, a.tobytes()))
+  return str(closed.jaxpr), tuple(consts)
+
+
+def _map_layers(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
+                axis: int, paths: Sequence[str],
+                selected: Sequence[bool]) -> jax.Array:
+  """``fn`` applied to each selected layer of a stacked update ``u`` (its
+  layer axis ``axis``), with that layer's path, as the unrolled model's
+  leaves would be: one ``jax.vmap`` over the layer axis per distinct
+  function (layers whose ``fn`` computes the same thing, whatever their
+  path, share one), then a select on the layer axis where the layers
+  differ (or are not selected). The stacked array is never split."""
+  dtype = jnp.result_type(u)
+  shape = jnp.shape(u)
+  layer_shape = shape[:axis] + shape[axis + 1:]
+  u_spec = jax.ShapeDtypeStruct(layer_shape, dtype)
+  p_spec = (None if p is None else
+            jax.ShapeDtypeStruct(layer_shape, jnp.result_type(p)))
+  groups: dict[Any, list[int]] = {}
+  chosen = [i for i, s in enumerate(selected) if s]
+  for i in chosen:
+    key = i if len(chosen) == 1 else _signature(fn, u_spec, p_spec, paths[i])
+    groups.setdefault(key, []).append(i)
+  out = u
+  for layers in groups.values():
+    path = paths[layers[0]]
+    if p is None:
+      new = jax.vmap(lambda x, path=path: _mapped(fn, x, None, path),
+                     in_axes=axis, out_axes=axis)(u)
+    else:
+      new = jax.vmap(lambda x, y, path=path: _mapped(fn, x, y, path),
+                     in_axes=axis, out_axes=axis)(u, p)
+    if len(layers) == len(paths):
+      return new
+    mask = np.zeros(len(paths), bool)
+    mask[layers] = True
+    out = jnp.where(_core.along(jnp.asarray(mask), axis, len(shape)), new, out)
+  return out
+
+
 class MapUpdatesState(NamedTuple):
   """State of :func:`map_updates`: no arrays, only the static rules.
 
@@ -60,6 +129,7 @@ def map_updates(
     where: SelectorLike = "**",
     *,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``fn(update, param, path)`` to the updates ``where`` selects.
 
@@ -74,6 +144,18 @@ def map_updates(
     fn: ``(update, param, path) -> new update``, traceable by JAX.
     where: a selector (glob, regex, callable) of the leaves to map.
     strict: if True, a selector that matches no leaf is an error.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis). ``where`` then selects layers
+      (``"layers/[0-3]/**"``), and ``fn`` is given one layer's update and
+      param (the slices, without the layer axis) and its layer path
+      (``"layers/3/attn/kernel"``), as on the unrolled model. It is mapped
+      over the layer axis with ``jax.vmap``: one call for the layers on
+      which ``fn`` computes the same thing, whatever their path, and a
+      select along the layer axis between the calls where it differs (an
+      ``fn`` that branches on the path) or where ``where`` leaves a layer
+      out. (To tell them apart, ``fn`` is traced once per layer when the
+      update is traced.)
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -95,6 +177,16 @@ def map_updates(
     >>> updates, _ = tx.update(grads, tx.init(grads))
     >>> updates["encoder"]["w"], updates["head"]
     (Array([-1.,  1.], dtype=float32), Array([-2.], dtype=float32))
+
+    On a stacked (scanned) model, ``fn`` sees one layer's slice and path:
+
+    >>> stacked = {"layers": {"w": jnp.ones((3, 2))}}
+    >>> tx = lw.map_updates(lambda u, p, path: u / jnp.sum(u), "layers/[1-2]/**",
+    ...                     stacks={"layers": 0})
+    >>> tx.update(stacked, tx.init(stacked))[0]["layers"]["w"]
+    Array([[1. , 1. ],
+           [0.5, 0.5],
+           [0.5, 0.5]], dtype=float32)
   """
   name = "lw.map_updates"
   if not callable(fn):
@@ -114,19 +206,21 @@ def map_updates(
 
   def update(step: _core.Step, state: MapUpdatesState
              ) -> tuple[list[Any], MapUpdatesState]:
+    plan = step.plan
     out = []
-    for i, (u, selected) in enumerate(zip(step.updates, step.plan.values)):
-      if selected is not None and u is not None:  # None: no gradient
-        p = None if step.params is None else step.params[i]
-        path = step.plan.paths[i]
-        new = _map_one(fn, u, p, path)
-        if new.shape != jnp.shape(u):
-          raise ValueError(
-              f"{name}: fn returned shape {new.shape} for parameter {path!r} "
-              f"of shape {jnp.shape(u)}; it must keep the update's shape.")
-        u = new.astype(jnp.result_type(u))
+    for j, u in enumerate(step.updates):
+      layers = plan.span(j)
+      selected = [plan.values[k] is not None for k in layers]
+      if u is not None and any(selected):  # None: no gradient
+        p = None if step.params is None else step.params[j]
+        axis = plan.axis(j)
+        if axis is None:
+          u = _mapped(fn, u, p, plan.paths[layers.start])
+        else:
+          u = _map_layers(fn, u, p, axis, [plan.paths[k] for k in layers],
+                          selected)
       out.append(u)
     return out, state
 
   return _core.ruled(name, rule_set, default=False, strict=strict, init=init,
-                     update=update, skips=True)
+                     update=update, skips=True, stacks=stacks)

@@ -292,7 +292,9 @@ def set_scale(opt_state: PyTree, selector: SelectorLike,
   Args:
     opt_state: an optimizer state.
     selector: any selector (glob, regex, callable), matched against the
-      paths of the params the state was initialised with.
+      paths of the params the state was initialised with; with stacks, the
+      layer paths (``"layers/[0-3]/**"`` sets those layers of each stacked
+      parameter).
     value: the new multiplier, a finite number >= 0 (or a scalar array).
       Integer and bool leaves stay unscaled whatever their multiplier.
 
@@ -361,8 +363,8 @@ class AddDecayedWeightsState(NamedTuple):
 
   Attributes:
     count: the number of updates made so far (schedules are evaluated at it).
-    weight_decays: a float32 vector with one entry per parameter leaf, in
-      the order of ``rules.paths``: the constant factor of each leaf's
+    weight_decays: a float32 vector with one entry per parameter leaf (per
+      layer of a stacked parameter), in the order of ``rules.paths``: the constant factor of each leaf's
       weight decay (the rule's value, or 1.0 for a schedule, which it
       multiplies). :func:`set_weight_decay` changes it between steps.
     rules: static metadata: each leaf's path, rule and weight decay as given.
@@ -394,6 +396,7 @@ def add_decayed_weights(
     default: ScalarOrSchedule = MISSING,
     strict: bool = True,
     toward: PyTree | None = None,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Adds each parameter times its rule's weight decay to its update.
 
@@ -451,7 +454,15 @@ def add_decayed_weights(
       ``init`` (the pretrained weights when ``init`` is called on them,
       and, under ``jax.jit(tx.init)``, an argument rather than a constant
       baked into the compiled init); ``None``: every leaf decays toward
-      zero.
+      zero. With stacks, it is a tree of the real (stacked) arrays, like
+      the params.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter takes
+      its own rule (``"layers/3/**"``) and is judged by its own shape, so
+      :data:`NO_DECAY` leaves a stacked LayerNorm scale of shape ``(L, D)``
+      undecayed, as it does the unrolled model's ``(D,)`` scales; the
+      coefficients apply as one vector along the layer axis.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -507,6 +518,20 @@ def add_decayed_weights(
     dense/bias 0.0
     dense/kernel [0.05 0.05]
     head/kernel [0.1 0.1]
+
+    A stacked (scanned) model: each layer is judged by its own shape, so
+    :data:`NO_DECAY` leaves the stacked LayerNorm scales ``(L, D)`` alone,
+    and ``layers/0/**`` is the first layer:
+
+    >>> stacked = {"layers": {"kernel": jnp.ones((3, 2, 2)),
+    ...                       "scale": jnp.ones((3, 2))}}
+    >>> tx = lw.add_decayed_weights(
+    ...     {lw.NO_DECAY: 0.0, "layers/0/**": 0.0, "**": 0.1},
+    ...     stacks={"layers": 0})
+    >>> updates, _ = tx.update(jax.tree.map(jnp.zeros_like, stacked),
+    ...                        tx.init(stacked), stacked)
+    >>> updates["layers"]["kernel"][:, 0, 0], updates["layers"]["scale"][:, 0]
+    (Array([0. , 0.1, 0.1], dtype=float32), Array([0., 0., 0.], dtype=float32))
 
   References:
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
@@ -564,7 +589,7 @@ def add_decayed_weights(
 
   return _core.ruled(fn, rule_set, default=default, strict=strict,
                      init=init, update=update, skips=True,
-                     needs_params=lambda plan: "weight decay")
+                     needs_params=lambda plan: "weight decay", stacks=stacks)
 
 
 def set_weight_decay(opt_state: PyTree, selector: SelectorLike,
@@ -581,7 +606,8 @@ def set_weight_decay(opt_state: PyTree, selector: SelectorLike,
   Args:
     opt_state: an optimizer state.
     selector: any selector, matched against the paths of the params the
-      state was initialised with.
+      state was initialised with; with stacks, the layer paths
+      (``"layers/[0-3]/**"`` sets those layers of each stacked parameter).
     value: the new weight decay, a finite number >= 0 (or a scalar array).
 
   Returns:
