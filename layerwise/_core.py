@@ -21,9 +21,12 @@ state's field names:
 * ``measured() -> {name: vector}``: what the last update measured, one entry
   per group (the norms and scales of :func:`layerwise.clip_by_rules`);
 * ``metrics() -> [(key, scalar)]``: the same, named for a metrics logger.
+* ``notes() -> [str]``: what :func:`layerwise.describe` prints below its
+  table about the state's cost (the extra state of a stack split between
+  optimizer groups).
 
 A state implements the methods it has values for; :func:`live_of`,
-:func:`measured_of` and :func:`metrics_of` read any state, giving nothing for
+:func:`measured_of`, :func:`metrics_of` and :func:`notes_of` read any state, giving nothing for
 a method it does not define.
 """
 
@@ -428,7 +431,7 @@ def like_params(fn: str, name: str, tree: Any, res: Resolution,
     my_specs = [jax.ShapeDtypeStruct(shape, res.specs[k].dtype)
                 for shape, k in zip(res.layers.leaf_shapes,
                                     res.layers.starts)]
-  paths, specs = ((whole.paths, whole.specs) if whole is not None
+  paths, specs = ((whole.leaf_paths, whole.leaf_specs) if whole is not None
                   else (mine, my_specs))
   model = ("the whole model (inside lw.partition and lw.freeze, it is of the "
            "whole model they are given, as their rule sets are)"
@@ -685,6 +688,14 @@ def metrics_of(state: Any) -> list[tuple[str, Any]]:
   """``(key, scalar)`` pairs of ``state`` for a metrics logger."""
   metrics = getattr(state, "metrics", None)
   return list(metrics()) if callable(metrics) else []
+
+
+def notes_of(state: Any) -> list[str]:
+  """What ``state`` says about its cost that its rows do not show (a
+  stacked leaf split between optimizer groups, say), as lines for
+  :func:`layerwise.describe`; nothing if it says nothing."""
+  notes = getattr(state, "notes", None)
+  return list(notes()) if callable(notes) else []
 
 
 def entries(vector: Any, n: int) -> list[Any]:

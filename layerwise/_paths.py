@@ -322,6 +322,11 @@ def _under(path: str, root: str) -> bool:
   return root == "" or path == root or path.startswith(root + _SEP)
 
 
+def is_under(path: str, root: str) -> bool:
+  """Whether ``path`` is ``root`` or a path under it (all are under ``""``)."""
+  return _under(path, root)
+
+
 def layer_path(root: str, index: int, path: str) -> str:
   """The path of layer ``index`` of the leaf at ``path`` in stack ``root``."""
   rest = path[len(root):].lstrip(_SEP) if root else path

@@ -152,13 +152,31 @@ class Whole:
   against the same model is not made again.
   """
 
-  __slots__ = ("paths", "specs", "_hash")
+  __slots__ = ("paths", "specs", "layers", "_hash")
 
   def __init__(self, paths: Sequence[str],
-               specs: Sequence[jax.ShapeDtypeStruct]):
+               specs: Sequence[jax.ShapeDtypeStruct],
+               layers: _paths.Layers | None = None):
     self.paths = tuple(paths)
     self.specs = tuple(specs)
+    # With stacks, ``paths`` and ``specs`` are the layer leaves' (what
+    # rules are checked against); ``layers`` keeps the real leaves.
+    self.layers = layers
     self._hash = hash(self.paths)
+
+  @property
+  def leaf_paths(self) -> tuple[str, ...]:
+    """The real leaves' paths (a stacked leaf once, not once per layer)."""
+    return self.paths if self.layers is None else self.layers.leaf_paths
+
+  @property
+  def leaf_specs(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The real leaves' shapes and dtypes."""
+    if self.layers is None:
+      return self.specs
+    return tuple(jax.ShapeDtypeStruct(shape, self.specs[start].dtype)
+                 for shape, start in zip(self.layers.leaf_shapes,
+                                         self.layers.starts))
 
   def __hash__(self) -> int:
     return self._hash
@@ -167,7 +185,8 @@ class Whole:
     if self is other:
       return True
     return (isinstance(other, Whole) and self._hash == other._hash
-            and self.paths == other.paths and self.specs == other.specs)
+            and self.paths == other.paths and self.specs == other.specs
+            and self.layers == other.layers)
 
 
 _WHOLE: contextvars.ContextVar[Whole | None] = contextvars.ContextVar(
@@ -200,6 +219,39 @@ def whole_model(whole: Callable[[], Whole]) -> Iterator[None]:
     yield
   finally:
     _WHOLE.reset(token)
+
+
+_STACKS: contextvars.ContextVar[tuple[Any, ...] | None] = (
+    contextvars.ContextVar("layerwise_inherited_stacks", default=None))
+
+
+def inherited_stacks() -> tuple[Any, ...] | None:
+  """The stacks key a rule set built with the default ``stacks=None``
+  resolves with now: that of the :func:`layerwise.partition` or
+  :func:`layerwise.freeze` calling it (see :func:`stacks_of`), or ``None``
+  outside any."""
+  return _STACKS.get()
+
+
+@contextlib.contextmanager
+def stacks_of(key: tuple[Any, ...]) -> Iterator[None]:
+  """Within this block, a rule set resolved with the default stacks
+  (:data:`DETECT`, what ``stacks=None`` gives) resolves with ``key``
+  instead (a :func:`~layerwise._paths.normalize_stacks` key).
+
+  :func:`layerwise.partition` and :func:`layerwise.freeze` call their inner
+  transformations in it, with the stacks they found in the whole model (as
+  declared stacks: a group's tree is plain dicts, which hold none of the
+  model's axis metadata), so a ruled transformation inside a group sees
+  the same layer leaves as the partition (``layers/3/attn/kernel``). One
+  given ``stacks=`` explicitly keeps its own. The innermost block wins (a
+  partition inside a group narrows the stacks to its own groups).
+  """
+  token = _STACKS.set(key)
+  try:
+    yield
+  finally:
+    _STACKS.reset(token)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -382,8 +434,14 @@ class RuleSet:
     key).
 
     A cache hit costs one ``tree_flatten`` and a dict lookup: paths are only
-    built, and selectors only run, for a structure not seen before.
+    built, and selectors only run, for a structure not seen before. With the
+    default ``stacks`` inside a partition's group, the partition's stacks
+    are used (:func:`stacks_of`).
     """
+    if stacks == DETECT:
+      inherited = _STACKS.get()
+      if inherited is not None:
+        stacks = inherited
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     key = structure_key(leaves, treedef)
     if key is not None:

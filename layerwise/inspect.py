@@ -14,8 +14,9 @@ import numpy as np
 import optax
 
 from layerwise import _core, _paths, _validate, checks
-from layerwise._resolve import MISSING, Rules, RuleSet, paths_and_specs
-from layerwise._types import PyTree
+from layerwise._resolve import (MISSING, Rules, RuleSet, layer_paths_and_specs,
+                                paths_and_specs)
+from layerwise._types import PyTree, Stacks
 
 __all__ = ["Description", "describe", "hyperparams", "norms"]
 
@@ -145,7 +146,9 @@ class Description:
   Attributes:
     columns: the row keys shown in the table, in order.
     rows: one ``dict`` per parameter, in flattening order (the table sorts
-      them by path, naturally). Every row has
+      them by path, naturally); with stacks, one per layer leaf
+      (``layers/3/kernel``, each with its share of the stacked leaf's state
+      bytes). Every row has
       ``path`` (str), ``shape`` (tuple), ``dtype`` (str) and ``size`` (int);
       for a rule set, ``rule`` (the selector that applied, as text, or
       ``"(default)"``) and ``value`` (the rule's value itself); for an
@@ -162,6 +165,11 @@ class Description:
       parameter (step counts, ...); ``None`` for a rule set.
     warnings: for a transformation, each trap :func:`layerwise.check` finds
       in it (what trains wrongly and the fix), printed below the table.
+    notes: for a transformation, what its states say about their cost
+      that the rows do not show, printed below the table as ``note:``
+      lines: for each stacked leaf whose layers are split between the
+      groups of :func:`layerwise.partition` or :func:`layerwise.freeze`,
+      the bytes of state the groups hold for its layers they do not train.
 
   Examples:
     >>> import dataclasses
@@ -184,6 +192,7 @@ class Description:
   group_by: str = "value"
   shared_state_bytes: int | None = None
   warnings: tuple[str, ...] = ()
+  notes: tuple[str, ...] = ()
 
   def __post_init__(self) -> None:
     # The columns, and what every row holds besides (each rule column's
@@ -268,6 +277,7 @@ class Description:
       out.append(f"(total state bytes include "
                  f"{_human(self.shared_state_bytes)} not held by one "
                  "parameter, such as step counts)")
+    out += [f"note: {n}" for n in self.notes]
     out += [f"warning: {w}" for w in self.warnings]
     return "\n".join(out)
 
@@ -318,6 +328,8 @@ def _describe_transformation(tx: Any, params: Any,
   per_param, shared = _state_bytes(state, path_strs)
   rows = [{"path": p, "shape": tuple(s.shape), "dtype": str(s.dtype),
            "size": math.prod(s.shape)} for p, s in zip(path_strs, specs)]
+  real = list(path_strs)  # each row's real leaf
+  rows, real, per_param = _layer_rows(statics, params, rows, real, per_param)
   columns = ["path", "shape", "dtype", "size"]
   # One column per kind of rule; a second rule set of the same kind gets a
   # column of its own only if it covers a parameter the first one covers
@@ -335,9 +347,11 @@ def _describe_transformation(tx: Any, params: Any,
         row[name], row[name + "_rule"] = None, "(not covered)"
     covered[name].update(info.paths)
     by_path = dict(zip(info.paths, zip(info.values, info.rule_texts)))
-    for row in rows:
-      if row["path"] in by_path:
-        row[name], row[name + "_rule"] = by_path[row["path"]]
+    for row, leaf in zip(rows, real):
+      # a plan without stacks among stacked rows: by the row's real leaf
+      hit = by_path.get(row["path"]) or by_path.get(leaf)
+      if hit is not None:
+        row[name], row[name + "_rule"] = hit
     if opt_state is not None:
       _add_live_values(node, info, name, rows, columns)
       _add_measured_columns(node, info, name, rows, columns)
@@ -348,7 +362,40 @@ def _describe_transformation(tx: Any, params: Any,
                      group_by=columns[4] if statics else "dtype",
                      shared_state_bytes=shared,
                      warnings=tuple(t.message
-                                    for t in checks.traps(tx, params)))
+                                    for t in checks.traps(tx, params)),
+                     notes=tuple(n for node in found
+                                 for n in _core.notes_of(node)))
+
+
+def _layer_rows(statics: Sequence[_core.Plan], params: Any,
+                rows: list[dict[str, Any]], real: list[str],
+                per_param: list[int]
+                ) -> tuple[list[dict[str, Any]], list[str], list[int]]:
+  """The rows of the layer leaves when the states' plans see stacks (a row
+  per layer of a stacked leaf, its state bytes an equal share of the
+  leaf's), else the rows as they are."""
+  roots: dict[str, int] = {}
+  for plan in statics:
+    for root, axis, _ in (plan.layers.roots if plan.layers is not None
+                          else ()):
+      roots.setdefault(root, axis)
+  if not roots:
+    return rows, real, per_param
+  lpaths, lspecs, _, layers = layer_paths_and_specs(
+      "lw.describe", params, ("declared", tuple(roots.items())))
+  if layers is None:
+    return rows, real, per_param
+  out, leaf_of, nbytes = [], [], []
+  for j, path in enumerate(layers.leaf_paths):
+    span = layers.span(j)
+    share, extra = divmod(per_param[j], len(span))
+    for n, k in enumerate(span):
+      spec = lspecs[k]
+      out.append({"path": lpaths[k], "shape": tuple(spec.shape),
+                  "dtype": str(spec.dtype), "size": math.prod(spec.shape)})
+      leaf_of.append(path)
+      nbytes.append(share + (n < extra))
+  return out, leaf_of, nbytes
 
 
 class _ScaledSchedule:
@@ -556,7 +603,7 @@ def hyperparams(opt_state: PyTree) -> dict[str, jax.Array]:
 
 def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
              *, opt_state: PyTree | None = None, default: Any = MISSING,
-             strict: bool = True) -> Description:
+             strict: bool = True, stacks: Stacks = None) -> Description:
   """Tells which rule applies to each parameter, as a table and as data.
 
   One row per parameter leaf: its path, shape, dtype, size, and the rule
@@ -605,6 +652,10 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
     default: as in :func:`layerwise.resolve` (rule sets only).
     strict: as in :func:`layerwise.resolve` (rule sets only); the same
       errors are raised.
+    stacks: the stacked (scanned) subtrees, as in :func:`layerwise.paths`
+      (rule sets only): a row per layer leaf. For a transformation, the
+      rows are those of the layer leaves its states' rules see (a
+      stacked leaf's state bytes shared equally by its layers).
 
   Returns:
     A :class:`Description`; print it for the table, or read ``.rows`` and
@@ -672,7 +723,10 @@ def describe(obj: Rules[Any] | optax.GradientTransformation, params: PyTree,
   if opt_state is not None:
     raise TypeError("lw.describe: opt_state is for a transformation, not for "
                     "a rule set.")
-  res = RuleSet(obj).resolve(params, default=default, strict=strict)
+  res = RuleSet(obj).resolve(params, default=default, strict=strict,
+                             stacks=_paths.normalize_stacks("lw.describe",
+                                                            stacks),
+                             fn="lw.describe")
   rows = tuple({
       "path": path,
       "shape": tuple(spec.shape),
