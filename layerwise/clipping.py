@@ -27,12 +27,13 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from layerwise import _core, _norms, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
 from layerwise._selectors import SelectorLike
-from layerwise._types import ArrayLike, PyTree
+from layerwise._types import ArrayLike, PyTree, Stacks
 
 __all__ = [
     "ClipByRulesState",
@@ -141,6 +142,20 @@ class Clipper:
     the new statistics; ``limit`` is the live :meth:`limit` (float32)."""
     raise NotImplementedError
 
+  # The group clippers (``per_leaf`` False) scale their group by one factor
+  # that depends on its norm alone: with stacked layers, clip_by_rules
+  # computes the norms of all groups at once (per layer, then summed by
+  # group) and asks each clipper for its factor.
+  def norm_ord(self) -> float:
+    """The norm a group clipper measures its group by: 1, 2 or inf."""
+    return 2.0
+
+  def scale(self, norm: jax.Array, stats: dict[str, jax.Array],
+            limit: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """A group clipper's factor for a group whose :meth:`norm_ord` norm is
+    ``norm``, and the new statistics."""
+    raise NotImplementedError
+
 
 @dataclasses.dataclass(frozen=True)
 class _ClipValue(Clipper):
@@ -186,9 +201,15 @@ class _ClipNorm(Clipper):
   def limit(self):
     return self.c
 
+  def norm_ord(self):
+    return self.ord
+
+  def scale(self, norm, stats, limit):
+    return _norm_factor(norm, limit), stats
+
   def clip(self, leaves, params, stats, limit):
     norm = _norms.norm(leaves, self.ord)
-    factor = _norm_factor(norm, limit)
+    factor, stats = self.scale(norm, stats, limit)
     return _scaled(leaves, factor), norm, factor, stats
 
   def __repr__(self):
@@ -324,6 +345,10 @@ class _ClipQuantile(Clipper):
 
   def clip(self, leaves, params, stats, limit):
     norm = _norms.l2(leaves)
+    factor, new = self.scale(norm, stats, limit)
+    return _scaled(leaves, factor), norm, factor, new
+
+  def scale(self, norm, stats, limit):
     finite = jnp.isfinite(norm)
     # A non-finite norm is not recorded: it would poison the threshold for
     # `window` steps. Its updates pass on unscaled (NaN) or zeroed (inf).
@@ -338,7 +363,7 @@ class _ClipQuantile(Clipper):
            "next": (stats["next"] + step) % self.window,
            "filled": filled,
            "threshold": threshold}
-    return _scaled(leaves, factor), norm, factor, new
+    return factor, new
 
   def stats_key(self):
     # Part of the state's format (tests/test_state_format.py).
@@ -372,8 +397,12 @@ class _ClipZScore(Clipper):
     return self.z
 
   def clip(self, leaves, params, stats, limit):
-    z = limit
     norm = _norms.l2(leaves)
+    factor, new = self.scale(norm, stats, limit)
+    return _scaled(leaves, factor), norm, factor, new
+
+  def scale(self, norm, stats, limit):
+    z = limit
     finite = jnp.isfinite(norm)
     count, mean, var = stats["count"], stats["mean"], stats["var"]
     warming = count < self.warmup
@@ -406,7 +435,7 @@ class _ClipZScore(Clipper):
            # The norm above which this step clipped (inf in the warm-up).
            "threshold": jnp.where(warming, jnp.inf,
                                   mean + z * (std + _ZCLIP_EPS))}
-    return _scaled(leaves, factor), norm, factor, new
+    return factor, new
 
   def stats_key(self):
     # Part of the state's format (tests/test_state_format.py).
@@ -779,11 +808,292 @@ def _stats_layout(clippers: Sequence[Clipper]
   return tuple(layout)
 
 
+# ------------------------------------------------------- stacked layers
+#
+# With stacks, the plan's leaves (and so its groups) are layer leaves while
+# the step's updates are the real leaves: a stacked leaf holds L layers on
+# its layer axis. Every per-layer quantity is computed for the whole array
+# at once (a reduction over its other axes) and every per-layer factor is
+# applied as one vector broadcast along the layer axis, so the step never
+# slices a stacked leaf into its layers.
+
+
+def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
+  return tuple(d for d in range(ndim) if d != axis)
+
+
+def _reduced(plan: _core.Plan, j: int, u: jax.Array, ord: float) -> jax.Array:
+  """What the ``ord`` norm of real leaf ``j``'s update is made of, per layer
+  (a scalar for an unstacked leaf): its sum of squares (ord 2), of
+  magnitudes (1) or its largest magnitude (inf). Summed (largest taken)
+  over the layer leaves of a group, it gives the group's norm through
+  :func:`_finished`."""
+  m = _norms.magnitude(u)
+  if ord == 2:
+    return _core.layer_sums(plan, j, jnp.square(m))
+  if ord == 1:
+    return _core.layer_sums(plan, j, jnp.abs(m))
+  a = plan.axis(j)
+  return jnp.max(jnp.abs(m), axis=None if a is None else _other_axes(m.ndim, a),
+                 initial=0.0)
+
+
+def _finished(reduced: jax.Array, ord: float) -> jax.Array:
+  return jnp.sqrt(reduced) if ord == 2 else reduced
+
+
+def _adaptive_layers(clipper: "_ClipAdaptive", u: jax.Array, p: jax.Array,
+                     axis: int, limit: jax.Array
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:meth:`_ClipAdaptive.clip` of every layer of a stacked leaf at once:
+  the units are those of one layer's shape (the layer axis is never summed
+  over), ``limit`` the layers' ratios (one entry per layer). Returns the
+  clipped leaf and each layer's norm and scale."""
+  layer_shape = tuple(u.shape[:axis]) + tuple(u.shape[axis + 1:])
+  unit = _unit_axes(layer_shape, clipper.axis)
+  if unit is None:
+    axes = _other_axes(u.ndim, axis)
+  else:  # a layer's axes, as axes of the stacked leaf
+    axes = tuple(sorted({d + (d >= axis) for d in
+                         (x % len(layer_shape) for x in unit)}))
+
+  def unit_norm(x):
+    return jnp.sqrt(jnp.sum(jnp.square(_norms.magnitude(x)), axis=axes,
+                            keepdims=True))
+
+  g_norm, p_norm = unit_norm(u), unit_norm(p)
+  max_norm = _core.along(limit, axis, u.ndim) * jnp.maximum(p_norm,
+                                                            clipper.eps)
+  # As _ClipAdaptive.clip, per layer.
+  keep = g_norm < max_norm
+  overflow = jnp.isinf(g_norm) & jnp.isinf(max_norm)
+  factor = jnp.where(overflow, 0.0, max_norm / jnp.maximum(g_norm, 1e-6))
+  out = jnp.where(keep, u, u * factor.astype(u.dtype))
+  rest = _other_axes(u.ndim, axis)
+  norm = jnp.sqrt(jnp.sum(jnp.square(g_norm), axis=rest))
+  clipped_norm = jnp.where(overflow, 0.0, jnp.where(
+      g_norm >= 1e-6, max_norm, g_norm * factor))
+  after = jnp.sqrt(jnp.sum(jnp.square(jnp.where(keep, g_norm, clipped_norm)),
+                           axis=rest))
+  return out, norm, _ratio(after, norm)
+
+
+def _kind(clipper: Clipper) -> Any:
+  """How a clipper changes a layer of a stacked leaf: by a factor
+  (``"scale"``: the group clippers and clip_norm), entry by entry
+  (``"value"``) or unit by unit (clip_adaptive, one kind per eps and axis,
+  which its computation depends on)."""
+  if isinstance(clipper, _ClipValue):
+    return "value"
+  if isinstance(clipper, _ClipAdaptive):
+    return ("adaptive", clipper.eps, clipper.axis)
+  return "scale"
+
+
+def _update_stacked(step: _core.Step, state: "ClipByRulesState"
+                    ) -> tuple[list[Any], "ClipByRulesState"]:
+  """``clip_by_rules``'s update for a plan of layer leaves (some leaves
+  stacked): the groups are over layer leaves, the updates real leaves.
+
+  A per-leaf clipper clips each layer of a stacked leaf on its own (its
+  norm is a vector of one entry per layer, its factor a vector along the
+  layer axis). A group clipper's norm is that of its layer leaves jointly:
+  each real leaf's per-layer sums are computed once, laid out as one entry
+  per layer leaf and summed by group (a segment sum over the plan's static
+  groups); each group's factor goes back to its layer leaves by a gather,
+  and to each stacked leaf as one vector along its layer axis.
+  """
+  plan = step.plan
+  n = len(plan.layout)
+  out = list(step.updates)
+  if n == 0:
+    return out, state
+  assert plan.groups is not None
+  groups = plan.groups
+  n_layer_leaves = len(plan.paths)
+  owners = plan.owners()
+  absent = set(step.absent)
+  clippers: list[Clipper] = [plan.values[plan.members(g)[0]]
+                             for g in range(n)]
+  # A group with no gradient (all its leaves absent) keeps what it had.
+  live = [any(owners[k] not in absent for k in plan.members(g))
+          for g in range(n)]
+  thresholds = _core.unboxed(state.thresholds)
+  # Each layer leaf's live limit (its group's), read per real leaf.
+  limits = _core.leaf_factors(
+      thresholds[np.asarray([max(g, 0) for g in groups], np.int32)], plan)
+
+  def in_group_clipper(k: int, ord: float | None = None) -> bool:
+    g = groups[k]
+    return g >= 0 and not clippers[g].per_leaf and (
+        ord is None or clippers[g].norm_ord() == ord)
+
+  # The group clippers' norms: per layer of each real leaf, summed by group,
+  # for all groups at once (one vector per ord).
+  group_norm = jnp.zeros([n], _F32)
+  measured = np.zeros(n, bool)  # the group clippers' groups with gradients
+  for ord in sorted({c.norm_ord() for g, c in enumerate(clippers)
+                     if not c.per_leaf and live[g]}):
+    pieces, ids = [], []
+    for j, u in enumerate(step.updates):
+      span = plan.span(j)
+      if u is None or not any(in_group_clipper(k, ord) for k in span):
+        continue
+      pieces.append(_reduced(plan, j, u, ord))
+      ids += [groups[k] if in_group_clipper(k, ord) else n for k in span]
+    combine = jax.ops.segment_max if ord == math.inf else jax.ops.segment_sum
+    summed = combine(_core.per_layer_leaf(plan, pieces),
+                     np.asarray(ids, np.int32), num_segments=n + 1)
+    picked = np.asarray([live[g] and not c.per_leaf and c.norm_ord() == ord
+                         for g, c in enumerate(clippers)])
+    measured |= picked
+    group_norm = jnp.where(picked, _finished(summed[:n], ord), group_norm)
+
+  # Their factors: clip_group_norm's for all its groups at once; those of
+  # the clippers with statistics for all the groups of one statistics key
+  # at once (their arrays are stacked by group, and their clippers differ
+  # in the live limit only: Clipper.stats_key), by vmap, so that 48 layers
+  # clipped by 48 rules compile one computation, not 48.
+  by_norm = measured & np.asarray([isinstance(c, _ClipNorm)
+                                   for c in clippers])
+  group_scale = jnp.where(by_norm, _norm_factor(group_norm, thresholds), 1.0)
+  each: list[Any] = []  # the others' factors, as vectors
+  scale_index = np.arange(n)
+  stats_out: dict[str, dict[str, jax.Array]] = {}
+  rows_of: dict[str, list[int]] = {}
+  for g, (key, _) in enumerate(plan.layout):
+    if key is not None:
+      rows_of.setdefault(key, []).append(g)
+  for key, rows in rows_of.items():
+    old = state.stats[key]
+    if not measured[rows].any():
+      stats_out[key] = old
+      continue
+    at = np.asarray(rows, np.int32)
+    factor, new = jax.vmap(clippers[rows[0]].scale)(
+        group_norm[at], old, thresholds[at])
+    if not measured[rows].all():  # groups without gradients keep theirs
+      keep = measured[rows]
+      new = {f: jnp.where(np.reshape(keep, (-1,) + (1,) * (v.ndim - 1)),
+                          v, old[f]) for f, v in new.items()}
+    stats_out[key] = new
+    scale_index[rows] = n + sum(len(e) for e in each) + np.arange(len(rows))
+    each.append(factor)
+  for g, clipper in enumerate(clippers):  # others, without statistics
+    if measured[g] and not by_norm[g] and plan.layout[g][0] is None:
+      factor, _ = clipper.scale(group_norm[g], {}, thresholds[g])
+      scale_index[g] = n + sum(len(e) for e in each)
+      each.append(jnp.reshape(factor, (1,)))
+  if each:
+    group_scale = jnp.concatenate([group_scale] + each)[scale_index]
+  # Each group factor, back on its layer leaves (1 elsewhere).
+  spread = None
+  if measured.any():
+    spread = _core.leaf_factors(jnp.concatenate(
+        [group_scale, jnp.ones([1], _F32)])[np.asarray(
+            [groups[k] if in_group_clipper(k) else n
+             for k in range(n_layer_leaves)], np.int32)], plan)
+
+  # Each real leaf: the per-leaf clippers of its layers, and the factors
+  # of its group clippers.
+  leaf_norms: list[Any] = []
+  leaf_scales: list[Any] = []
+  for j, u in enumerate(step.updates):
+    span = plan.span(j)
+    a = plan.axis(j)
+    zeros = jnp.zeros([] if a is None else [len(span)], _F32)
+    values = [plan.values[k] for k in span]
+    if u is None or all(v is None for v in values):
+      leaf_norms.append(zeros)
+      leaf_scales.append(zeros + 1)
+      continue
+    p = step.params[j] if step.params is not None else None
+    if a is None:
+      (clipper,) = values
+      if clipper.per_leaf:
+        (out[j],), norm, scale, _ = clipper.clip(
+            [u], None if p is None else [p], {}, limits[j])
+        leaf_norms.append(norm)
+        leaf_scales.append(scale)
+      else:
+        assert spread is not None
+        out[j] = u * spread[j].astype(u.dtype)
+        leaf_norms.append(zeros)
+        leaf_scales.append(zeros + 1)
+      continue
+    limit = jnp.reshape(limits[j], (-1,))
+    norm, scale = zeros, zeros + 1
+    kinds: dict[Any, list[int]] = {}
+    for i, v in enumerate(values):
+      if v is not None:
+        kinds.setdefault(_kind(v), []).append(i)
+    result = u
+    for kind, layers in kinds.items():
+      mask = np.zeros(len(span), bool)
+      mask[layers] = True
+      if kind == "scale":
+        factor = (jnp.reshape(spread[j], (-1,)) if spread is not None
+                  else jnp.ones([len(span)], _F32))
+        own: dict[float, list[int]] = {}  # the clip_norm layers, by ord
+        for i in layers:
+          if values[i].per_leaf:
+            own.setdefault(values[i].norm_ord(), []).append(i)
+        for ord, where in own.items():
+          picked = np.zeros(len(span), bool)
+          picked[where] = True
+          own_norm = _finished(_reduced(plan, j, u, ord), ord)
+          own_factor = _norm_factor(own_norm, limit)
+          factor = jnp.where(picked, own_factor, factor)
+          norm = jnp.where(picked, own_norm, norm)
+          scale = jnp.where(picked, own_factor, scale)
+        clipped = u * _core.along(factor, a, u.ndim).astype(u.dtype)
+      elif kind == "value":
+        c = _core.along(jnp.where(mask, limit, jnp.inf), a,
+                        u.ndim).astype(u.dtype)
+        clipped = jnp.where(jnp.isfinite(u), jnp.clip(u, -c, c), u)
+        m = _norms.magnitude(u)
+        largest = jnp.max(jnp.abs(m), axis=_other_axes(u.ndim, a),
+                          initial=0.0)
+        norm = jnp.where(mask, jnp.sqrt(_core.layer_sums(plan, j,
+                                                         jnp.square(m))), norm)
+        scale = jnp.where(mask, _norm_factor(largest, limit), scale)
+      else:
+        assert p is not None  # needs_params says so
+        clipped, own_norm, own_scale = _adaptive_layers(
+            values[layers[0]], u, p, a, limit)
+        norm = jnp.where(mask, own_norm, norm)
+        scale = jnp.where(mask, own_scale, scale)
+      result = clipped if mask.all() else jnp.where(
+          _core.along(mask, a, u.ndim), clipped, result)
+    out[j] = result
+    leaf_norms.append(norm)
+    leaf_scales.append(scale)
+
+  # The state's vectors, one entry per group: a per-leaf group's from its
+  # layer leaf's entry, a group clipper's from its group's, a group without
+  # gradients its old one.
+  index = np.asarray(
+      [(plan.members(g)[0] if clippers[g].per_leaf else n_layer_leaves + g)
+       if live[g] else n_layer_leaves + n + g for g in range(n)], np.int32)
+
+  def gathered(per_layer_leaf: list[Any], per_group: jax.Array,
+               old: Any) -> jax.Array:
+    return jnp.concatenate([
+        _core.per_layer_leaf(plan, per_layer_leaf).astype(_F32),
+        per_group, _core.unboxed(old)])[index]
+
+  return out, state._replace(
+      norms=gathered(leaf_norms, group_norm, state.norms),
+      scales=gathered(leaf_scales, group_scale, state.scales),
+      stats=stats_out)
+
+
 def clip_by_rules(
     rules: Rules[Clipper | None],
     *,
     default: Clipper | None = MISSING,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Clips each parameter group its own way.
 
@@ -815,6 +1125,16 @@ def clip_by_rules(
     default: the clipper (or ``None``) of leaves no rule matches. Without
       it, unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter is a
+      leaf of its own (``"layers/3/attn/kernel"``), so a per-leaf clipper
+      clips each layer's slice on its own (the units of
+      :func:`clip_adaptive` are a layer's, never across layers) and a group
+      clipper over ``"layers/3/**"`` clips that layer's slices by their
+      joint norm, as on the unrolled model. The norms, thresholds and
+      statistics stay one entry per group (per layer for a per-leaf
+      clipper).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs
@@ -861,6 +1181,18 @@ def clip_by_rules(
 
     >>> {k: float(v) for k, v in lw.norms(state).items()}
     {'clip/embed/norm': 1.021..., 'clip/embed/scale': 0.1..., 'clip/**/norm': 5.0, 'clip/**/scale': 0.2...}
+
+    A scanned model's layers stacked on axis 0: each layer is clipped by
+    its own norm, as the unrolled model's ``layers/0/w`` and ``layers/1/w``:
+
+    >>> stacked = {"layers": {"w": jnp.array([[3.0, 4.0], [0.3, 0.4]])}}
+    >>> tx = lw.clip_by_rules({"**": lw.clip_norm(1.0)}, stacks={"layers": 0})
+    >>> updates, state = tx.update(stacked, tx.init(stacked))
+    >>> updates["layers"]["w"]
+    Array([[0.6, 0.8],
+           [0.3, 0.4]], dtype=float32)
+    >>> {k: round(float(v), 3) for k, v in lw.norms(state).items()}
+    {'clip/layers/0/w/norm': 5.0, 'clip/layers/0/w/scale': 0.2, 'clip/layers/1/w/norm': 0.5, 'clip/layers/1/w/scale': 1.0}
   """
   fn = "lw.clip_by_rules"
   given = RuleSet(rules, what="clipper").map_values(
@@ -900,6 +1232,8 @@ def clip_by_rules(
   def update(step: _core.Step, state: ClipByRulesState
              ) -> tuple[list[Any], ClipByRulesState]:
     plan = step.plan
+    if plan.layers is not None:
+      return _update_stacked(step, state)
     out = list(step.updates)
     norms, scales, new_stats = [], [], []
     limits = _core.factors(state.thresholds, len(plan.layout))
@@ -936,7 +1270,8 @@ def clip_by_rules(
                                stats=_stack_stats(new_stats))
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, needs_params=needs_params, skips=True)
+                     update=update, needs_params=needs_params, skips=True,
+                     stacks=stacks)
 
 
 def set_threshold(opt_state: PyTree, selector: SelectorLike,
@@ -957,7 +1292,8 @@ def set_threshold(opt_state: PyTree, selector: SelectorLike,
   Args:
     opt_state: an optimizer state.
     selector: any selector, matched against the paths of the params the
-      state was initialised with.
+      state was initialised with (with stacked layers, their layer paths:
+      ``"layers/[0-3]/**"`` sets layers 0 to 3 of the stack).
     value: the new value (a number, or a real scalar array).
 
   Returns:
@@ -977,6 +1313,15 @@ def set_threshold(opt_state: PyTree, selector: SelectorLike,
     >>> state = lw.set_threshold(tx.init(grads), "w", 2.5)
     >>> tx.update(grads, state)[0]["w"]   # norm 5 -> 2.5
     Array([1.5, 2. ], dtype=float32)
+
+    With stacked layers, each layer's groups are set on their own:
+
+    >>> stacked = {"layers": {"w": jnp.array([[3.0, 4.0], [3.0, 4.0]])}}
+    >>> tx = lw.clip_by_rules({"**": lw.clip_norm(1.0)}, stacks={"layers": 0})
+    >>> state = lw.set_threshold(tx.init(stacked), "layers/1/**", 2.5)
+    >>> tx.update(stacked, state)[0]["layers"]["w"]
+    Array([[0.6, 0.8],
+           [1.5, 2. ]], dtype=float32)
   """
   fn = "lw.set_threshold"
   value = _validate.live_value(fn, value)

@@ -11,10 +11,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from layerwise import _core, _norms, _validate
 from layerwise._resolve import MISSING, Resolution, Rules, RuleSet
+from layerwise._types import Stacks
 
 __all__ = ["TrackNormsState", "track_norms"]
 
@@ -74,6 +76,7 @@ def track_norms(
     prefix: str = "grad_norm",
     default: str | None = MISSING,
     strict: bool = True,
+    stacks: Stacks = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Records the L2 norm of each named group of updates; changes nothing.
 
@@ -92,6 +95,12 @@ def track_norms(
     default: the name (or ``None``) of leaves no rule matches. Without it,
       unmatched leaves are an error.
     strict: as in :func:`layerwise.resolve`.
+    stacks: the stacked (scanned) subtrees, ``{stack_path: layer_axis}``
+      (see :func:`layerwise.paths`; by default, those Flax's metadata marks
+      with a ``"layers"`` axis): each layer of a stacked parameter is a
+      leaf of its own (``"layers/3/attn/kernel"``, whose ``{parent}`` is
+      ``"layers/3/attn"``), so the names give one norm per layer, as on
+      the unrolled model, computed for the whole stacked array at once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` that passes updates through.
@@ -104,6 +113,17 @@ def track_norms(
     >>> grads = {"layers": [{"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])},
     ...                     {"w": jnp.array([1.0, 0.0]), "b": jnp.array([0.0])}]}
     >>> _, state = tx.update(grads, tx.init(params))
+    >>> lw.norms(state)
+    {'grad_norm/layers/0': Array(5., dtype=float32), 'grad_norm/layers/1': Array(1., dtype=float32)}
+
+    The same model with its layers stacked on axis 0, the same rules, gives
+    the same norms:
+
+    >>> stacked = {"layers": {"w": jnp.zeros((2, 2)), "b": jnp.zeros((2, 1))}}
+    >>> tx = lw.track_norms({"**": "{parent}"}, stacks={"layers": 0})
+    >>> grads = {"layers": {"w": jnp.array([[3.0, 0.0], [1.0, 0.0]]),
+    ...                     "b": jnp.array([[4.0], [0.0]])}}
+    >>> _, state = tx.update(grads, tx.init(stacked))
     >>> lw.norms(state)
     {'grad_norm/layers/0': Array(5., dtype=float32), 'grad_norm/layers/1': Array(1., dtype=float32)}
   """
@@ -135,6 +155,8 @@ def track_norms(
   def update(step: _core.Step, state: TrackNormsState
              ) -> tuple[list[Any], TrackNormsState]:
     plan = step.plan
+    if plan.layers is not None:
+      return step.updates, TrackNormsState(_stacked_norms(step, state), plan)
     n = len(plan.group_names)
     absent = set(step.absent)
     norms = []
@@ -147,4 +169,33 @@ def track_norms(
     return step.updates, TrackNormsState(_core.stack(norms, n), plan)
 
   return _core.ruled(fn, given, default=default, strict=strict, init=init,
-                     update=update, skips=True)
+                     update=update, skips=True, stacks=stacks)
+
+
+def _stacked_norms(step: _core.Step, state: TrackNormsState) -> jax.Array:
+  """Each group's norm when the plan's leaves are layer leaves: each real
+  leaf's sums of squares per layer (over its other axes, the whole stacked
+  array at once), laid out as one entry per layer leaf and summed by group
+  (a segment sum over the plan's static groups)."""
+  plan = step.plan
+  n = len(plan.group_names)
+  groups = plan.groups
+  assert groups is not None
+  pieces, ids = [], []
+  for j, u in enumerate(step.updates):
+    span = plan.span(j)
+    if u is None or all(groups[k] < 0 for k in span):
+      continue
+    pieces.append(_core.layer_sums(plan, j, jnp.square(_norms.magnitude(u))))
+    ids += [groups[k] if groups[k] >= 0 else n for k in span]
+  old = _core.unboxed(state.norms)
+  if not pieces:
+    return old
+  norms = jnp.sqrt(jax.ops.segment_sum(
+      _core.per_layer_leaf(plan, pieces), np.asarray(ids, np.int32),
+      num_segments=n + 1)[:n])
+  # A group without gradients (None, as lw.grad gives frozen leaves) keeps
+  # its last norm.
+  measured = np.zeros(n, bool)
+  measured[[g for g in ids if g < n]] = True
+  return norms if measured.all() else jnp.where(measured, norms, old)
