@@ -362,3 +362,53 @@ def test_metadata_stack_stops_at_a_leaf_declared_unstacked():
   found = _layer_paths(params, None)
   assert found[0] == "embed"
   assert found == _layer_paths(params, {"layers": 0})
+
+
+# ------------------------------------------- more of each part, per model
+
+
+# Each layer's attention kernel (Equinox names it 'weight'), by its layer
+# shape: a stacked (L, D, D) kernel's layer leaves are 2-D.
+ATTN_KERNELS = lw.all_of("layers/*/attn/**", lw.ndim_at_least(2))
+
+
+def test_every_clipper_clips_each_layer_like_the_twin(twins):
+  """The statistics clippers on layer leaves: clip_adaptive (its unit norms
+  never span the layer axis), clip_zscore and clip_quantile (statistics per
+  layer's group), clip_value and clip_norm, before AdamW."""
+
+  def tx_of(params, stacks):
+    del params
+    return optax.chain(
+        lw.clip_by_rules({ATTN_KERNELS: lw.clip_adaptive(0.05),
+                          "layers/[0-1]/mlp/**": lw.clip_zscore(1.0),
+                          "layers/*/mlp/**": lw.clip_quantile(0.5, 3),
+                          "layers/*/ln/**": lw.clip_norm(0.01),
+                          "**": lw.clip_value(0.01)}, stacks=stacks),
+        optax.adamw(1e-2, weight_decay=0.1))
+
+  _, _, _, hist_t = assert_same_training(tx_of, twins)
+  scales = [float(v) for k, v in hist_t[-1][1].items()
+            if k.endswith("/scale")]
+  assert scales and min(scales) < 1.0
+
+
+def test_an_index_past_the_last_layer_names_the_stack_it_is_past():
+  """The hint of an unused rule that indexes past a stack's last layer
+  names that stack and its length, in a model of two stacks; an index in
+  range of a stack it does not name gets no such hint."""
+  params = {"encoder": {"layers": {"w": jnp.ones((4, 2, 2))}},
+            "decoder": {"layers": {"w": jnp.ones((3, 2, 2))}}}
+  stacks = {"encoder/layers": 0, "decoder/layers": 0}
+  for rule, hint in [
+      ("decoder/layers/3/**", "stack 'decoder/layers' has 3 layers (0..2)"),
+      ("encoder/layers/4/w", "stack 'encoder/layers' has 4 layers (0..3)"),
+      ("**/layers/7/**", "stack 'encoder/layers' has 4 layers (0..3)")]:
+    with pytest.raises(lw.RuleError) as info:
+      lw.resolve({rule: 0.1, "**": 1.0}, params, stacks=stacks)
+    assert f"rule 0: '{rule}'" in str(info.value)
+    assert hint in str(info.value)
+  with pytest.raises(lw.RuleError) as info:
+    lw.resolve({"decoderr/layers/3/**": 0.1, "**": 1.0}, params,
+               stacks=stacks)
+  assert "layers (0.." not in str(info.value)
