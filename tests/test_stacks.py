@@ -412,3 +412,24 @@ def test_an_index_past_the_last_layer_names_the_stack_it_is_past():
     lw.resolve({"decoderr/layers/3/**": 0.1, "**": 1.0}, params,
                stacks=stacks)
   assert "layers (0.." not in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "lw.check follows dependencies per real array: a stack with only some "
+    "layers frozen is left out of the frozen-gradients-reach-updates check "
+    "(checks._frozen_paths), so a group clipper before lw.freeze that lets "
+    "frozen layer 0's NaN into every update passes unreported on the "
+    "stacked model, while the twin's check finds it"))
+def test_check_finds_the_twins_traps_on_the_stacked_model():
+  twins = sm.axis1_twins()
+
+  def traps(params, stacks):
+    try:
+      lw.check(whole_chain(params, stacks), params)
+    except ValueError as e:
+      return [line.split("]")[0] for line in str(e).splitlines()
+              if line[:1].isdigit()]
+    return []
+
+  assert traps(twins.twin, {}) == ["1. [frozen-gradients-reach-updates"]
+  assert traps(twins.stacked, twins.stacks) == traps(twins.twin, {})
