@@ -433,3 +433,69 @@ def test_check_finds_the_twins_traps_on_the_stacked_model():
 
   assert traps(twins.twin, {}) == ["1. [frozen-gradients-reach-updates"]
   assert traps(twins.stacked, twins.stacks) == traps(twins.twin, {})
+
+
+def test_partition_by_layer_trains_like_the_twin(twins):
+  """lw.partition with groups of layers of one stack (SGD for layers 0-1,
+  layer 3 frozen, AdamW for the rest), the stack split between them."""
+
+  def tx_of(params, stacks):
+    del params
+    return lw.partition({"layers/[0-1]/**": optax.sgd(0.1),
+                         "layers/3/**": None,
+                         "**": optax.adamw(1e-2, weight_decay=0.1)},
+                        stacks=stacks)
+
+  assert_same_training(tx_of, twins)
+
+
+def test_multisteps_and_injected_rules_train_like_the_twin(twins):
+  """optax.MultiSteps around layer-wise decay, and a scale_by_rules made by
+  optax.inject_hyperparams (its rules and stacks static)."""
+
+  def tx_of(params, stacks):
+    inject = optax.inject_hyperparams(lw.scale_by_rules,
+                                      static_args=("rules", "stacks"))
+    return optax.chain(
+        optax.MultiSteps(optax.chain(
+            optax.adam(1e-2),
+            lw.scale_by_rules(lw.layer_decay(0.7, params, stacks=stacks),
+                              stacks=stacks)), 2),
+        inject(rules={"layers/1/**": 0.5, "**": 1.0}, stacks=stacks))
+
+  if "stacks" not in inspect.signature(lw.layer_decay).parameters:
+    pytest.skip("no stacks= yet in layer_decay")
+  assert_same_training(tx_of, twins)
+
+
+def test_setters_reach_the_layers_like_the_twin(twins):
+  """set_threshold, set_scale and set_weight_decay on layer paths change
+  the stacked model's state as the twin's; lw.hyperparams agree."""
+  if _missing_stacks():
+    pytest.skip(f"no stacks= yet in {_missing_stacks()}")
+  batch = sm.batches(1)[0]
+  out = []
+  for params, loss, stacks in [
+      (twins.stacked, twins.stacked_loss,
+       None if twins.detected else twins.stacks),
+      (twins.twin, twins.twin_loss, {})]:
+    tx = optax.chain(
+        lw.clip_by_rules({"layers/*/mlp/**": lw.clip_norm(0.05),
+                          "**": lw.clip_group_norm(0.1)}, stacks=stacks),
+        optax.scale_by_adam(),
+        lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.1}, stacks=stacks),
+        optax.scale(-1e-2),
+        lw.scale_by_rules({"**": 1.0}, stacks=stacks))
+    state = tx.init(params)
+    state = lw.set_threshold(state, "layers/3/mlp/**", 0.001)
+    state = lw.set_scale(state, "layers/1/**", 0.0)
+    state = lw.set_weight_decay(state, "layers/2/**", 1.0)
+    grads = jax.grad(loss)(params, batch)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    out.append((updates, lw.norms(state), lw.hyperparams(state)))
+  (u_s, n_s, h_s), (u_t, n_t, h_t) = out
+  assert_twins(u_s, u_t, twins, "updates")
+  assert sorted(n_s) == sorted(n_t) and sorted(h_s) == sorted(h_t)
+  for key, value in h_t.items():
+    np.testing.assert_allclose(np.asarray(h_s[key]), np.asarray(value),
+                               err_msg=key, **TOL)
