@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend import core as jax_core
 
 from layerwise import _core, _diagnostics, _validate
 from layerwise._resolve import RuleSet
@@ -58,23 +59,64 @@ def _mapped(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
   return new.astype(jnp.result_type(u))
 
 
-def _signature(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
-               p: jax.ShapeDtypeStruct | None, path: str) -> Any:
-  """What ``fn`` computes for one layer at ``path`` (its jaxpr, and its
-  constants by value), so that layers whose function is the same, whatever
-  their path, are mapped by one call."""
+def _const_key(c: Any) -> Any:
+  """A constant of a traced ``fn``, as compared between layers: small ones
+  by value; a tracer, or a large array ``fn`` closes over (the same object
+  for every layer), by identity (one made anew per call only costs a call
+  of its own, never a wrong result)."""
+  if isinstance(c, jax.core.Tracer) or np.size(c) > 4096:
+    return ("object", id(c))
+  a = np.asarray(c)
+  return (a.dtype.str, a.shape, a.tobytes())
+
+
+def _signatures(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
+                p: jax.ShapeDtypeStruct | None,
+                paths: Sequence[str]) -> tuple[list[Any], Any]:
+  """What ``fn`` computes for one layer at each of ``paths`` (its jaxpr,
+  and its constants), so that layers whose function is the same, whatever
+  their path, are mapped by one call.
+
+  ``fn`` is traced once for all the paths (one jaxpr, an output per path),
+  and each output's part of it is printed as a jaxpr of its own, which
+  names its variables afresh: equal texts are equal computations. Also
+  returns that jaxpr, which the caller keeps while it compares: a
+  constant's identity is unique only while it lives.
+  """
   if p is None:
-    closed = jax.make_jaxpr(lambda x: _mapped(fn, x, None, path))(u)
+    closed = jax.make_jaxpr(
+        lambda x: [_mapped(fn, x, None, path) for path in paths])(u)
   else:
-    closed = jax.make_jaxpr(lambda x, y: _mapped(fn, x, y, path))(u, p)
-  consts: list[Any] = []
-  for c in closed.consts:
-    if isinstance(c, jax.core.Tracer):
-      consts.append(("tracer", id(c)))
-    else:
-      a = np.asarray(c)
-      consts.append((a.dtype.str, a.shape, a.tobytes()))
-  return str(closed.jaxpr), tuple(consts)
+    closed = jax.make_jaxpr(
+        lambda x, y: [_mapped(fn, x, y, path) for path in paths])(u, p)
+  jaxpr = closed.jaxpr
+  consts = dict(zip(jaxpr.constvars, closed.consts))
+  producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+  # The whole trace's, without its outputs' names (a part has one output).
+  info: Any = getattr(jaxpr, "debug_info", None)
+  if hasattr(info, "_replace"):
+    info = info._replace(result_paths=None)
+  keys = []
+  for out in jaxpr.outvars:
+    needed: set[int] = set()
+    stack = [out]
+    while stack:
+      v = stack.pop()
+      i = None if isinstance(v, jax_core.Literal) else producer.get(v)
+      if i is None or i in needed:
+        continue
+      needed.add(i)
+      stack.extend(jaxpr.eqns[i].invars)
+    eqns = [jaxpr.eqns[i] for i in sorted(needed)]
+    used = {v for e in eqns for v in e.invars
+            if not isinstance(v, jax_core.Literal)}
+    if not isinstance(out, jax_core.Literal):
+      used.add(out)
+    constvars = [v for v in jaxpr.constvars if v in used]
+    text = str(jax_core.Jaxpr(constvars, jaxpr.invars, [out], eqns,
+                              debug_info=info))
+    keys.append((text, tuple(_const_key(consts[v]) for v in constvars)))
+  return keys, closed
 
 
 def _map_layers(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
@@ -94,9 +136,14 @@ def _map_layers(fn: Callable[..., Any], u: jax.Array, p: jax.Array | None,
             jax.ShapeDtypeStruct(layer_shape, jnp.result_type(p)))
   groups: dict[Any, list[int]] = {}
   chosen = [i for i, s in enumerate(selected) if s]
-  for i in chosen:
-    key = i if len(chosen) == 1 else _signature(fn, u_spec, p_spec, paths[i])
-    groups.setdefault(key, []).append(i)
+  if len(chosen) == 1:
+    groups[0] = chosen
+  else:
+    keys, traced = _signatures(fn, u_spec, p_spec,
+                               [paths[i] for i in chosen])
+    for i, key in zip(chosen, keys):
+      groups.setdefault(key, []).append(i)
+    del traced  # held until the keys are compared
   out = u
   for layers in groups.values():
     path = paths[layers[0]]
@@ -154,8 +201,8 @@ def map_updates(
       which ``fn`` computes the same thing, whatever their path, and a
       select along the layer axis between the calls where it differs (an
       ``fn`` that branches on the path) or where ``where`` leaves a layer
-      out. (To tell them apart, ``fn`` is traced once per layer when the
-      update is traced.)
+      out. (To tell them apart, ``fn`` is traced for each layer, in one
+      trace per stacked parameter, when the update is traced.)
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.

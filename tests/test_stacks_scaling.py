@@ -418,6 +418,25 @@ def test_layer_decay_on_the_stacked_model_is_the_unrolled_twins(axis):
                                                     stacks=s)), axis)
 
 
+def test_layer_decay_reads_the_stack_from_flax_metadata():
+  """A linen nn.scan model marks its layer axis "layers": layer_decay and
+  scale_by_rules find the stack without stacks=."""
+  from flax import linen as nn
+  params = stacked_params()
+  boxed = {**params, "layers": jax.tree_util.tree_map(
+      lambda x: nn.Partitioned(x, names=("layers",) + (None,) * (x.ndim - 1)),
+      params["layers"])}
+  rules = lw.layer_decay(0.75, boxed)
+  assert [(str(s), v) for s, v in rules] == [
+      (str(s), v) for s, v in lw.layer_decay(0.75, unroll(params))]
+  tx = optax.chain(optax.sgd(1.0), lw.scale_by_rules(rules))
+  grads = jax.tree_util.tree_map(jnp.ones_like, boxed)
+  updates, _ = tx.update(grads, tx.init(boxed))
+  np.testing.assert_allclose(
+      updates["layers"]["ln"]["scale"].value[:, 0],
+      [-(0.75 ** (L - i)) for i in range(L)], rtol=1e-6)
+
+
 def test_layer_decay_freeze_below_with_stacks():
   params = stacked_params()
   rules = lw.layer_decay(0.5, params, stacks={"layers": 0}, freeze_below=0.1)
@@ -456,6 +475,10 @@ MAPS = {
                 else u - p, "**"),
     "some-layers": (lambda u, p, path: u / (1e-3 + jnp.linalg.norm(u)),
                     "layers/[1-2]/**"),
+    # A constant array (not a literal) that depends on the path.
+    "path-constant": (lambda u, p, path: u * jnp.asarray(np.full(
+        u.shape[-1:], 1.0 + (int(path[7]) if path.startswith("layers/")
+                             else 0), np.float32)), "**"),
 }
 
 
@@ -499,6 +522,13 @@ def test_map_updates_calls_fn_once_per_stacked_leaf():
 
   assert count(by_path, {"layers": 0}, params) == 2 + 3 * 2
 
+  big = jnp.asarray(np.linspace(0.0, 1.0, 5000, dtype=np.float32))
+
+  def closes_over(u, p, path):  # a large constant, the same for all layers
+    return jnp.sign(u) * big[:u.size].reshape(u.shape)
+
+  assert count(closes_over, {"layers": 0}, params) == 5
+
 
 def test_map_updates_without_params_and_errors_name_the_layer():
   params = stacked_params()
@@ -508,6 +538,12 @@ def test_map_updates_without_params_and_errors_name_the_layer():
   k = params["layers"]["attn"]["kernel"]
   np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
                                 jnp.concatenate([k[:3], 2 * k[3:]]))
+  tx = lw.map_updates(
+      lambda u, p, path: u * (2 if path.startswith("layers/3/") else 3),
+      "layers/[1-3]/**", stacks={"layers": 0})
+  updates, _ = jax.jit(tx.update)(params, tx.init(params))
+  np.testing.assert_array_equal(updates["layers"]["attn"]["kernel"],
+                                jnp.concatenate([k[:1], 3 * k[1:3], 2 * k[3:]]))
   bad = lw.map_updates(lambda u, p, path: u[0], "layers/**",
                        stacks={"layers": 0})
   with pytest.raises(ValueError, match=r"parameter 'layers/0/attn/kernel' of"

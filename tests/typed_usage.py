@@ -48,3 +48,11 @@ copied: tuple[str, ...] = report.copied
 multipliers = lw.equivalent_multipliers({"**": 0.5}, "sgd")
 mup = lw.mup_scales(params, params, "adam")
 frozen_params = lw.stop_gradient(params, "embed")
+# Stacked (scanned) layers: the rate transformations take stacks=.
+stacked_tx = optax.chain(
+    lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.01},
+                           stacks={"layers": 0}, toward="init"),
+    lw.scale_by_rules(lw.layer_decay(0.75, params, stacks={"layers": 0}),
+                      stacks={"layers": 0}),
+    lw.map_updates(lambda u, p, path: u, "layers/[0-1]/**", stacks="layers"),
+)
