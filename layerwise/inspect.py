@@ -494,8 +494,10 @@ def norms(opt_state: PyTree) -> dict[str, jax.Array]:
   Reads the states of :func:`layerwise.clip_by_rules` (keys
   ``"clip/<group>/norm"`` and ``"clip/<group>/scale"``, where a group is a
   leaf's path for per-leaf clippers and the rule's selector for group
-  clippers) and :func:`layerwise.track_norms` (``"<prefix>/<name>"``)
-  anywhere in ``opt_state`` (chains, ``MultiSteps``, ``partition``...), in
+  clippers; with stacked layers, a per-leaf clipper's groups are the
+  layers, ``"clip/layers/3/attn/kernel/norm"``) and
+  :func:`layerwise.track_norms` (``"<prefix>/<name>"``) anywhere in
+  ``opt_state`` (chains, ``MultiSteps``, ``partition``...), in
   order. A key that a later state would repeat gets a number after its
   first part (``"clip2/**/norm"``). The values are float32 scalars from the
   last update; it works inside ``jit``, so a train step can return it as

@@ -397,3 +397,51 @@ def test_stacked_state_and_metrics_by_layer():
   keys = list(lw.norms(state))
   assert "clip/encoder/layers/3/**/norm" in keys
   assert "clip/encoder/layers/4/ln/scale/scale" in keys
+
+
+# ------------------------------------------------------------- compile size
+
+
+def distinct_fusions(tx, tree):
+  """Distinct fused computations of the compiled step (as
+  tests/test_compile.py counts them)."""
+  import re
+
+  state = jax.eval_shape(tx.init, tree)
+  text = jax.jit(tx.update).lower(tree, state, tree).compile().as_text()
+  bodies = re.findall(r"\n(%?fused_computation[^\n]*\{\n(?:  [^\n]*\n)*)\}",
+                      text)
+  distinct = set()
+  for body in bodies:
+    body = re.sub(r", metadata=\{[^}]*\}", "", body)
+    body = re.sub(r"%[\w.\-]+", "%x", body)
+    body = re.sub(r"\bparam_[\d.]+", "p", body)
+    distinct.add(body.split("\n", 1)[1])
+  return len(distinct)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu",
+                    reason="counts the CPU's kernels")
+@pytest.mark.parametrize("kind", ["clip_norm", "clip_value", "zscore",
+                                  "group_per_layer"])
+def test_kernels_do_not_grow_with_the_layers(kind):
+  """A stacked leaf is one array: what the step compiles does not depend on
+  the number of layers, even with one rule (one group, one set of ZClip
+  statistics) per layer."""
+  def count(n_layers):
+    sd = jax.ShapeDtypeStruct
+    tree = {"embed": sd((8, 4), jnp.float32),
+            "layers": {"kernel": sd((n_layers, 4, 4), jnp.float32),
+                       "scale": sd((n_layers, 4), jnp.float32)}}
+    rules = {
+        "clip_norm": {"**": lw.clip_norm(1.0)},
+        "clip_value": {"**": lw.clip_value(1.0)},
+        "zscore": {f"layers/{i}/**": lw.clip_zscore() for i in
+                   range(n_layers)} | {"**": None},
+        "group_per_layer": {f"layers/{i}/**": lw.clip_group_norm(1.0)
+                            for i in range(n_layers)} | {"**": None},
+    }[kind]
+    return distinct_fusions(lw.clip_by_rules(rules, stacks={"layers": 0}),
+                            tree)
+
+  assert count(3) == count(12)
