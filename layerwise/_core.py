@@ -26,8 +26,8 @@ state's field names:
   optimizer groups).
 
 A state implements the methods it has values for; :func:`live_of`,
-:func:`measured_of`, :func:`metrics_of` and :func:`notes_of` read any state, giving nothing for
-a method it does not define.
+:func:`measured_of`, :func:`metrics_of` and :func:`notes_of` read any
+state, giving nothing for a method it does not define.
 """
 
 from __future__ import annotations

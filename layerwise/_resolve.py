@@ -19,7 +19,9 @@ its inner ones it sets the whole model (:func:`whole_model`), and the checks
 read it: a rule may name leaves of the model that the group does not hold,
 a selector is a typo only when it matches no leaf of the whole model, and a
 rule is shadowed only when it wins no leaf of it; each leaf of the group
-still needs a rule.
+still needs a rule. With stacks, the whole model is of layer leaves, and a
+rule set built with the default ``stacks`` resolves the group's leaves with
+the partition's stacks (:func:`stacks_of`).
 """
 
 from __future__ import annotations
@@ -225,14 +227,6 @@ _STACKS: contextvars.ContextVar[tuple[Any, ...] | None] = (
     contextvars.ContextVar("layerwise_inherited_stacks", default=None))
 
 
-def inherited_stacks() -> tuple[Any, ...] | None:
-  """The stacks key a rule set built with the default ``stacks=None``
-  resolves with now: that of the :func:`layerwise.partition` or
-  :func:`layerwise.freeze` calling it (see :func:`stacks_of`), or ``None``
-  outside any."""
-  return _STACKS.get()
-
-
 @contextlib.contextmanager
 def stacks_of(key: tuple[Any, ...]) -> Iterator[None]:
   """Within this block, a rule set resolved with the default stacks
@@ -244,7 +238,8 @@ def stacks_of(key: tuple[Any, ...]) -> Iterator[None]:
   declared stacks: a group's tree is plain dicts, which hold none of the
   model's axis metadata), so a ruled transformation inside a group sees
   the same layer leaves as the partition (``layers/3/attn/kernel``). One
-  given ``stacks=`` explicitly keeps its own. The innermost block wins (a
+  given other ``stacks=`` than the default (``None``, or ``"layers"``,
+  which is the same key) keeps its own. The innermost block wins (a
   partition inside a group narrows the stacks to its own groups).
   """
   token = _STACKS.set(key)
