@@ -510,3 +510,36 @@ def test_setters_reach_the_layers_like_the_twin(twins):
   for key, value in h_t.items():
     np.testing.assert_allclose(np.asarray(h_s[key]), np.asarray(value),
                                err_msg=key, **TOL)
+
+
+def test_describe_shows_the_twins_rows(twins):
+  """lw.describe of the whole chain on the stacked model has one row per
+  layer leaf, the twin's rows (path, shape, every rule column), and a note
+  for each stack split between frozen and trainable layers. The frozen
+  layers' rows differ where the design says they do: the inner optimizer
+  is given the whole stacked array, so it holds state for them (their
+  ``state_bytes``, the bytes the notes add up) and its rules reach them
+  (the twin's frozen rows are ``(not covered)`` there)."""
+  if _missing_stacks():
+    pytest.skip(f"no stacks= yet in {_missing_stacks()}")
+  stacks = None if twins.detected else twins.stacks
+  got = lw.describe(whole_chain(twins.stacked, stacks), twins.stacked)
+  want = lw.describe(whole_chain(twins.twin, {}), twins.twin)
+  assert got.columns == want.columns
+  mine = {r["path"]: r for r in got.rows}
+  assert sorted(mine) == sorted(r["path"] for r in want.rows)
+  inner = {"state_bytes", "weight_decay", "weight_decay_rule"}
+  extra = 0
+  for row in want.rows:
+    other = mine[row["path"]]
+    for column, value in row.items():
+      if row["frozen"] and column in inner:
+        continue
+      assert str(other[column]) == str(value), (row["path"], column)
+    if row["frozen"]:
+      assert row["state_bytes"] == 0 and other["state_bytes"] > 0
+      extra += other["state_bytes"]
+  notes = [n for n in got.notes if "is stacked, its layers split" in n]
+  assert len(notes) == 6
+  assert sum(int(n.split(" holds ")[1].split(" bytes")[0])
+             for n in notes) == extra
