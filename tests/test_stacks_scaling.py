@@ -96,8 +96,7 @@ def run_twins(make_tx, axis=0, steps=3, params=None, grads=grads_of):
   (``make_tx({})``), checks params and updates agree, returns both runs."""
   params = stacked_params(axis) if params is None else params
   s = train(make_tx({"layers": axis}), params, steps, grads)
-  u = train(make_tx({}), unroll(params, axis), steps,
-            lambda p, i: grads(p, i))
+  u = train(make_tx({}), unroll(params, axis), steps, grads)
   assert_twins(s[0], u[0], axis)
   assert_twins(s[1], u[1], axis)
   return s, u
