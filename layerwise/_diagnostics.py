@@ -12,6 +12,7 @@ all messages read alike.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -129,6 +130,24 @@ def no_match_hint(selector_text: str, pattern: str,
   return f" (closest: {quote_all(near)})" if near else ""
 
 
+def past_last_layer(pattern: str,
+                    stacks: Sequence[tuple[str, int, int]]) -> str:
+  """``; stack 'layers' has 12 layers (0..11)`` for a glob that names a
+  layer index past the end of a stack (``layers/12/**``), or ''."""
+  segs = pattern.strip("/").split("/")
+  for root, _, length in stacks:
+    parts = root.split("/") if root else []
+    for i, seg in enumerate(segs):
+      if not seg.isdigit() or int(seg) < length or i < len(parts):
+        continue
+      before = segs[i - len(parts):i]
+      if (all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, before))
+          and (i == len(parts) or "**" in segs[:i - len(parts)])):
+        return (f"; stack {root!r} has {length} layer"
+                f"{'' if length == 1 else 's'} (0..{length - 1})")
+  return ""
+
+
 def rules_hint(rules: Any, what: str) -> str:
   """What to write instead of ``rules``, which is not a rule set."""
   if isinstance(rules, (str, re.Pattern)) or callable(rules):
@@ -157,7 +176,8 @@ def _defensive(selectors: Sequence[Any], r: int) -> bool:
 def check_match(selectors: Sequence[Any], paths: Sequence[str],
                 winner: Sequence[int], losing: Mapping[int, Sequence[int]],
                 *, has_default: bool, what: str,
-                unmatched: Sequence[str] | None = None) -> None:
+                unmatched: Sequence[str] | None = None,
+                stacks: Sequence[tuple[str, int, int]] = ()) -> None:
   """Raises :class:`RuleError` for unmatched leaves (without a default),
   unused selectors and shadowed rules, all sections at once. A final
   catch-all that every leaf's earlier rule leaves nothing to is not
@@ -169,7 +189,8 @@ def check_match(selectors: Sequence[Any], paths: Sequence[str],
   matches. ``unmatched``, when given, are the leaves that need a rule and
   have none, instead of every leaf of ``paths`` that has none (a rule set
   resolved on part of a model is checked against all of it, but only the
-  part needs rules).
+  part needs rules). ``stacks``, the stacks as ``(path, axis, length)``,
+  let an unused glob that indexes past a stack's last layer say so.
   """
   sections: list[str] = []
   if unmatched is None:
@@ -205,7 +226,9 @@ def check_match(selectors: Sequence[Any], paths: Sequence[str],
       elif isinstance(c.source, re.Pattern):
         near = close(c.pattern, paths)
       lines.append(f"rule {r}: {c.text}" + (
-          f"  (closest: {quote_all(near)})" if near else ""))
+          f"  (closest: {quote_all(near)})" if near else "")
+                   + (past_last_layer(c.pattern, stacks)
+                      if isinstance(c.source, str) else ""))
     advice = ("\nFix the pattern (lw.paths(params) lists the real "
               "paths), remove the rule, or pass strict=False if the rule "
               "set is shared across models.")

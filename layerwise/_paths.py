@@ -351,13 +351,13 @@ def _axis_names(node: Any) -> tuple[Any, ...] | None:
   return None
 
 
-def _detected(tree: Any, name: str, paths: Sequence[str]) -> dict[str, int]:
-  """The leaves whose Flax metadata names ``name`` as one of their axes:
-  ``{path: axis}``."""
+def _marks(tree: Any, paths: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+  """The axis names Flax's metadata gives each leaf that has some:
+  ``{path: names}``."""
   boxes = box_types()
   if not boxes:
     return {}
-  found: dict[str, int] = {}
+  marks: dict[str, tuple[Any, ...]] = {}
   outer = jax.tree_util.tree_flatten(
       tree, is_leaf=lambda x: isinstance(x, boxes))[0]
   i = 0
@@ -365,10 +365,17 @@ def _detected(tree: Any, name: str, paths: Sequence[str]) -> dict[str, int]:
     n = len(jax.tree_util.tree_leaves(node)) if isinstance(node, boxes) else 1
     if isinstance(node, boxes) and n == 1:
       names = _axis_names(node)
-      if names is not None and name in names:
-        found[paths[i]] = names.index(name)
+      if names is not None:
+        marks[paths[i]] = names
     i += n
-  return found
+  return marks
+
+
+def _detected(tree: Any, name: str, paths: Sequence[str]) -> dict[str, int]:
+  """The leaves whose Flax metadata names ``name`` as one of their axes:
+  ``{path: axis}``."""
+  return {p: names.index(name)
+          for p, names in _marks(tree, paths).items() if name in names}
 
 
 def _parent(path: str) -> str | None:
@@ -378,11 +385,16 @@ def _parent(path: str) -> str | None:
 
 def _found_stacks(fn: str, name: str, found: dict[str, int],
                   paths: Sequence[str],
-                  shapes: Sequence[tuple[int, ...]]) -> list[tuple[str, int]]:
+                  shapes: Sequence[tuple[int, ...]],
+                  unstacked: frozenset[str] = frozenset()
+                  ) -> list[tuple[str, int]]:
   """Stacks from the leaves Flax's metadata marks (``found``): the deepest
   subtree holding every marked leaf of one (axis, length), widened to its
   ancestors while they add leaves that have that length on that axis (the
-  scanned module's unmarked biases, say)."""
+  scanned module's unmarked biases, say) and none that the metadata
+  declares unstacked (``unstacked``: leaves whose axis names leave out
+  ``name``; an embedding of shape ``(L, D)`` is not a layer of the stack
+  beside it)."""
   shape_of = dict(zip(paths, shapes))
   kinds: dict[tuple[int, int], list[str]] = {}
   for p, axis in found.items():
@@ -416,7 +428,8 @@ def _found_stacks(fn: str, name: str, found: dict[str, int],
       if up is None:
         break
       wider = [p for p in paths if _under(p, up)]
-      if len(wider) == len(inside) or not all(fits(p) for p in wider):
+      if (len(wider) == len(inside) or not all(fits(p) for p in wider)
+          or any(p in unstacked for p in wider)):
         break
       root, inside = up, wider
     out.append((root, axis))
@@ -436,10 +449,14 @@ def layer_view(fn: str, tree: Any, paths: Sequence[str],
   kind, arg = stacks
   shapes = [tuple(s.shape) for s in specs]
   if kind == "detect":
-    found = _detected(tree, arg, paths)
+    marks = _marks(tree, paths)
+    found = {p: names.index(arg) for p, names in marks.items()
+             if arg in names}
     if not found:
       return list(paths), list(specs), None
-    declared = _found_stacks(fn, arg, found, paths, shapes)
+    declared = _found_stacks(
+        fn, arg, found, paths, shapes,
+        frozenset(p for p in marks if p not in found))
   else:
     declared = list(arg)
     if not declared:

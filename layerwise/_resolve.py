@@ -498,7 +498,8 @@ class RuleSet:
               for r, c in enumerate(self.selectors) if r not in won}
     _diagnostics.check_match(self.selectors, paths, winner, losing,
                              has_default=default is not MISSING,
-                             what=self.what, unmatched=unmatched)
+                             what=self.what, unmatched=unmatched,
+                             stacks=m.layers.roots if m.layers else ())
 
 
 # ------------------------------------------------------------ public API

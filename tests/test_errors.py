@@ -165,6 +165,24 @@ RESTORED_PLAIN = [{"norms": jnp.ones(4), "scales": jnp.ones(4),
                    "rules": None}]
 
 
+# Twelve layers stacked on axis 0 (a scanned model's params).
+STACKED = {"embed": jnp.ones((4, 2)),
+           "layers": {"w": jnp.ones((12, 2, 2)), "b": jnp.ones((12, 2))}}
+
+
+def _two_marked_stacks() -> Any:
+  """Two scanned stacks of one length whose metadata marks the layer axis:
+  the subtree holding both also holds an unstacked leaf."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+
+  def marked(shape):
+    return nn.Partitioned(jnp.ones(shape), names=("layers", None, None))
+
+  return {"embed": jnp.ones((4, 2)),
+          "encoder": {"w": marked((3, 2, 2))},
+          "decoder": {"w": marked((3, 2, 2))}}
+
+
 # Fragments shared by the structure rows.
 INIT_AGAIN = "call init again with the new params"
 NOT_AT_INIT = "do not have the structure of the params given to init"
@@ -248,6 +266,48 @@ CATALOGUE = [
                     "keep other values out of the tree")),
     Row("label-none", lambda: lw.labels({"head/**": None, "**": "train"}),
         TypeError, ("label None of rule 'head/**'", "(use strings)")),
+    # ---------------------------------------------- stacked (scanned) layers
+    Row("stacks-not-a-mapping", lambda: lw.paths(PARAMS, stacks=0),
+        TypeError, ("stacks must be a mapping {stack_path: layer_axis}",
+                    "got int: 0")),
+    Row("stacks-empty-name", lambda: lw.paths(PARAMS, stacks=""), ValueError,
+        ("stacks='' names no metadata axis", "stacks={} for none")),
+    Row("stacks-axis-not-int",
+        lambda: lw.resolve({"**": 1.0}, STACKED, stacks={"layers": "0"}),
+        TypeError, ("the layer axis of stack 'layers' must be an int",
+                    "0 for (L, ...) leaves, 1 for (d, L, ...)", "got str '0'")),
+    Row("stacks-nested",
+        lambda: lw.paths(STACKED, stacks={"layers": 0, "layers/w": 0}),
+        ValueError, ("stack 'layers/w' is inside stack 'layers'",
+                     "Declare one of them")),
+    Row("stacks-no-subtree",
+        at_init(lambda: lw.scale_by_rules({"**": 1.0},
+                                          stacks={"encoder/layers": 0})),
+        ValueError, ("stack 'encoder/layers' names no subtree of the params",
+                     "(closest: 'encoder/w'",
+                     "lw.paths(params, stacks={}) lists the paths")),
+    Row("stacks-axis-out-of-range",
+        lambda: lw.paths(STACKED, stacks={"layers": 2}), ValueError,
+        ("stack 'layers' has layer axis 2, but its leaf 'layers/b' has shape "
+         "(12, 2) (2 axes)", "Give the axis the layers are on")),
+    Row("stacks-lengths-differ",
+        lambda: lw.paths({"layers": {"w": jnp.ones((12, 2, 2)),
+                                     "b": jnp.ones((2,))}},
+                         stacks={"layers": 0}), ValueError,
+        ("the leaves of stack 'layers' have different lengths on layer axis "
+         "0 (2: 'layers/b'; 12: 'layers/w')", "Check the axis (MaxText's is 1)",
+         "declare the stack's subtrees separately")),
+    Row("stacks-index-past-last-layer",
+        at_init(lambda: lw.scale_by_rules({"layers/12/**": 0.1, "**": 1.0},
+                                          stacks={"layers": 0}), STACKED),
+        lw.RuleError, ("rule 0: 'layers/12/**'",
+                       "stack 'layers' has 12 layers (0..11)",
+                       "Fix the pattern")),
+    Row("stacks-metadata-ambiguous",
+        lambda: lw.paths(_two_marked_stacks()), ValueError,
+        ("marks 2 parameter(s) as stacked on a 'layers' axis of length 3",
+         "layerwise cannot tell which subtree is the stack",
+         "stacks={'<stack path>': 0}")),
     # ---------------------------------------------- multipliers and decay
     Row("multiplier-string", lambda: lw.scale_by_rules({"**": "0.1"}),
         TypeError, ("rule '**' has multiplier '0.1' (str)",
