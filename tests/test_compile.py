@@ -44,8 +44,12 @@ def distinct_fusions(tx):
     return optax.apply_updates(params, updates), state
 
   state = jax.eval_shape(tx.init, TREE)
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      TREE, state, TREE).compile().as_text()
+  return count_fusions(jax.jit(step, donate_argnums=(0, 1)).lower(
+      TREE, state, TREE).compile().as_text())
+
+
+def count_fusions(text):
+  """(fusions, distinct fused computations) of compiled HLO ``text``."""
   bodies = re.findall(r"\n(%?fused_computation[^\n]*\{\n(?:  [^\n]*\n)*)\}",
                       text)
   distinct = set()

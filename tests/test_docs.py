@@ -39,35 +39,24 @@ def python_blocks(page):
 
 
 RECIPES = python_blocks("recipes.md")
+STACKED = python_blocks("stacked.md")
 
 
 def test_recipes_has_blocks():
   assert len(RECIPES) >= 8
-
-
-@pytest.mark.parametrize(
-    "code, line",
-    [pytest.param(code, line, id=name) for name, line, code in RECIPES])
-def test_recipe_runs(code, line, capsys):
-  # A fresh namespace per block: each recipe must stand on its own.
-  namespace = {"__name__": f"recipes_md_line_{line}"}
-  exec(compile(code, f"docs/recipes.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
-  capsys.readouterr()
-
-
-STACKED = python_blocks("stacked.md")
-
-
-def test_stacked_has_blocks():
   assert len(STACKED) >= 6
 
 
 @pytest.mark.parametrize(
-    "code, line",
-    [pytest.param(code, line, id=name) for name, line, code in STACKED])
-def test_stacked_block_runs(code, line, capsys):
-  namespace = {"__name__": f"stacked_md_line_{line}"}
-  exec(compile(code, f"docs/stacked.md:{line}", "exec"), namespace)  # pylint: disable=exec-used
+    "page, code, line",
+    [pytest.param(page, code, line, id=f"{page}:{name}")
+     for page, blocks in (("recipes.md", RECIPES), ("stacked.md", STACKED))
+     for name, line, code in blocks])
+def test_recipe_runs(page, code, line, capsys):
+  # A fresh namespace per block: each recipe must stand on its own.
+  stem = page.replace(".", "_")
+  namespace = {"__name__": f"{stem}_line_{line}"}
+  exec(compile(code, f"docs/{page}:{line}", "exec"), namespace)  # pylint: disable=exec-used
   capsys.readouterr()
 
 

@@ -48,8 +48,8 @@ RENAMED = {"embedding": PARAMS["embed"], "encoder": PARAMS["encoder"],
 # Pretrained weights with a head of another size, for transplant.
 PRETRAINED = {**PARAMS, "head": {"w": jnp.ones((2, 5))}}
 # Two layers stacked on axis 0, and an unrolled linen checkpoint of them.
-STACKED = {"layers": {"w": jnp.ones((2, 3))}}
-UNROLLED = {"layers_0": {"w": jnp.ones(3)}, "layers_1": {"w": jnp.ones(3)}}
+TWO_LAYERS = {"layers": {"w": jnp.ones((2, 3))}}
+TWO_UNROLLED = {"layers_0": {"w": jnp.ones(3)}, "layers_1": {"w": jnp.ones(3)}}
 
 
 def _on_two_processes(fn: Callable[[], Any]) -> Any:
@@ -739,13 +739,13 @@ CATALOGUE = [
         TypeError, ("rename must be a function from a target path to a source "
                     "path", "got 'backbone/'")),
     Row("transplant-unrolled-into-stacked",
-        lambda: lw.transplant(STACKED, UNROLLED, "**", stacks={"layers": 0}),
+        lambda: lw.transplant(TWO_LAYERS, TWO_UNROLLED, "**", stacks={"layers": 0}),
         ValueError, ("2 selected leaves are not in the source",
                      "'layers/0/w'  (closest in source: 'layers_0/w'",
                      'rename=lambda p: re.sub(r"^layers/(\\d+)", '
                      'r"layers_\\1", p)')),
     Row("transplant-abstract-partial-stack",
-        lambda: lw.transplant(jax.eval_shape(lambda: STACKED), STACKED,
+        lambda: lw.transplant(jax.eval_shape(lambda: TWO_LAYERS), TWO_LAYERS,
                               "layers/0/**", stacks={"layers": 0},
                               source_stacks={"layers": 0}, strict=False),
         ValueError, ("1 selected leaf is abstract (a jax.ShapeDtypeStruct) "

@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import layerwise as lw
+from test_compile import count_fusions
 
 L = 5
 RNG = np.random.default_rng(18)
@@ -405,19 +406,9 @@ def test_stacked_state_and_metrics_by_layer():
 def distinct_fusions(tx, tree):
   """Distinct fused computations of the compiled step (as
   tests/test_compile.py counts them)."""
-  import re
-
   state = jax.eval_shape(tx.init, tree)
   text = jax.jit(tx.update).lower(tree, state, tree).compile().as_text()
-  bodies = re.findall(r"\n(%?fused_computation[^\n]*\{\n(?:  [^\n]*\n)*)\}",
-                      text)
-  distinct = set()
-  for body in bodies:
-    body = re.sub(r", metadata=\{[^}]*\}", "", body)
-    body = re.sub(r"%[\w.\-]+", "%x", body)
-    body = re.sub(r"\bparam_[\d.]+", "p", body)
-    distinct.add(body.split("\n", 1)[1])
-  return len(distinct)
+  return count_fusions(text)[1]
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
