@@ -95,7 +95,9 @@ def _signatures(fn: Callable[..., Any], u: jax.ShapeDtypeStruct,
   # The whole trace's, without its outputs' names (a part has one output).
   info: Any = getattr(jaxpr, "debug_info", None)
   if hasattr(info, "_replace"):
-    info = info._replace(result_paths=None)
+    # One unnamed result: every part prints alike (jax 0.4 checks that a
+    # jaxpr's result paths are as many as its outputs).
+    info = info._replace(result_paths=("",))
   keys = []
   for out in jaxpr.outvars:
     needed: set[int] = set()

@@ -493,9 +493,19 @@ def _count(jaxpr, primitive):
   n = 0
   for eqn in jaxpr.eqns:
     n += eqn.primitive.name == primitive
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in _jaxprs_in(eqn.params):
       n += _count(sub, primitive)
   return n
+
+
+def _jaxprs_in(params):
+  """The jaxprs in an equation's params (jax.extend.core.jaxprs_in_params,
+  which jax 0.4.30 lacks)."""
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      inner = getattr(v, "jaxpr", v)
+      if hasattr(inner, "eqns"):
+        yield inner
 
 
 def test_map_updates_calls_fn_once_per_stacked_leaf():

@@ -142,7 +142,8 @@ class Stacked(nnx.Module):
 
 class Unrolled(nnx.Module):
   def __init__(self, rngs):
-    self.layers = nnx.List([Block(rngs) for _ in range(3)])
+    layers = getattr(nnx, "List", list)  # nnx.List from flax 0.12 on
+    self.layers = layers([Block(rngs) for _ in range(3)])
 
 
 def test_nnx_unrolled_model_into_a_vmapped_stack_and_back():
