@@ -247,3 +247,36 @@ def test_tree_map_params_maps_every_layerwise_state(name):
   updates, _ = tx.update(grads_like(params), cast, params)
   assert jax.tree_util.tree_structure(updates) == (
       jax.tree_util.tree_structure(params))
+
+
+def test_state_shardings_of_a_stack_split_between_groups(mesh):
+  # A stacked model, its stack split by lw.freeze (layers 0-1 frozen) and
+  # ruled per layer: the state is placed as an eager init of the placed
+  # params places it (moments like their stacked params, vectors replicated).
+  stacks = {"layers": 0}
+  params = {"embed": jnp.arange(64.0).reshape(16, 4),
+            "layers": {"kernel": jnp.ones((4, 8, 8)), "scale": jnp.ones((4, 8))}}
+  placed = jax.device_put(params, {
+      "embed": NamedSharding(mesh, P("data")),
+      "layers": {"kernel": NamedSharding(mesh, P(None, "data")),
+                 "scale": NamedSharding(mesh, P())}})
+  tx = optax.chain(
+      lw.clip_by_rules({"**": lw.clip_norm(1.0)}, stacks=stacks),
+      lw.freeze(optax.adamw(1e-3), "layers/[0-1]/**", stacks=stacks),
+      lw.scale_by_rules({"layers/3/**": 0.5, "**": 1.0}, stacks=stacks))
+  eager = tx.init(placed)
+  shardings = lw.state_shardings(tx, placed)
+  moments = 0
+  for x, want in zip(jax.tree_util.tree_leaves(eager),
+                     jax.tree_util.tree_leaves(shardings)):
+    if x.shape in {(16, 4), (4, 8, 8), (4, 8)}:  # a moment of a param
+      assert want.is_equivalent_to(x.sharding, x.ndim), x.shape
+      moments += 1
+    else:  # a count or a layerwise vector (one entry per layer leaf)
+      assert want.is_fully_replicated and want.mesh == mesh, x.shape
+  assert moments == 6  # adam's two moments of the 3 trained leaves
+  state = jax.jit(tx.init, out_shardings=shardings)(placed)
+  updates, state = jax.jit(tx.update)(placed, state, placed)
+  assert updates["layers"]["kernel"].sharding.is_equivalent_to(
+      placed["layers"]["kernel"].sharding, 3)
+  np.testing.assert_array_equal(updates["layers"]["kernel"][:2], 0.0)
