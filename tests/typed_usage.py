@@ -48,11 +48,18 @@ copied: tuple[str, ...] = report.copied
 multipliers = lw.equivalent_multipliers({"**": 0.5}, "sgd")
 mup = lw.mup_scales(params, params, "adam")
 frozen_params = lw.stop_gradient(params, "embed")
-# Stacked (scanned) layers: the rate transformations take stacks=.
+# Stacked (scanned) layers: the rule-driven functions take stacks=.
+stacked = {"embed": jnp.ones((4, 2)),
+           "layers": {"w": jnp.ones((3, 2, 2)), "b": jnp.ones((3, 2))},
+           "head": {"w": jnp.ones((2, 2))}}
+layer_paths = lw.paths(stacked, stacks={"layers": 0})
+by_metadata = lw.paths(stacked, stacks="layers")  # a Flax axis name: none here
 stacked_tx = optax.chain(
     lw.add_decayed_weights({lw.NO_DECAY: 0.0, "**": 0.01},
                            stacks={"layers": 0}, toward="init"),
-    lw.scale_by_rules(lw.layer_decay(0.75, params, stacks={"layers": 0}),
+    lw.scale_by_rules(lw.layer_decay(0.75, stacked, stacks={"layers": 0}),
                       stacks={"layers": 0}),
-    lw.map_updates(lambda u, p, path: u, "layers/[0-1]/**", stacks="layers"),
+    lw.map_updates(lambda u, p, path: u, "layers/[0-1]/**", stacks={"layers": 0}),
 )
+stacked_state = stacked_tx.init(stacked)
+stacked_updates, stacked_state = stacked_tx.update(stacked, stacked_state, stacked)
