@@ -899,11 +899,44 @@ def layer_sums(plan: Plan, j: int, x: Any) -> Any:
   return jnp.sum(x, axis=tuple(d for d in range(jnp.ndim(x)) if d != a))
 
 
-def per_layer_leaf(plan: Plan, per_leaf: Sequence[Any]) -> jax.Array:
+def per_layer_leaf(per_leaf: Sequence[Any]) -> jax.Array:
   """Values computed per real leaf (a scalar, or one entry per layer for
   a stacked leaf, as :func:`layer_sums` gives) as one vector of one entry
   per layer leaf, in the plan's order."""
   return jnp.concatenate([jnp.reshape(x, (-1,)) for x in per_leaf])
+
+
+def group_totals(plan: Plan, updates: Sequence[Any],
+                 group_of: Callable[[int], int],
+                 piece: Callable[[int, Any], Any],
+                 combine: Callable[..., jax.Array] = jax.ops.segment_sum
+                 ) -> tuple[jax.Array | None, np.ndarray]:
+  """Each group's total of what its layer leaves measure, for all groups
+  at once: ``piece(j, update)`` is computed once per real leaf that has an
+  update and a layer leaf in a group (per layer for a stacked leaf, as
+  :func:`layer_sums` gives), laid out one entry per layer leaf and combined
+  by group (``group_of(k)``: layer leaf ``k``'s group, ``-1`` for none) in
+  one segment sum (or ``combine``, e.g. ``jax.ops.segment_max``).
+
+  Returns:
+    The totals, one per group name (``None`` when no leaf was measured),
+    and which groups had a layer leaf measured (static).
+  """
+  n = len(plan.group_names)
+  pieces, ids = [], []
+  for j, u in enumerate(updates):
+    of = [group_of(k) for k in plan.span(j)]
+    if u is None or all(g < 0 for g in of):
+      continue
+    pieces.append(piece(j, u))
+    ids += [g if g >= 0 else n for g in of]
+  measured = np.zeros(n, bool)
+  measured[[g for g in ids if g < n]] = True
+  if not pieces:
+    return None, measured
+  totals = combine(per_layer_leaf(pieces), np.asarray(ids, np.int32),
+                   num_segments=n + 1)
+  return totals[:n], measured
 
 
 def stack(scalars: Sequence[Any], n: int) -> jax.Array:

@@ -934,20 +934,17 @@ def _update_stacked(step: _core.Step, state: "ClipByRulesState"
   measured = np.zeros(n, bool)  # the group clippers' groups with gradients
   for ord in sorted({c.norm_ord() for g, c in enumerate(clippers)
                      if not c.per_leaf and live[g]}):
-    pieces, ids = [], []
-    for j, u in enumerate(step.updates):
-      span = plan.span(j)
-      if u is None or not any(in_group_clipper(k, ord) for k in span):
-        continue
-      pieces.append(_reduced(plan, j, u, ord))
-      ids += [groups[k] if in_group_clipper(k, ord) else n for k in span]
-    combine = jax.ops.segment_max if ord == math.inf else jax.ops.segment_sum
-    summed = combine(_core.per_layer_leaf(plan, pieces),
-                     np.asarray(ids, np.int32), num_segments=n + 1)
+    summed, _ = _core.group_totals(
+        plan, step.updates,
+        # Called now, within this iteration: the closures' ord is this one.
+        lambda k: groups[k] if in_group_clipper(k, ord) else -1,
+        lambda j, u: _reduced(plan, j, u, ord),
+        jax.ops.segment_max if ord == math.inf else jax.ops.segment_sum)
+    assert summed is not None  # a live group of this ord has a gradient
     picked = np.asarray([live[g] and not c.per_leaf and c.norm_ord() == ord
                          for g, c in enumerate(clippers)])
     measured |= picked
-    group_norm = jnp.where(picked, _finished(summed[:n], ord), group_norm)
+    group_norm = jnp.where(picked, _finished(summed, ord), group_norm)
 
   # Their factors: clip_group_norm's for all its groups at once; those of
   # the clippers with statistics for all the groups of one statistics key
@@ -1079,7 +1076,7 @@ def _update_stacked(step: _core.Step, state: "ClipByRulesState"
   def gathered(per_layer_leaf: list[Any], per_group: jax.Array,
                old: Any) -> jax.Array:
     return jnp.concatenate([
-        _core.per_layer_leaf(plan, per_layer_leaf).astype(_F32),
+        _core.per_layer_leaf(per_layer_leaf).astype(_F32),
         per_group, _core.unboxed(old)])[index]
 
   return out, state._replace(

@@ -178,27 +178,17 @@ def track_norms(
 def _stacked_norms(step: _core.Step, state: TrackNormsState) -> jax.Array:
   """Each group's norm when the plan's leaves are layer leaves: each real
   leaf's sums of squares per layer (over its other axes, the whole stacked
-  array at once), laid out as one entry per layer leaf and summed by group
-  (a segment sum over the plan's static groups)."""
+  array at once), summed by group (:func:`layerwise._core.group_totals`)."""
   plan = step.plan
-  n = len(plan.group_names)
   groups = plan.groups
   assert groups is not None
-  pieces, ids = [], []
-  for j, u in enumerate(step.updates):
-    span = plan.span(j)
-    if u is None or all(groups[k] < 0 for k in span):
-      continue
-    pieces.append(_core.layer_sums(plan, j, jnp.square(_norms.magnitude(u))))
-    ids += [groups[k] if groups[k] >= 0 else n for k in span]
+  sums, measured = _core.group_totals(
+      plan, step.updates, lambda k: groups[k],
+      lambda j, u: _core.layer_sums(plan, j, jnp.square(_norms.magnitude(u))))
   old = _core.unboxed(state.norms)
-  if not pieces:
+  if sums is None:
     return old
-  norms = jnp.sqrt(jax.ops.segment_sum(
-      _core.per_layer_leaf(plan, pieces), np.asarray(ids, np.int32),
-      num_segments=n + 1)[:n])
+  norms = jnp.sqrt(sums)
   # A group without gradients (None, as lw.grad gives frozen leaves) keeps
   # its last norm.
-  measured = np.zeros(n, bool)
-  measured[[g for g in ids if g < n]] = True
   return norms if measured.all() else jnp.where(measured, norms, old)
