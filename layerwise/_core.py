@@ -368,10 +368,8 @@ def _find_holes(at_init: tuple[str, ...], tree: Any) -> Holes | None:
   i = 0
   for path, leaf in zip(paths, leaves):
     if isinstance(leaf, _Hole):
-      under = path + "/"
       start = i
-      while i < len(at_init) and (path == "" or at_init[i] == path
-                                  or at_init[i].startswith(under)):
+      while i < len(at_init) and _paths.is_under(at_init[i], path):
         absent.append(i)
         i += 1
       slots.append(-1)

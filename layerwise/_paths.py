@@ -318,13 +318,9 @@ def normalize_stacks(fn: str, stacks: Stacks) -> tuple[Any, ...]:
   return ("declared", tuple(items))
 
 
-def _under(path: str, root: str) -> bool:
-  return root == "" or path == root or path.startswith(root + _SEP)
-
-
 def is_under(path: str, root: str) -> bool:
   """Whether ``path`` is ``root`` or a path under it (all are under ``""``)."""
-  return _under(path, root)
+  return root == "" or path == root or path.startswith(root + _SEP)
 
 
 def layer_path(root: str, index: int, path: str) -> str:
@@ -413,7 +409,7 @@ def _found_stacks(fn: str, name: str, found: dict[str, int],
       s = shape_of[p]
       return len(s) > axis and s[axis] == length
 
-    inside = [p for p in paths if _under(p, root)]
+    inside = [p for p in paths if is_under(p, root)]
     if not all(fits(p) for p in inside):
       odd = [p for p in inside if not fits(p)]
       raise ValueError(
@@ -427,7 +423,7 @@ def _found_stacks(fn: str, name: str, found: dict[str, int],
       up = _parent(root)
       if up is None:
         break
-      wider = [p for p in paths if _under(p, up)]
+      wider = [p for p in paths if is_under(p, up)]
       if (len(wider) == len(inside) or not all(fits(p) for p in wider)
           or any(p in unstacked for p in wider)):
         break
@@ -462,9 +458,10 @@ def layer_view(fn: str, tree: Any, paths: Sequence[str],
     if not declared:
       return list(paths), list(specs), None
   axes: list[int | None] = [None] * len(paths)
+  owner: dict[int, str] = {}  # each stacked leaf's stack
   roots = []
   for root, axis in declared:
-    members = [j for j, p in enumerate(paths) if _under(p, root)]
+    members = [j for j, p in enumerate(paths) if is_under(p, root)]
     if not members:
       near = _diagnostics.close(root, [a[:-3] for a in
                                        _diagnostics.path_candidates(paths)
@@ -486,6 +483,7 @@ def layer_view(fn: str, tree: Any, paths: Sequence[str],
             "the layers are on, or a stack path that leaves this leaf out.")
       a = axis % len(shape)
       axes[j] = a
+      owner[j] = root
       lengths.setdefault(shape[a], []).append(paths[j])
     if len(lengths) > 1:
       parts = "; ".join(f"{n}: {_diagnostics.few(ps, 3)}"
@@ -499,8 +497,6 @@ def layer_view(fn: str, tree: Any, paths: Sequence[str],
   layer_paths: list[str] = []
   layer_specs: list[Any] = []
   starts = []
-  owner = {j: root for root, _, _ in roots
-           for j, p in enumerate(paths) if _under(p, root)}
   for j, (p, spec) in enumerate(zip(paths, specs)):
     starts.append(len(layer_paths))
     layer_axis = axes[j]
