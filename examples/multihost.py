@@ -114,6 +114,43 @@ def initialize() -> None:
                              process_id=int(os.environ[PROCESS_ID]))
 
 
+def problem(steps: int, batch: int) -> tuple[dict, object, object]:
+  """The model's initial params and the data (inputs, targets per step), as
+  NumPy arrays: the same on every process (one seed)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  host_params = {
+      "embed": {"w": rng.normal(size=(8, 16)).astype(np.float32) / 3},
+      "encoder": {"w": rng.normal(size=(16, 32)).astype(np.float32) / 4,
+                  "b": np.zeros(32, np.float32)},
+      "head": {"w": rng.normal(size=(32, 4)).astype(np.float32) / 6}}
+  xs = rng.normal(size=(steps, batch, 8)).astype(np.float32)
+  ys = np.tanh(xs @ rng.normal(size=(8, 4))).astype(np.float32)
+  return host_params, xs, ys
+
+
+def placement(mesh):
+  """``(fsdp, put)`` on ``mesh``: ``fsdp(shape)``, the sharding that splits
+  an array's first axis over the mesh where it divides (else replicates
+  it); ``put(host, sharding)``, a global array of a host array, each
+  process making its own shards."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  def fsdp(shape):
+    return NamedSharding(mesh, P("data") if shape and shape[0] % mesh.size == 0
+                         else P())
+
+  def put(host, sharding):
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding,
+                                        lambda index: host[index])
+
+  return fsdp, put
+
+
 def train(steps: int) -> None:
   """One process's part of the run."""
   initialize()
@@ -128,24 +165,10 @@ def train(steps: int) -> None:
   mesh = Mesh(np.array(jax.devices()), ("data",))  # every process's devices
   n = mesh.size
 
-  def fsdp(shape):  # the first axis split over the mesh, where it divides
-    return NamedSharding(mesh, P("data") if shape and shape[0] % n == 0
-                         else P())
-
-  def put(host, sharding):  # each process makes its own shards
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: host[index])
-
-  rng = np.random.default_rng(0)  # the same on every process
-  host_params = {
-      "embed": {"w": rng.normal(size=(8, 16)).astype(np.float32) / 3},
-      "encoder": {"w": rng.normal(size=(16, 32)).astype(np.float32) / 4,
-                  "b": np.zeros(32, np.float32)},
-      "head": {"w": rng.normal(size=(32, 4)).astype(np.float32) / 6}}
+  fsdp, put = placement(mesh)
+  host_params, xs, ys = problem(steps, 8 * n)
   params = jax.tree_util.tree_map(lambda x: put(x, fsdp(x.shape)),
                                   host_params)
-  xs = rng.normal(size=(steps, 8 * n, 8)).astype(np.float32)
-  ys = np.tanh(xs @ rng.normal(size=(8, 4))).astype(np.float32)
 
   tx = optax.chain(
       lw.clip_by_rules({"encoder/**": lw.clip_group_norm(1.0),

@@ -34,7 +34,7 @@ import traceback
 # This checkout's layerwise, and the launcher's initialize.
 _ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(_ROOT), str(_ROOT / "examples")]
-import multihost  # noqa: E402  # the launcher's initialize
+import multihost  # noqa: E402  # the launcher, the model and the data
 
 STEPS, SAVED_AT, BATCH = 6, 3, 16
 COLLECTIVE = re.compile(
@@ -78,17 +78,9 @@ def main() -> None:
                       "traceback": traceback.format_exc()[-2000:]}
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
-  n = mesh.size
   replicated = NamedSharding(mesh, P())
 
-  def fsdp(shape):
-    return NamedSharding(mesh, P("data") if shape and shape[0] % n == 0
-                         else P())
-
-  def put(host, sharding):
-    host = np.asarray(host)
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: host[index])
+  fsdp, put = multihost.placement(mesh)  # the example's
 
   def fetch(tree):  # every process gets the whole values
     return jax.tree_util.tree_map(
@@ -100,14 +92,7 @@ def main() -> None:
         jax.tree_util.tree_leaves(lw.paths(tree)),
         jax.tree_util.tree_leaves(tree))}
 
-  rng = np.random.default_rng(0)
-  host_params = {
-      "embed": {"w": rng.normal(size=(8, 16)).astype(np.float32) / 3},
-      "encoder": {"w": rng.normal(size=(16, 32)).astype(np.float32) / 4,
-                  "b": np.zeros(32, np.float32)},
-      "head": {"w": rng.normal(size=(32, 4)).astype(np.float32) / 6}}
-  xs = rng.normal(size=(STEPS, BATCH, 8)).astype(np.float32)
-  ys = np.tanh(xs @ rng.normal(size=(8, 4))).astype(np.float32)
+  host_params, xs, ys = multihost.problem(STEPS, BATCH)  # the example's
   params0 = jax.tree_util.tree_map(lambda x: put(x, fsdp(x.shape)),
                                    host_params)
   param_shardings = jax.tree_util.tree_map(lambda x: x.sharding, params0)
